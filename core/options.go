@@ -1,0 +1,93 @@
+package core
+
+import (
+	"log/slog"
+	"time"
+
+	"capnproto.org/go/capnp/v3"
+)
+
+// Options configures a Conn. The zero value (or a nil *Options) is valid:
+// no bootstrap capability, default limits, logs discarded.
+type Options struct {
+	// BootstrapClient is the capability offered to the peer's Bootstrap
+	// message. The Conn takes ownership and releases it when it closes.
+	BootstrapClient capnp.Client
+
+	// Logger receives diagnostics (protocol violations, aborts). Nil
+	// discards them.
+	Logger *slog.Logger
+
+	// Limits bound what a peer can make this side hold. Zero fields take
+	// the defaults in DefaultLimits.
+	Limits Limits
+
+	// AbortTimeout bounds how long Close waits to flush the final Abort
+	// message to a peer that does not read. Zero means one second.
+	AbortTimeout time.Duration
+}
+
+// Limits bound the resources one connection may consume. A peer that
+// exceeds a limit gets an Abort naming the limit, and the connection closes.
+type Limits struct {
+	// MaxMessageSize is the largest inbound frame in bytes, header included.
+	MaxMessageSize uint64
+	// MaxSegments is the largest segment count of an inbound frame.
+	MaxSegments int
+	// TraversalLimit bounds the words read while decoding one message
+	// (amplification attacks through shared pointers).
+	TraversalLimit uint64
+	// NestingLimit bounds pointer nesting depth while decoding.
+	NestingLimit int
+	// MaxAnswers bounds calls from the peer that are in progress at once.
+	MaxAnswers int
+	// MaxExports bounds capabilities exported to the peer at once.
+	MaxExports int
+	// MaxImports bounds capabilities imported from the peer at once.
+	MaxImports int
+	// MaxQueuedBytes bounds outbound bytes waiting to be written; senders
+	// block (respecting their context) beyond it.
+	MaxQueuedBytes int
+}
+
+// DefaultLimits are used for every zero field of Options.Limits.
+var DefaultLimits = Limits{
+	MaxMessageSize: 64 << 20,
+	MaxSegments:    512,
+	TraversalLimit: 64 << 20 / 8 * 2,
+	NestingLimit:   64,
+	MaxAnswers:     8192,
+	MaxExports:     65536,
+	MaxImports:     65536,
+	MaxQueuedBytes: 32 << 20,
+}
+
+// withDefaults returns l with every zero field set from DefaultLimits.
+func (l Limits) withDefaults() Limits {
+	d := DefaultLimits
+	if l.MaxMessageSize == 0 {
+		l.MaxMessageSize = d.MaxMessageSize
+	}
+	if l.MaxSegments == 0 {
+		l.MaxSegments = d.MaxSegments
+	}
+	if l.TraversalLimit == 0 {
+		l.TraversalLimit = d.TraversalLimit
+	}
+	if l.NestingLimit == 0 {
+		l.NestingLimit = d.NestingLimit
+	}
+	if l.MaxAnswers == 0 {
+		l.MaxAnswers = d.MaxAnswers
+	}
+	if l.MaxExports == 0 {
+		l.MaxExports = d.MaxExports
+	}
+	if l.MaxImports == 0 {
+		l.MaxImports = d.MaxImports
+	}
+	if l.MaxQueuedBytes == 0 {
+		l.MaxQueuedBytes = d.MaxQueuedBytes
+	}
+	return l
+}
