@@ -1,0 +1,172 @@
+# captp: build, test and CI entry points. `make help` lists the targets.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+# Targets run one after another; the go commands parallelise internally.
+.NOTPARALLEL:
+
+GO ?= go
+GO_ROOT = $(shell $(GO) env GOROOT)
+GOBIN = $(or $(shell $(GO) env GOBIN),$(firstword $(subst :, ,$(shell $(GO) env GOPATH)))/bin)
+
+# capnpc-go must match the go-capnp version in go.mod.
+CAPNP_MOD = capnproto.org/go/capnp/v3
+CAPNP_VERSION = $(shell $(GO) list -m -f '{{.Version}}' $(CAPNP_MOD))
+CAPNP_STD = $(shell $(GO) list -m -f '{{.Dir}}' $(CAPNP_MOD))/std
+CAPNPC_GO = $(GOBIN)/capnpc-go
+# Directories whose *.capnp schemas are compiled to committed *.capnp.go files.
+SCHEMA_DIRS := internal/testcapnp
+
+TEST_TIMEOUT ?= 10m
+FUZZTIME ?= 10s
+
+# TAMAGO: path to a tamago-go `go` binary. Unset: upstream's launcher
+# (`go tool tamago`, when go.mod declares it), which keeps the toolchain in
+# $(TAMAGO_CACHE).
+TAMAGO ?=
+TAMAGO_CACHE = $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tamago-go
+TAMAGO_ENV := GOTOOLCHAIN=local GOOS=tamago GOARCH=amd64
+
+.PHONY: help deps gen capnpc-go gen-check fmt-check vet unit wasm wasm-js wasip1 \
+	test tamago-check tamago demo bench fuzz-short
+
+help:
+	@echo 'make deps        install missing system packages (capnproto, libcapnp-dev, pkg-config, g++, nodejs)'
+	@echo 'make test        deps, gofmt, vet, gen-check, race tests, js/wasm tests under node, wasip1 build, tamago tests if a toolchain is present'
+	@echo 'make demo        go run ./cmd/captp demo'
+	@echo 'make bench       all benchmarks'
+	@echo 'make gen         regenerate the committed *.capnp.go files'
+	@echo 'make fuzz-short  each Fuzz* target under ./core for FUZZTIME (default $(FUZZTIME))'
+	@echo 'make tamago      core tests and board builds with the TamaGo toolchain (TAMAGO=/path/to/tamago-go/bin/go)'
+
+# deps installs only what is missing, so it is quick when everything is there.
+deps:
+	@missing=""; \
+	command -v capnp >/dev/null 2>&1 || missing="$$missing capnproto"; \
+	command -v pkg-config >/dev/null 2>&1 || missing="$$missing pkg-config"; \
+	pkg-config --exists capnp-rpc 2>/dev/null || dpkg -s libcapnp-dev >/dev/null 2>&1 || missing="$$missing libcapnp-dev"; \
+	command -v g++ >/dev/null 2>&1 || missing="$$missing g++"; \
+	command -v node >/dev/null 2>&1 || missing="$$missing nodejs"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "deps: missing:$$missing; no apt-get here, install them with your package manager" >&2; exit 1; \
+	fi; \
+	sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	echo "deps: installing$$missing"; \
+	$$sudo apt-get update -qq; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing
+
+capnpc-go:
+	$(GO) install $(CAPNP_MOD)/capnpc-go@$(CAPNP_VERSION)
+
+# compile_schemas OUT: compile each schema dir's *.capnp into OUT/<dir>.
+define compile_schemas
+for d in $(SCHEMA_DIRS); do \
+	mkdir -p "$(1)/$$d"; \
+	capnp compile -I "$(CAPNP_STD)" -o"$(CAPNPC_GO):$(1)/$$d" --src-prefix="$$d" "$$d"/*.capnp; \
+done
+endef
+
+gen: capnpc-go
+	@$(call compile_schemas,.)
+
+# gen-check regenerates into a temporary directory and fails if the
+# committed files differ.
+gen-check: capnpc-go
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(call compile_schemas,$$tmp); \
+	status=0; \
+	for d in $(SCHEMA_DIRS); do \
+		for f in "$$d"/*.capnp; do \
+			diff -u "$$f.go" "$$tmp/$$f.go" || status=1; \
+		done; \
+	done; \
+	if [ $$status != 0 ]; then echo "gen-check: generated code is stale; run 'make gen'" >&2; exit 1; fi; \
+	echo "gen-check: generated code is up to date"
+
+fmt-check:
+	@bad=$$(find . -name '*.go' -not -path './.git/*' -not -path '*/testdata/*' -print0 | xargs -0 -r gofmt -l); \
+	if [ -n "$$bad" ]; then echo "gofmt needed on:" >&2; echo "$$bad" >&2; exit 1; fi
+
+vet:
+	$(GO) vet ./...
+
+unit:
+	$(GO) test -race -count=1 -timeout=$(TEST_TIMEOUT) ./...
+
+# The core's tests compiled to js/wasm and run under node.
+wasm-js:
+	@exec="$(GO_ROOT)/lib/wasm/go_js_wasm_exec"; \
+	[ -x "$$exec" ] || { echo "wasm-js: $$exec not found" >&2; exit 1; }; \
+	echo "GOOS=js GOARCH=wasm $(GO) test -exec=$$exec ./core/..."; \
+	GOOS=js GOARCH=wasm $(GO) test -exec="$$exec" -count=1 -timeout=$(TEST_TIMEOUT) ./core/...
+
+# wasip1: build, vet and compile the tests (no WASI runtime is installed).
+wasip1:
+	GOOS=wasip1 GOARCH=wasm $(GO) build ./core/...
+	GOOS=wasip1 GOARCH=wasm $(GO) vet ./core/...
+	GOOS=wasip1 GOARCH=wasm $(GO) test -c -o /dev/null ./core/...
+
+wasm: wasm-js wasip1
+
+test: deps fmt-check vet
+	@if command -v capnp >/dev/null 2>&1; then $(MAKE) --no-print-directory gen-check; \
+	else echo "SKIPPED: gen-check — capnp is not installed (make deps)"; fi
+	$(MAKE) --no-print-directory unit wasm tamago-check
+
+# tamago_go prints the tamago-go `go` to use, or nothing. With $(1) = installed,
+# the launcher counts only when its toolchain is already in the cache (no
+# network, no 8-minute build inside `make test`).
+define tamago_go
+if [ -n "$(TAMAGO)" ]; then \
+	[ -x "$(TAMAGO)" ] || { echo "TAMAGO=$(TAMAGO) is not an executable" >&2; exit 1; }; \
+	echo "$(TAMAGO)"; \
+elif launcher=$$($(GO) tool -n tamago 2>/dev/null); then \
+	v=$$($(GO) list -m -f '{{.Version}}' github.com/usbarmory/tamago); \
+	if [ "$(1)" != installed ] || [ -x "$(TAMAGO_CACHE)/tamago-go$${v#v}/bin/go" ]; then echo "$$launcher"; fi; \
+fi
+endef
+
+define tamago_skipped
+echo "=================================================================="; \
+echo "SKIPPED: TamaGo tests — no tamago-go toolchain (see ../shared/TAMAGO.md / README)"; \
+echo "  set TAMAGO=/path/to/tamago-go/bin/go, or declare upstream's launcher"; \
+echo "  (go get -tool github.com/usbarmory/tamago/cmd/tamago@v1.26.0) and run"; \
+echo "  'make tamago' once with internet access: it builds tamago-go into"; \
+echo "  $(TAMAGO_CACHE)"; \
+echo "=================================================================="
+endef
+
+tamago-check:
+	@tg=$$($(call tamago_go,installed)); \
+	if [ -z "$$tg" ]; then $(tamago_skipped); exit 0; fi; \
+	echo "$(TAMAGO_ENV) $$tg test ./core/..."; \
+	$(TAMAGO_ENV) "$$tg" test -count=1 -timeout=$(TEST_TIMEOUT) ./core/...
+
+tamago:
+	@tg=$$($(call tamago_go,any)); \
+	if [ -z "$$tg" ]; then $(tamago_skipped); exit 0; fi; \
+	echo "$(TAMAGO_ENV) $$tg test ./core/..."; \
+	$(TAMAGO_ENV) "$$tg" test -count=1 -timeout=$(TEST_TIMEOUT) ./core/...; \
+	if [ ! -d boards ]; then echo "tamago: no boards/ yet, nothing to build"; exit 0; fi; \
+	echo "$(TAMAGO_ENV) GOOSPKG=github.com/usbarmory/tamago $$tg build ./boards/..."; \
+	$(TAMAGO_ENV) GOOSPKG=github.com/usbarmory/tamago "$$tg" build -ldflags "-T 0x10010000 -R 0x1000" ./boards/...
+
+demo:
+	$(GO) run ./cmd/captp demo
+
+bench:
+	$(GO) test -run='^$$' -bench=. -benchmem ./...
+
+fuzz-short:
+	@found=0; \
+	for pkg in $$($(GO) list ./core/...); do \
+		list=$$($(GO) test -list '^Fuzz' "$$pkg"); \
+		for f in $$(echo "$$list" | grep '^Fuzz' || true); do \
+			found=1; \
+			echo "$(GO) test -run='^$$' -fuzz='^$$f\$$' -fuzztime=$(FUZZTIME) $$pkg"; \
+			$(GO) test -run='^$$' -fuzz="^$$f\$$" -fuzztime=$(FUZZTIME) "$$pkg"; \
+		done; \
+	done; \
+	if [ $$found = 0 ]; then echo "fuzz-short: no Fuzz* targets under ./core yet"; fi
