@@ -1,0 +1,331 @@
+package core
+
+// Standard Cap'n Proto stream framing
+// (https://capnproto.org/encoding.html#serialization-over-a-stream):
+//
+//	(4 bytes) segment count - 1, little-endian uint32
+//	(N * 4 bytes) size of each segment in 8-byte words
+//	(0 or 4 bytes) padding to a word boundary
+//	segment contents, in order
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"slices"
+
+	"capnproto.org/go/capnp/v3"
+)
+
+// FrameError is a violation of stream framing or of the inbound size limits
+// by the peer. Reason is the text sent to the peer in the Abort message.
+type FrameError struct {
+	Reason string
+}
+
+// Error returns the reason prefixed with "frame: ".
+func (e *FrameError) Error() string { return "frame: " + e.Reason }
+
+func frameErrorf(format string, args ...any) *FrameError {
+	return &FrameError{Reason: fmt.Sprintf(format, args...)}
+}
+
+const (
+	// frameBufSize is the reusable read buffer. Most RPC messages and every
+	// header within the default segment limit fit, so reading them takes
+	// one Read call for several messages rather than several per message.
+	frameBufSize = 8 << 10
+
+	// frameGrowStep bounds how far a large body's buffer may run ahead of
+	// the bytes that have actually arrived, so a peer that declares a huge
+	// frame and then stalls costs little memory.
+	frameGrowStep = 64 << 10
+
+	// maxSegmentBytes is the largest segment go-capnp can address.
+	maxSegmentBytes = 1<<32 - 8
+
+	// maxEmptyReads: like bufio, give up on a Reader that keeps returning
+	// (0, nil) instead of spinning forever.
+	maxEmptyReads = 100
+)
+
+// frameReader splits a byte stream into Cap'n Proto messages, enforcing
+// Limits. It buffers reads internally, so it may consume bytes from r beyond
+// the current frame. Errors are sticky: once readMessage fails (including
+// io.EOF) it returns the same error forever, since the stream position is
+// no longer at a frame boundary.
+type frameReader struct {
+	r   io.Reader
+	lim Limits
+
+	buf        []byte // allocated on first use; len(buf) == frameBufSize
+	rpos, wpos int    // unread bytes are buf[rpos:wpos]
+	rerr       error  // error from r, reported once the buffered bytes run out
+
+	sizes []uint32 // segment sizes in words of the frame being read; reused
+	err   error    // sticky result
+}
+
+// newFrameReader returns a frameReader reading from r. Zero fields of lim
+// take their defaults.
+func newFrameReader(r io.Reader, lim Limits) *frameReader {
+	return &frameReader{r: r, lim: lim.withDefaults()}
+}
+
+// readMessage returns the next message. The message owns its bytes and is
+// read-only (its arena cannot allocate).
+//
+// Errors:
+//   - io.EOF itself when the stream ends cleanly at a frame boundary;
+//   - an error wrapping io.ErrUnexpectedEOF when it ends inside a frame;
+//   - *FrameError when the frame breaks the format or the Limits;
+//   - other read errors, wrapped with context.
+func (fr *frameReader) readMessage() (*capnp.Message, error) {
+	if fr.err != nil {
+		return nil, fr.err
+	}
+	msg, err := fr.next()
+	if err != nil {
+		fr.err = err
+		fr.buf, fr.sizes = nil, nil // nothing more will be read
+		fr.rpos, fr.wpos = 0, 0
+		return nil, err
+	}
+	return msg, nil
+}
+
+func (fr *frameReader) next() (*capnp.Message, error) {
+	// First word: segment count - 1 and the size of segment 0.
+	if err := fr.fill(8); err != nil {
+		if err == io.EOF && fr.buffered() == 0 {
+			return nil, io.EOF
+		}
+		return nil, readError("frame header", err)
+	}
+	nseg := uint64(binary.LittleEndian.Uint32(fr.buf[fr.rpos:])) + 1
+	if nseg == 1<<32 {
+		// The count wraps to zero in the wire's uint32.
+		return nil, frameErrorf("frame declares 0 segments")
+	}
+	if int64(nseg) > int64(fr.lim.MaxSegments) {
+		return nil, frameErrorf("frame has %d segments, more than MaxSegments (%d)", nseg, fr.lim.MaxSegments)
+	}
+	hdrSize := (nseg/2 + 1) * 8 // 4 + 4*nseg, padded to a word
+	if hdrSize > fr.lim.MaxMessageSize {
+		return nil, frameErrorf("frame header of %d bytes exceeds MaxMessageSize (%d bytes)", hdrSize, fr.lim.MaxMessageSize)
+	}
+	if hdrSize > math.MaxInt {
+		return nil, frameErrorf("frame header of %d bytes is too large for this platform", hdrSize)
+	}
+
+	// Header. Within the default limits it fits in buf; a larger one (a
+	// raised MaxSegments) is read like a large body, as it arrives.
+	var hdr []byte
+	if hdrSize <= frameBufSize {
+		if err := fr.fill(int(hdrSize)); err != nil {
+			return nil, readError("frame header", err)
+		}
+		hdr = fr.buf[fr.rpos : fr.rpos+int(hdrSize)]
+		fr.rpos += int(hdrSize)
+	} else {
+		var err error
+		if hdr, err = fr.readN(int(hdrSize)); err != nil {
+			return nil, readError("frame header", err)
+		}
+	}
+
+	// Sizes. hdr may alias buf, so copy them out before reading the body.
+	// The sum cannot overflow: at most 2^32 segments of < 2^32 bytes each.
+	fr.sizes = fr.sizes[:0]
+	total := hdrSize
+	for i := range nseg {
+		w := binary.LittleEndian.Uint32(hdr[4+4*i:])
+		if uint64(w)*8 > maxSegmentBytes {
+			return nil, frameErrorf("segment %d has %d words, more than a segment can address", i, w)
+		}
+		fr.sizes = append(fr.sizes, w)
+		total += uint64(w) * 8
+	}
+	if total > fr.lim.MaxMessageSize {
+		return nil, frameErrorf("frame of %d bytes exceeds MaxMessageSize (%d bytes)", total, fr.lim.MaxMessageSize)
+	}
+	bodySize := total - hdrSize
+	if bodySize > math.MaxInt {
+		return nil, frameErrorf("frame body of %d bytes is too large for this platform", bodySize)
+	}
+
+	// Body: one fresh allocation holding every segment, so the message
+	// stays valid while buf is reused.
+	body, err := fr.readN(int(bodySize))
+	if err != nil {
+		return nil, readError("frame body", err)
+	}
+
+	var msg *capnp.Message
+	if nseg == 1 {
+		msg, _ = capnp.NewSingleSegmentMessage(body) // body is non-nil, so this cannot fail
+	} else {
+		segs := make([][]byte, nseg)
+		off := 0
+		for i, w := range fr.sizes {
+			end := off + int(w)*8
+			// Cap each segment so that no arena write can spill into the next.
+			segs[i] = body[off:end:end]
+			off = end
+		}
+		msg, _ = capnp.NewMultiSegmentMessage(segs)
+	}
+	msg.TraverseLimit = traverseBytes(fr.lim.TraversalLimit)
+	if fr.lim.NestingLimit > 0 {
+		msg.DepthLimit = uint(fr.lim.NestingLimit)
+	}
+	return msg, nil
+}
+
+// traverseBytes converts a limit in words to go-capnp's limit in bytes.
+func traverseBytes(words uint64) uint64 {
+	if words > math.MaxUint64/8 {
+		return math.MaxUint64
+	}
+	return words * 8
+}
+
+// readError gives a read failure context; the end of the stream inside a
+// frame becomes io.ErrUnexpectedEOF.
+func readError(what string, err error) error {
+	if err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return fmt.Errorf("read %s: %w", what, err)
+}
+
+func (fr *frameReader) buffered() int { return fr.wpos - fr.rpos }
+
+// fill reads until at least n (<= frameBufSize) bytes are buffered. It reads
+// as much as r offers into the free space, so later frames may already be
+// buffered when this one is complete.
+func (fr *frameReader) fill(n int) error {
+	if fr.buffered() >= n {
+		return nil
+	}
+	if fr.buf == nil {
+		fr.buf = make([]byte, frameBufSize)
+	}
+	if fr.rpos > 0 {
+		// Fewer than n bytes remain, so this copy is cheap.
+		copy(fr.buf, fr.buf[fr.rpos:fr.wpos])
+		fr.wpos -= fr.rpos
+		fr.rpos = 0
+	}
+	for fr.buffered() < n {
+		if fr.rerr != nil {
+			return fr.rerr
+		}
+		fr.wpos += fr.read(fr.buf[fr.wpos:])
+	}
+	return nil
+}
+
+// readN consumes exactly n bytes and returns them in a new slice with
+// len == cap == n. Memory beyond the bytes that have arrived is bounded by
+// max(arrived, frameGrowStep): a declared size alone allocates nothing big.
+func (fr *frameReader) readN(n int) ([]byte, error) {
+	if n <= frameBufSize {
+		if err := fr.fill(n); err != nil {
+			return nil, err
+		}
+		out := make([]byte, n)
+		copy(out, fr.buf[fr.rpos:])
+		fr.rpos += n
+		return out, nil
+	}
+	// Too big for buf: take what is buffered, then read straight into the
+	// result, never past the end of the frame.
+	have := fr.buffered()
+	out := make([]byte, have, growTo(have, n))
+	copy(out, fr.buf[fr.rpos:fr.wpos])
+	fr.rpos, fr.wpos = 0, 0
+	for len(out) < n {
+		if fr.rerr != nil {
+			return nil, fr.rerr
+		}
+		if len(out) == cap(out) {
+			// Doubling keeps the copying linear in the frame size.
+			out = append(make([]byte, 0, growTo(len(out), n)), out...)
+		}
+		m := fr.read(out[len(out):cap(out)])
+		out = out[:len(out)+m]
+	}
+	return out, nil
+}
+
+// growTo is the next capacity of a body buffer holding have of n bytes.
+func growTo(have, n int) int {
+	return min(n, have+max(have, frameGrowStep))
+}
+
+// read makes one successful Read into p (len(p) > 0), recording any error
+// in fr.rerr. It returns the number of bytes read.
+func (fr *frameReader) read(p []byte) int {
+	for range maxEmptyReads {
+		n, err := fr.r.Read(p)
+		if n < 0 || n > len(p) {
+			fr.rerr = errors.New("reader returned an invalid count")
+			return 0
+		}
+		if err != nil {
+			fr.rerr = err
+			return n
+		}
+		if n > 0 {
+			return n
+		}
+	}
+	fr.rerr = io.ErrNoProgress
+	return 0
+}
+
+// appendFrame appends msg's stream encoding (segment table, then segments)
+// to buf. On error buf is returned unchanged.
+func appendFrame(buf []byte, msg *capnp.Message) ([]byte, error) {
+	if msg == nil || msg.Arena == nil {
+		return buf, errors.New("encode frame: nil message")
+	}
+	nseg := msg.NumSegments()
+	if nseg < 1 || nseg > 1<<32 {
+		return buf, fmt.Errorf("encode frame: message has %d segments", nseg)
+	}
+	hdrSize := (nseg/2 + 1) * 8
+	size := uint64(hdrSize)
+	for i := range nseg {
+		seg, err := msg.Segment(capnp.SegmentID(i))
+		if err != nil {
+			return buf, fmt.Errorf("encode frame: %w", err)
+		}
+		n := len(seg.Data())
+		if n%8 != 0 || uint64(n) > maxSegmentBytes {
+			return buf, fmt.Errorf("encode frame: segment %d has invalid size %d bytes", i, n)
+		}
+		size += uint64(n)
+	}
+	if size > uint64(math.MaxInt-len(buf)) {
+		return buf, fmt.Errorf("encode frame: %d bytes is too large", size)
+	}
+
+	out := slices.Grow(buf, int(size))
+	out = binary.LittleEndian.AppendUint32(out, uint32(nseg-1))
+	for i := range nseg {
+		seg, _ := msg.Segment(capnp.SegmentID(i)) // checked above
+		out = binary.LittleEndian.AppendUint32(out, uint32(len(seg.Data())/8))
+	}
+	if nseg%2 == 0 {
+		out = append(out, 0, 0, 0, 0)
+	}
+	for i := range nseg {
+		seg, _ := msg.Segment(capnp.SegmentID(i))
+		out = append(out, seg.Data()...)
+	}
+	return out, nil
+}
