@@ -1,0 +1,145 @@
+// Command captp is the command-line tool of the captp project, a Go
+// implementation of CapTP as specified by Cap'n Proto RPC.
+//
+// Usage:
+//
+//	captp <command> [flags]
+//
+// Commands:
+//
+//	demo    run a server vat and a client vat over a Unix socket and narrate what happens
+//	help    show help for captp or for one command
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+)
+
+// command is one subcommand.
+type command struct {
+	name    string
+	summary string
+	// flags returns the command's flag set; run runs it with the parsed
+	// flags and remaining arguments.
+	setup func(fs *flag.FlagSet) (run func(ctx context.Context, args []string, stdout, stderr io.Writer) error)
+}
+
+var commands = []command{
+	{name: "demo", summary: "run a server vat and a client vat over a Unix socket and narrate what happens", setup: setupDemo},
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+// Exit codes.
+const (
+	exitOK    = 0
+	exitFail  = 1 // the command ran and failed
+	exitUsage = 2 // bad command line
+)
+
+// run runs the captp command line args and returns the exit code.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		usage(stderr)
+		return exitUsage
+	}
+	name, rest := args[0], args[1:]
+	switch name {
+	case "help", "-h", "-help", "--help":
+		if name == "help" && len(rest) > 0 {
+			cmd, ok := lookup(rest[0])
+			if !ok {
+				fmt.Fprintf(stderr, "captp help: unknown command %q\n\n", rest[0])
+				usage(stderr)
+				return exitUsage
+			}
+			fs := newFlagSet(cmd, stdout)
+			cmd.setup(fs)
+			fs.Usage()
+			return exitOK
+		}
+		usage(stdout)
+		return exitOK
+	}
+	cmd, ok := lookup(name)
+	if !ok {
+		fmt.Fprintf(stderr, "captp: unknown command %q\n\n", name)
+		usage(stderr)
+		return exitUsage
+	}
+	fs := newFlagSet(cmd, stderr)
+	runCmd := cmd.setup(fs)
+	if err := fs.Parse(rest); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return exitOK
+		}
+		return exitUsage // fs has printed the error and the usage
+	}
+	if err := runCmd(ctx, fs.Args(), stdout, stderr); err != nil {
+		if errors.As(err, new(usageError)) {
+			fmt.Fprintf(stderr, "captp %s: %v\n", cmd.name, err)
+			fs.Usage()
+			return exitUsage
+		}
+		fmt.Fprintf(stderr, "captp %s: FAILED: %v\n", cmd.name, err)
+		return exitFail
+	}
+	return exitOK
+}
+
+// usageError is returned by a command for a bad command line.
+type usageError struct{ error }
+
+func lookup(name string) (command, bool) {
+	for _, c := range commands {
+		if c.name == name {
+			return c, true
+		}
+	}
+	return command{}, false
+}
+
+func newFlagSet(cmd command, out io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("captp "+cmd.name, flag.ContinueOnError)
+	fs.SetOutput(out)
+	fs.Usage = func() {
+		fmt.Fprintf(out, "usage: captp %s [flags]\n\n%s.\n", cmd.name, upperFirst(cmd.summary))
+		var b strings.Builder
+		fs.SetOutput(&b)
+		fs.PrintDefaults()
+		fs.SetOutput(out)
+		if b.Len() > 0 {
+			fmt.Fprintf(out, "\nFlags:\n%s", b.String())
+		}
+	}
+	return fs
+}
+
+func usage(w io.Writer) {
+	fmt.Fprint(w, "captp is a Go implementation of CapTP (Cap'n Proto RPC).\n\n")
+	fmt.Fprint(w, "Usage:\n\n\tcaptp <command> [flags]\n\nCommands:\n\n")
+	for _, c := range commands {
+		fmt.Fprintf(w, "\t%-8s%s\n", c.name, c.summary)
+	}
+	fmt.Fprintf(w, "\t%-8s%s\n", "help", "show this help, or a command's flags: captp help <command>")
+	fmt.Fprintln(w)
+}
+
+func upperFirst(s string) string {
+	if s == "" {
+		return s
+	}
+	return strings.ToUpper(s[:1]) + s[1:]
+}
