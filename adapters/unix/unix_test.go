@@ -90,13 +90,25 @@ func (s *server) stop(t *testing.T) {
 	}
 }
 
+// dial connects to addr; the connection is closed when the test ends if
+// the test has not closed it.
 func dial(t *testing.T, ctx context.Context, addr string) *core.Conn {
 	t.Helper()
 	conn, err := Dial(ctx, addr, &core.Options{Logger: testLogger(t)})
 	if err != nil {
 		t.Fatalf("Dial(%q): %v", addr, err)
 	}
+	t.Cleanup(func() {
+		conn.Close()
+		<-conn.Done()
+	})
 	return conn
+}
+
+// verifyNoLeaks checks for leaked goroutines after every other cleanup of
+// the test (servers stopped, connections closed) has run.
+func verifyNoLeaks(t *testing.T) {
+	t.Cleanup(func() { goleak.VerifyNone(t) })
 }
 
 func closeConn(t *testing.T, conn *core.Conn) {
@@ -159,7 +171,7 @@ func TestRoundTrip(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			defer goleak.VerifyNone(t)
+			verifyNoLeaks(t)
 			ctx := testCtx(t)
 			s := startServer(t, tt.addr(t))
 			t.Logf("serving on %s", s.addr)
@@ -210,7 +222,7 @@ func TestRoundTrip(t *testing.T) {
 // live connections: the client's Done closes and its pending call fails
 // with a disconnected error.
 func TestServeStopsOnCancel(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	verifyNoLeaks(t)
 	ctx := testCtx(t)
 	s := startServer(t, "unix:"+filepath.Join(t.TempDir(), "vat.sock"))
 	conn := dial(t, ctx, s.addr)
