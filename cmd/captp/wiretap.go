@@ -270,6 +270,7 @@ func analyse(events []wireEvent, elapsed time.Duration) stepReport {
 				}
 			}
 			depth[ev.question] = d
+			answered[ev.question] = false // question ids are reused after Finish
 			r.roundTrips = max(r.roundTrips, d)
 		case ev.dir == received && ev.kind == rpccp.Message_Which_return:
 			if d, ok := depth[ev.question]; ok {
