@@ -3,14 +3,59 @@ package core
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"log/slog"
+	"sync"
+	"time"
 
 	"capnproto.org/go/capnp/v3"
+	"capnproto.org/go/capnp/v3/exc"
+	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
 )
 
 // Conn is one Cap'n Proto RPC connection over a byte stream.
+//
+// All protocol state (the four tables and the embargoes) lives behind one
+// mutex and is changed only by short, non-blocking critical sections that
+// queue outbound frames in order. Work that calls into capabilities (user
+// code) is collected while the lock is held and run after it is released,
+// in order, so message handling stays deterministic and re-entrancy safe.
 type Conn struct {
-	done chan struct{}
+	rwc          io.ReadWriteCloser
+	log          *slog.Logger
+	lim          Limits
+	abortTimeout time.Duration
+
+	// ctx is the parent of every answer's context; cancelled at shutdown.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	mu        sync.Mutex
+	closing   bool  // shutdown has begun: nothing new is queued but the Abort
+	err       error // why the connection ended; nil for a clean local Close
+	bootstrap capnp.Client
+
+	questions      map[uint32]*question
+	questionIDs    idAllocator
+	questionsByAns map[*capnp.Answer]*question
+	answers        map[uint32]*answer
+	imports        map[uint32]*importEntry
+	exports        map[uint32]*export
+	exportIDs      idAllocator
+	exportsByHook  map[*capnp.Metadata]uint32
+	embargoes      map[uint32]*embargo
+	embargoIDs     idAllocator
+
+	out        []byte        // encoded frames waiting for the writer
+	outWake    chan struct{} // capacity 1: the writer has work
+	outDrained chan struct{} // closed and replaced whenever the writer empties out
+	writerStop bool          // the writer exits once out is empty
+
+	shutdownOnce sync.Once
+	readerDone   chan struct{}
+	writerDone   chan struct{}
+	done         chan struct{}
 }
 
 // Stats counts the entries of a connection's four tables and its embargoes.
@@ -23,27 +68,404 @@ type Stats struct {
 	Embargoes int
 }
 
-// NewConn starts serving the Cap'n Proto RPC protocol on rwc.
-// The Conn owns rwc and closes it when the connection ends.
-func NewConn(rwc io.ReadWriteCloser, opts *Options) *Conn {
-	panic("not implemented yet")
+// IsZero reports whether every table is empty.
+func (s Stats) IsZero() bool { return s == Stats{} }
+
+func (s Stats) String() string {
+	return fmt.Sprintf("questions=%d answers=%d imports=%d exports=%d embargoes=%d",
+		s.Questions, s.Answers, s.Imports, s.Exports, s.Embargoes)
 }
 
-// Bootstrap returns the peer's bootstrap capability.
+// NewConn starts serving the Cap'n Proto RPC protocol on rwc.
+// The Conn owns rwc and closes it when the connection ends; rwc.Close must
+// unblock a pending Read. opts may be nil.
+func NewConn(rwc io.ReadWriteCloser, opts *Options) *Conn {
+	if opts == nil {
+		opts = &Options{}
+	}
+	c := &Conn{
+		rwc:            rwc,
+		log:            opts.Logger,
+		lim:            opts.Limits.withDefaults(),
+		abortTimeout:   opts.AbortTimeout,
+		bootstrap:      opts.BootstrapClient,
+		questions:      make(map[uint32]*question),
+		questionsByAns: make(map[*capnp.Answer]*question),
+		answers:        make(map[uint32]*answer),
+		imports:        make(map[uint32]*importEntry),
+		exports:        make(map[uint32]*export),
+		exportsByHook:  make(map[*capnp.Metadata]uint32),
+		embargoes:      make(map[uint32]*embargo),
+		outWake:        make(chan struct{}, 1),
+		outDrained:     make(chan struct{}),
+		readerDone:     make(chan struct{}),
+		writerDone:     make(chan struct{}),
+		done:           make(chan struct{}),
+	}
+	if c.log == nil {
+		c.log = slog.New(slog.DiscardHandler)
+	}
+	if c.abortTimeout <= 0 {
+		c.abortTimeout = time.Second
+	}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	go c.readLoop()
+	go c.writeLoop()
+	return c
+}
+
+// Bootstrap asks the peer for its bootstrap capability. The result is a
+// promise: calls on it are pipelined until the peer answers. ctx bounds
+// the request only, not the capability's lifetime.
 func (c *Conn) Bootstrap(ctx context.Context) capnp.Client {
-	return capnp.ErrorClient(errors.New("not implemented"))
+	msg, m, err := newMessage()
+	if err != nil {
+		return capnp.ErrorClient(fmt.Errorf("captp: bootstrap: %w", err))
+	}
+	defer msg.Release()
+	b, err := m.NewBootstrap()
+	if err != nil {
+		return capnp.ErrorClient(fmt.Errorf("captp: bootstrap: %w", err))
+	}
+	c.mu.Lock()
+	if c.closing {
+		err := c.err
+		c.mu.Unlock()
+		return capnp.ErrorClient(err)
+	}
+	q := c.newQuestionLocked(capnp.Method{})
+	q.bootstrap = true
+	b.SetQuestionId(q.id)
+	// Take the client before the Return can arrive and retire the question.
+	client := q.p.Answer().Client().AddRef()
+	if err := c.sendLocked(msg); err != nil {
+		client.Release()
+		var fx effects
+		c.dropQuestionLocked(&fx, q)
+		c.mu.Unlock()
+		fx.run()
+		return capnp.ErrorClient(fmt.Errorf("captp: bootstrap: %w", err))
+	}
+	if ctx.Done() != nil {
+		q.stopCancel = context.AfterFunc(ctx, func() { q.cancel(ctx.Err()) })
+	}
+	c.mu.Unlock()
+	return client
 }
 
 // Close sends an Abort to the peer, rejects everything pending with a
-// disconnected error and releases every capability.
-func (c *Conn) Close() error { return nil }
+// disconnected error, releases every capability and waits until the
+// connection's goroutines have exited. Closing twice is harmless; the
+// second Close reports that the connection was already closed.
+func (c *Conn) Close() error {
+	first := c.shutdown(errClosedLocally, true)
+	<-c.done
+	if !first {
+		return errors.New("captp: connection already closed")
+	}
+	return nil
+}
 
 // Done is closed when the connection has ended and been cleaned up.
 func (c *Conn) Done() <-chan struct{} { return c.done }
 
-// Err reports why the connection ended (nil while it is open or after a
-// clean local Close).
-func (c *Conn) Err() error { return nil }
+// Err reports why the connection ended: nil while it is open or after a
+// local Close, otherwise the peer's Abort, a protocol violation or an I/O
+// error. Errors are disconnected exceptions (see capnp.IsDisconnected).
+func (c *Conn) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if errors.Is(c.err, errClosedLocally) {
+		return nil
+	}
+	return c.err
+}
 
 // Stats returns the current table sizes.
-func (c *Conn) Stats() Stats { return Stats{} }
+func (c *Conn) Stats() Stats {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return Stats{
+		Questions: len(c.questions),
+		Answers:   len(c.answers),
+		Imports:   len(c.imports),
+		Exports:   len(c.exports),
+		Embargoes: len(c.embargoes),
+	}
+}
+
+var errClosedLocally = errors.New("connection closed")
+
+// disconnected wraps err as a disconnected exception for callers.
+func disconnected(err error) error {
+	var e *exc.Exception
+	if errors.As(err, &e) && e.Type == exc.Disconnected {
+		return err
+	}
+	return &exc.Exception{Type: exc.Disconnected, Prefix: "captp", Cause: err}
+}
+
+// readLoop decodes frames and hands each message to the engine in order.
+func (c *Conn) readLoop() {
+	defer close(c.readerDone)
+	fr := newFrameReader(c.rwc, c.lim)
+	for {
+		msg, err := fr.readMessage()
+		if err != nil {
+			var fe *FrameError
+			switch {
+			case errors.As(err, &fe):
+				c.abort(fmt.Errorf("framing: %w", err))
+			case errors.Is(err, io.EOF):
+				c.shutdown(errors.New("peer closed the connection"), false)
+			default:
+				c.shutdown(fmt.Errorf("read: %w", err), false)
+			}
+			return
+		}
+		if !c.handleMessage(msg) {
+			return
+		}
+	}
+}
+
+// writeLoop writes queued frames, batching everything queued since the
+// last write into one Write call.
+func (c *Conn) writeLoop() {
+	defer close(c.writerDone)
+	var buf []byte
+	for {
+		<-c.outWake
+		c.mu.Lock()
+		buf, c.out = c.out, buf[:0]
+		drained := c.outDrained
+		c.outDrained = make(chan struct{})
+		stop := c.writerStop
+		c.mu.Unlock()
+		if len(buf) > 0 {
+			if _, err := c.rwc.Write(buf); err != nil {
+				close(drained)
+				c.shutdown(fmt.Errorf("write: %w", err), false)
+				c.discardOutput()
+				return
+			}
+		}
+		close(drained)
+		if stop {
+			c.mu.Lock()
+			empty := len(c.out) == 0
+			c.mu.Unlock()
+			if empty {
+				return
+			}
+		}
+	}
+}
+
+// discardOutput drops anything queued after a write error so the writer
+// can exit.
+func (c *Conn) discardOutput() {
+	c.mu.Lock()
+	c.out = nil
+	c.mu.Unlock()
+}
+
+// sendLocked queues msg's frame for the writer. The caller holds c.mu.
+func (c *Conn) sendLocked(msg *capnp.Message) error {
+	out, err := appendFrame(c.out, msg)
+	if err != nil {
+		return fmt.Errorf("encode message: %w", err)
+	}
+	c.out = out
+	select {
+	case c.outWake <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// waitQueue blocks while the outbound queue exceeds its bound, so a caller
+// producing calls faster than the peer reads them slows down instead of
+// growing memory without bound.
+func (c *Conn) waitQueue(ctx context.Context) error {
+	for {
+		c.mu.Lock()
+		if c.closing {
+			c.mu.Unlock()
+			return nil // the call itself reports the disconnect
+		}
+		if len(c.out) <= c.lim.MaxQueuedBytes {
+			c.mu.Unlock()
+			return nil
+		}
+		drained := c.outDrained
+		c.mu.Unlock()
+		select {
+		case <-drained:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-c.done:
+			return nil
+		}
+	}
+}
+
+// abort reports a protocol violation by the peer: it sends an Abort with
+// the reason and shuts the connection down.
+func (c *Conn) abort(reason error) {
+	c.log.Warn("captp: aborting connection", "reason", reason)
+	c.shutdown(reason, true)
+}
+
+// shutdown ends the connection once: it queues an Abort when asked,
+// empties every table, rejects what is pending and releases what is held,
+// then lets the writer flush and closes the stream. It reports whether
+// this call was the one that shut down.
+func (c *Conn) shutdown(reason error, sendAbort bool) bool {
+	first := false
+	c.shutdownOnce.Do(func() {
+		first = true
+		c.mu.Lock()
+		c.closing = true
+		c.err = disconnected(reason)
+		if sendAbort {
+			if msg, err := c.newAbort(reason); err == nil {
+				_ = c.sendLocked(msg)
+				msg.Release()
+			}
+		}
+		var fx effects
+		c.clearTablesLocked(&fx, c.err)
+		c.writerStop = true
+		select {
+		case c.outWake <- struct{}{}:
+		default:
+		}
+		c.mu.Unlock()
+		c.cancel()
+		fx.run()
+		go c.finishShutdown()
+	})
+	return first
+}
+
+// finishShutdown waits for the writer to flush (bounded by abortTimeout),
+// closes the stream and waits for the reader.
+func (c *Conn) finishShutdown() {
+	timer := time.NewTimer(c.abortTimeout)
+	select {
+	case <-c.writerDone:
+	case <-timer.C:
+	}
+	timer.Stop()
+	_ = c.rwc.Close()
+	<-c.writerDone
+	<-c.readerDone
+	// Releasing the bootstrap capability may call user code; do it last,
+	// with no lock held.
+	c.mu.Lock()
+	boot := c.bootstrap
+	c.bootstrap = capnp.Client{}
+	c.mu.Unlock()
+	boot.Release()
+	close(c.done)
+}
+
+func (c *Conn) newAbort(reason error) (*capnp.Message, error) {
+	msg, m, err := newMessage()
+	if err != nil {
+		return nil, err
+	}
+	e, err := m.NewAbort()
+	if err != nil {
+		msg.Release()
+		return nil, err
+	}
+	if err := marshalException(e, reason); err != nil {
+		msg.Release()
+		return nil, err
+	}
+	return msg, nil
+}
+
+// clearTablesLocked empties every table at shutdown, collecting the
+// rejections and releases to run once the lock is dropped.
+func (c *Conn) clearTablesLocked(fx *effects, reason error) {
+	for id, q := range c.questions {
+		delete(c.questions, id)
+		q.rejectLocked(fx, reason)
+	}
+	clear(c.questionsByAns)
+	for id, a := range c.answers {
+		delete(c.answers, id)
+		a.dropLocked(fx)
+	}
+	for id, ie := range c.imports {
+		delete(c.imports, id)
+		if ie.resolver != nil {
+			r := ie.resolver
+			ie.resolver = nil
+			fx.add(func() { r.Reject(reason) })
+		}
+	}
+	for id, e := range c.exports {
+		delete(c.exports, id)
+		e.dropLocked(fx)
+	}
+	clear(c.exportsByHook)
+	for id, em := range c.embargoes {
+		delete(c.embargoes, id)
+		r, target := em.resolver, em.target
+		fx.add(func() {
+			r.Reject(reason)
+			target.Release()
+		})
+	}
+}
+
+// newMessage allocates an outbound RPC message.
+func newMessage() (*capnp.Message, rpccp.Message, error) {
+	msg, seg, err := capnp.NewMessage(capnp.SingleSegment(nil))
+	if err != nil {
+		return nil, rpccp.Message{}, err
+	}
+	m, err := rpccp.NewRootMessage(seg)
+	if err != nil {
+		msg.Release()
+		return nil, rpccp.Message{}, err
+	}
+	return msg, m, nil
+}
+
+// effects are calls into capabilities or promises collected under c.mu and
+// run, in order, after it is released.
+type effects []func()
+
+func (fx *effects) add(f func()) { *fx = append(*fx, f) }
+
+func (fx *effects) run() {
+	for i := 0; i < len(*fx); i++ {
+		(*fx)[i]()
+	}
+	*fx = (*fx)[:0]
+}
+
+// idAllocator hands out small integer ids, reusing freed ones first so
+// tables stay dense.
+type idAllocator struct {
+	next uint32
+	free []uint32
+}
+
+func (a *idAllocator) get() uint32 {
+	if n := len(a.free); n > 0 {
+		id := a.free[n-1]
+		a.free = a.free[:n-1]
+		return id
+	}
+	id := a.next
+	a.next++
+	return id
+}
+
+func (a *idAllocator) put(id uint32) { a.free = append(a.free, id) }

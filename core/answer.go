@@ -1,0 +1,280 @@
+package core
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+
+	"capnproto.org/go/capnp/v3"
+	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
+)
+
+// An answer is a call (or Bootstrap) the peer sent us. It implements
+// capnp.Returner: the local capability writes its results straight into
+// the outbound Return message.
+type answer struct {
+	c      *Conn
+	id     uint32
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	// pcall takes calls pipelined on this answer before it returns.
+	pcall capnp.PipelineCaller
+
+	// Published by Return under c.mu; read by pipelined calls.
+	msg     *capnp.Message // the Return message; kept until Finish for pipelining
+	ret     rpccp.Return
+	results capnp.Ptr // the results content
+	err     error     // exception result
+
+	// Written by the handler's goroutine before Return, without the lock.
+	out        *capnp.Message
+	outRet     rpccp.Return
+	outResults capnp.Ptr
+	outErr     error
+
+	returned bool // Return queued
+	finished bool // Finish received
+	// resultExports counts export references carried by the Return, which
+	// Finish(releaseResultCaps) gives back.
+	resultExports []uint32
+
+	argsOnce sync.Once
+}
+
+// newAnswerLocked registers an answer for question id qid.
+func (c *Conn) newAnswerLocked(qid uint32) *answer {
+	ctx, cancel := context.WithCancel(c.ctx)
+	a := &answer{c: c, id: qid, ctx: ctx, cancel: cancel}
+	c.answers[qid] = a
+	return a
+}
+
+// AllocResults allocates the Return message and its results struct.
+func (a *answer) AllocResults(sz capnp.ObjectSize) (capnp.Struct, error) {
+	if a.out != nil {
+		return capnp.Struct{}, errors.New("captp: results allocated twice")
+	}
+	msg, m, err := newMessage()
+	if err != nil {
+		return capnp.Struct{}, fmt.Errorf("allocate results: %w", err)
+	}
+	ret, err := m.NewReturn()
+	if err != nil {
+		msg.Release()
+		return capnp.Struct{}, fmt.Errorf("allocate results: %w", err)
+	}
+	ret.SetAnswerId(a.id)
+	ret.SetReleaseParamCaps(false)
+	payload, err := ret.NewResults()
+	if err != nil {
+		msg.Release()
+		return capnp.Struct{}, fmt.Errorf("allocate results: %w", err)
+	}
+	s, err := capnp.NewStruct(payload.Segment(), sz)
+	if err == nil {
+		err = payload.SetContent(s.ToPtr())
+	}
+	if err != nil {
+		msg.Release()
+		return capnp.Struct{}, fmt.Errorf("allocate results: %w", err)
+	}
+	a.out, a.outRet, a.outResults = msg, ret, s.ToPtr()
+	return s, nil
+}
+
+// PrepareReturn records whether the call succeeded.
+func (a *answer) PrepareReturn(err error) { a.outErr = err }
+
+// Return queues the Return message.
+func (a *answer) Return() {
+	c := a.c
+	var fx effects
+	c.mu.Lock()
+	c.returnLocked(&fx, a)
+	c.mu.Unlock()
+	fx.run()
+}
+
+// ReleaseResults is a no-op: the results live in the Return message, which
+// the connection frees once the peer sends Finish.
+func (a *answer) ReleaseResults() {}
+
+// returnLocked sends a's Return: results, exception, or canceled if the
+// caller already finished the question.
+func (c *Conn) returnLocked(fx *effects, a *answer) {
+	if a.returned {
+		return
+	}
+	a.returned = true
+	a.msg, a.ret, a.results, a.err = a.out, a.outRet, a.outResults, a.outErr
+	a.out = nil
+	if c.closing || c.answers[a.id] != a {
+		a.freeLocked(fx)
+		return
+	}
+	defer a.freeUnsent(fx)
+	switch {
+	case a.finished:
+		// The caller gave up; it expects a Return but not the results.
+		a.replaceMessage(fx, func(ret rpccp.Return) error { ret.SetCanceled(); return nil })
+	case a.err != nil:
+		a.replaceMessage(fx, func(ret rpccp.Return) error {
+			e, err := ret.NewException()
+			if err != nil {
+				return err
+			}
+			return marshalException(e, a.err)
+		})
+	case a.msg == nil:
+		// Success without AllocResults: an empty results struct.
+		if _, err := a.AllocResults(capnp.ObjectSize{}); err != nil {
+			a.outErr = err
+			c.returnLockedRetry(fx, a)
+			return
+		}
+		a.msg, a.ret, a.results = a.out, a.outRet, a.outResults
+		a.out = nil
+		fallthrough
+	default:
+		payload, err := a.ret.Results()
+		if err == nil {
+			a.resultExports, err = c.fillCapTableLocked(fx, payload, a.msg.CapTable())
+		}
+		if err != nil {
+			a.out, a.outRet, a.outResults = a.msg, a.ret, a.results
+			a.outErr = fmt.Errorf("captp: encode results: %w", err)
+			c.returnLockedRetry(fx, a)
+			return
+		}
+	}
+	if err := c.sendLocked(a.msg); err != nil {
+		c.log.Error("captp: queue return", "answer", a.id, "err", err)
+	}
+	if a.finished {
+		c.retireAnswerLocked(fx, a)
+	}
+}
+
+// returnLockedRetry sends a as an exception after building the results
+// failed.
+func (c *Conn) returnLockedRetry(fx *effects, a *answer) {
+	a.returned = false
+	c.returnLocked(fx, a)
+}
+
+// replaceMessage swaps the results message for a fresh Return built by fill.
+func (a *answer) replaceMessage(fx *effects, fill func(rpccp.Return) error) {
+	if old := a.msg; old != nil {
+		fx.add(old.Release)
+	}
+	a.msg, a.results = nil, capnp.Ptr{}
+	msg, m, err := newMessage()
+	if err != nil {
+		return
+	}
+	ret, err := m.NewReturn()
+	if err == nil {
+		ret.SetAnswerId(a.id)
+		ret.SetReleaseParamCaps(false)
+		err = fill(ret)
+	}
+	if err != nil {
+		msg.Release()
+		return
+	}
+	a.msg, a.ret = msg, ret
+}
+
+// retireAnswerLocked removes a finished, returned answer and frees it.
+func (c *Conn) retireAnswerLocked(fx *effects, a *answer) {
+	if c.answers[a.id] == a {
+		delete(c.answers, a.id)
+	}
+	a.freeLocked(fx)
+}
+
+// freeLocked releases what the answer holds.
+func (a *answer) freeLocked(fx *effects) {
+	a.cancel()
+	a.pcall = nil
+	if msg := a.msg; msg != nil {
+		a.msg = nil
+		a.results = capnp.Ptr{}
+		fx.add(msg.Release)
+	}
+}
+
+// freeUnsent releases results the handler allocated but that were never
+// published (the connection closed first).
+func (a *answer) freeUnsent(fx *effects) {
+	if out := a.out; out != nil {
+		a.out = nil
+		fx.add(out.Release)
+	}
+}
+
+// dropLocked discards the answer at shutdown. Its handler may still be
+// running; its context is cancelled and a later Return is dropped.
+func (a *answer) dropLocked(fx *effects) {
+	a.freeLocked(fx)
+}
+
+// deliverCall runs outside the lock, in the reader goroutine, so calls
+// reach local capabilities in the order they arrived.
+func (c *Conn) deliverCall(a *answer, target capnp.Client, targetAns *answer, transform []capnp.PipelineOp, recv capnp.Recv) {
+	var pcall capnp.PipelineCaller
+	if targetAns == nil {
+		pcall = target.RecvCall(a.ctx, recv)
+	} else {
+		pcall = c.deliverPipelined(a, targetAns, transform, recv)
+	}
+	c.mu.Lock()
+	if !a.returned {
+		a.pcall = pcall
+	}
+	c.mu.Unlock()
+}
+
+// deliverPipelined delivers a call made on a promised answer: to the
+// results if they exist, else through the pipeline of the running call.
+func (c *Conn) deliverPipelined(a *answer, ta *answer, transform []capnp.PipelineOp, recv capnp.Recv) capnp.PipelineCaller {
+	c.mu.Lock()
+	returned, finished, results, err, pcall := ta.returned, ta.finished, ta.results, ta.err, ta.pcall
+	var client capnp.Client
+	if returned && err == nil && ta.msg != nil {
+		ptr, terr := capnp.Transform(results, transform)
+		if terr != nil {
+			err = fmt.Errorf("captp: pipelined call: %w", terr)
+		} else {
+			client = ptr.Interface().Client().AddRef()
+		}
+	}
+	c.mu.Unlock()
+	switch {
+	case returned && err != nil:
+		recv.Reject(err)
+		return nil
+	case returned && finished:
+		recv.Reject(errors.New("captp: pipelined call on a canceled call"))
+		return nil
+	case returned:
+		defer client.Release()
+		if !client.IsValid() {
+			recv.Reject(errors.New("captp: pipelined call on a null capability"))
+			return nil
+		}
+		return client.RecvCall(a.ctx, recv)
+	case pcall != nil:
+		return pcall.PipelineRecv(a.ctx, transform, recv)
+	default:
+		recv.Reject(errors.New("captp: pipelined call on a call that cannot pipeline"))
+		return nil
+	}
+}
+
+// releaseArgs returns a ReleaseFunc that frees the inbound message once.
+func (a *answer) releaseArgs(msg *capnp.Message) capnp.ReleaseFunc {
+	return func() { a.argsOnce.Do(msg.Release) }
+}

@@ -1,0 +1,471 @@
+package core
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"capnproto.org/go/capnp/v3"
+	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
+)
+
+// An importEntry is a capability the peer exported to us. refs counts the
+// descriptors received for it, which one Release gives back.
+type importEntry struct {
+	id       uint32
+	refs     uint32
+	hook     *importClient // current hook; replaced if the old one is shutting down
+	weak     capnp.WeakClient
+	resolver capnp.Resolver[capnp.Client] // set while an imported promise is unresolved
+}
+
+// importClient is the capnp.ClientHook of an imported capability.
+type importClient struct {
+	c  *Conn
+	id uint32
+}
+
+func (h *importClient) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
+	return h.c.sendCall(ctx, callTarget{importID: h.id}, s)
+}
+
+func (h *importClient) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
+	return h.c.forwardCall(ctx, callTarget{importID: h.id}, r)
+}
+
+func (h *importClient) Brand() capnp.Brand { return capnp.Brand{Value: h} }
+
+func (h *importClient) String() string { return fmt.Sprintf("captp import %d", h.id) }
+
+// Shutdown runs when the last local reference is dropped: it gives every
+// reference received for this import back to the peer in one Release.
+func (h *importClient) Shutdown() {
+	c := h.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	ie := c.imports[h.id]
+	if ie == nil || ie.hook != h {
+		return // replaced by a newer hook, which will release the refs
+	}
+	delete(c.imports, h.id)
+	ie.resolver = nil
+	if c.closing {
+		return
+	}
+	c.sendReleaseLocked(h.id, ie.refs)
+}
+
+func (c *Conn) sendReleaseLocked(id, count uint32) {
+	msg, m, err := newMessage()
+	if err != nil {
+		return
+	}
+	defer msg.Release()
+	rel, err := m.NewRelease()
+	if err != nil {
+		return
+	}
+	rel.SetId(id)
+	rel.SetReferenceCount(count)
+	_ = c.sendLocked(msg)
+}
+
+// addImportLocked returns a client for the peer's export id, counting one
+// more reference to it.
+func (c *Conn) addImportLocked(id uint32, promise bool) (capnp.Client, error) {
+	ie := c.imports[id]
+	if ie != nil {
+		if cl, ok := ie.weak.AddRef(); ok {
+			ie.refs++
+			return cl, nil
+		}
+		// The old hook is shutting down; a new one inherits the count.
+	} else {
+		if len(c.imports) >= c.lim.MaxImports {
+			return capnp.Client{}, fmt.Errorf("import limit reached (%d capabilities)", c.lim.MaxImports)
+		}
+		ie = &importEntry{id: id}
+		c.imports[id] = ie
+	}
+	ie.refs++
+	hook := &importClient{c: c, id: id}
+	var cl capnp.Client
+	if promise {
+		cl, ie.resolver = capnp.NewPromisedClient(hook)
+	} else {
+		cl = capnp.NewClient(hook)
+		ie.resolver = nil
+	}
+	ie.hook = hook
+	ie.weak = cl.WeakRef()
+	return cl, nil
+}
+
+// An export is a capability we exported to the peer.
+type export struct {
+	id     uint32
+	client capnp.Client
+	refs   uint32
+	meta   *capnp.Metadata // identity of the exported hook, to reuse the id
+
+	promise   bool
+	stopWatch context.CancelFunc // stops waiting for the promise to settle
+	resolved  bool               // Resolve sent
+	loopback  *loopbackTarget    // the promise settled on a capability of the peer
+}
+
+// loopbackTarget names, in the peer's terms, a capability of the peer that
+// one of our promises or answers resolved to. Disembargo replies go there.
+type loopbackTarget struct {
+	importID  uint32
+	question  *question
+	transform []capnp.PipelineOp
+}
+
+func (t *loopbackTarget) write(mt rpccp.MessageTarget) error {
+	if t.question == nil {
+		mt.SetImportedCap(t.importID)
+		return nil
+	}
+	pa, err := mt.NewPromisedAnswer()
+	if err != nil {
+		return err
+	}
+	return writePromisedAnswer(pa, t.question.id, t.transform)
+}
+
+// dropLocked forgets the export, releasing its client after the lock.
+func (e *export) dropLocked(fx *effects) {
+	if e.stopWatch != nil {
+		e.stopWatch()
+	}
+	cl := e.client
+	e.client = capnp.Client{}
+	fx.add(cl.Release)
+}
+
+// releaseExportLocked gives back count references to export id.
+func (c *Conn) releaseExportLocked(fx *effects, id, count uint32) error {
+	e := c.exports[id]
+	if e == nil {
+		return fmt.Errorf("release of unknown export %d", id)
+	}
+	if count > e.refs {
+		return fmt.Errorf("release of %d references to export %d, which has %d", count, id, e.refs)
+	}
+	e.refs -= count
+	if e.refs == 0 {
+		delete(c.exports, id)
+		if c.exportsByHook[e.meta] == id {
+			delete(c.exportsByHook, e.meta)
+		}
+		c.exportIDs.put(id)
+		e.dropLocked(fx)
+	}
+	return nil
+}
+
+// fillCapTableLocked writes a CapDescriptor for each capability in table
+// into payload, exporting local ones. It returns the export ids that
+// gained a reference.
+func (c *Conn) fillCapTableLocked(fx *effects, payload rpccp.Payload, table *capnp.CapTable) ([]uint32, error) {
+	n := table.Len()
+	if n == 0 {
+		return nil, nil
+	}
+	list, err := payload.NewCapTable(int32(n))
+	if err != nil {
+		return nil, fmt.Errorf("encode cap table: %w", err)
+	}
+	var exported []uint32
+	for i := 0; i < n; i++ {
+		id, isExport, err := c.describeCapLocked(fx, list.At(i), table.At(i))
+		if err != nil {
+			for _, id := range exported {
+				_ = c.releaseExportLocked(fx, id, 1)
+			}
+			return nil, err
+		}
+		if isExport {
+			exported = append(exported, id)
+		}
+	}
+	return exported, nil
+}
+
+// describeCapLocked fills d for client: a reference back to the peer when
+// the capability is the peer's, otherwise an export.
+func (c *Conn) describeCapLocked(fx *effects, d rpccp.CapDescriptor, client capnp.Client) (uint32, bool, error) {
+	if !client.IsValid() {
+		d.SetNone()
+		return 0, false, nil
+	}
+	snap := client.Snapshot()
+	defer snap.Release()
+	switch h := snap.Brand().Value.(type) {
+	case *importClient:
+		if h.c == c {
+			d.SetReceiverHosted(h.id)
+			return 0, false, nil
+		}
+	case capnp.PipelineClient:
+		if q := c.questionsByAns[h.Answer()]; q != nil && q.c == c && !q.finished {
+			pa, err := d.NewReceiverAnswer()
+			if err != nil {
+				return 0, false, err
+			}
+			return 0, false, writePromisedAnswer(pa, q.id, h.Transform())
+		}
+	}
+	meta := snap.Metadata()
+	if id, ok := c.exportsByHook[meta]; ok {
+		e := c.exports[id]
+		e.refs++
+		if e.promise && !e.resolved {
+			d.SetSenderPromise(id)
+		} else {
+			d.SetSenderHosted(id)
+		}
+		return id, true, nil
+	}
+	if len(c.exports) >= c.lim.MaxExports {
+		return 0, false, fmt.Errorf("export limit reached (%d capabilities)", c.lim.MaxExports)
+	}
+	e := &export{
+		id:      c.exportIDs.get(),
+		client:  client.AddRef(),
+		refs:    1,
+		meta:    meta,
+		promise: snap.IsPromise(),
+	}
+	c.exports[e.id] = e
+	c.exportsByHook[meta] = e.id
+	if e.promise {
+		d.SetSenderPromise(e.id)
+		c.watchPromiseLocked(fx, e)
+	} else {
+		d.SetSenderHosted(e.id)
+	}
+	return e.id, true, nil
+}
+
+// watchPromiseLocked sends a Resolve once the exported promise settles.
+func (c *Conn) watchPromiseLocked(fx *effects, e *export) {
+	ctx, stop := context.WithCancel(c.ctx)
+	e.stopWatch = stop
+	cl := e.client.AddRef()
+	fx.add(func() {
+		go func() {
+			defer cl.Release()
+			if err := cl.Resolve(ctx); err != nil {
+				return // export released or connection closed
+			}
+			c.resolveExport(e, cl)
+		}()
+	})
+}
+
+// resolveExport sends Resolve for a settled exported promise.
+func (c *Conn) resolveExport(e *export, cl capnp.Client) {
+	var fx effects
+	defer fx.run()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closing || c.exports[e.id] != e || e.resolved {
+		return
+	}
+	e.resolved = true
+	msg, m, err := newMessage()
+	if err != nil {
+		return
+	}
+	defer msg.Release()
+	res, err := m.NewResolve()
+	if err != nil {
+		return
+	}
+	res.SetPromiseId(e.id)
+	snap := cl.Snapshot()
+	brand := snap.Brand().Value
+	snap.Release()
+	if broken, ok := brand.(error); ok {
+		ex, err := res.NewException()
+		if err == nil {
+			err = marshalException(ex, broken)
+		}
+		if err != nil {
+			return
+		}
+	} else {
+		d, err := res.NewCap()
+		if err != nil {
+			return
+		}
+		_, _, err = c.describeCapLocked(&fx, d, cl)
+		if err != nil {
+			ex, err2 := res.NewException()
+			if err2 != nil {
+				return
+			}
+			if marshalException(ex, err) != nil {
+				return
+			}
+		}
+		e.loopback = loopbackOf(d)
+	}
+	_ = c.sendLocked(msg)
+}
+
+// loopbackOf returns the peer-side target a descriptor we sent names, if
+// it names a capability of the peer.
+func loopbackOf(d rpccp.CapDescriptor) *loopbackTarget {
+	switch d.Which() {
+	case rpccp.CapDescriptor_Which_receiverHosted:
+		return &loopbackTarget{importID: d.ReceiverHosted()}
+	}
+	return nil
+}
+
+// importCapLocked decodes a descriptor the peer sent. local reports that
+// it names one of our own capabilities (so E-order may need an embargo).
+func (c *Conn) importCapLocked(d rpccp.CapDescriptor) (cl capnp.Client, local bool, err error) {
+	switch d.Which() {
+	case rpccp.CapDescriptor_Which_none:
+		return capnp.Client{}, false, nil
+	case rpccp.CapDescriptor_Which_senderHosted:
+		cl, err = c.addImportLocked(d.SenderHosted(), false)
+		return cl, false, err
+	case rpccp.CapDescriptor_Which_senderPromise:
+		cl, err = c.addImportLocked(d.SenderPromise(), true)
+		return cl, false, err
+	case rpccp.CapDescriptor_Which_thirdPartyHosted:
+		// Without Level 3 support, use the vine: a capability the sender
+		// hosts that proxies to the third party.
+		tp, err := d.ThirdPartyHosted()
+		if err != nil {
+			return capnp.Client{}, false, fmt.Errorf("decode thirdPartyHosted: %w", err)
+		}
+		cl, err = c.addImportLocked(tp.VineId(), false)
+		return cl, false, err
+	case rpccp.CapDescriptor_Which_receiverHosted:
+		e := c.exports[d.ReceiverHosted()]
+		if e == nil {
+			return capnp.Client{}, false, fmt.Errorf("receiverHosted names unknown export %d", d.ReceiverHosted())
+		}
+		return e.client.AddRef(), true, nil
+	case rpccp.CapDescriptor_Which_receiverAnswer:
+		pa, err := d.ReceiverAnswer()
+		if err != nil {
+			return capnp.Client{}, false, fmt.Errorf("decode receiverAnswer: %w", err)
+		}
+		a, transform, err := c.promisedAnswerLocked(pa)
+		if err != nil {
+			return capnp.Client{}, false, fmt.Errorf("receiverAnswer: %w", err)
+		}
+		return c.answerClientLocked(a, transform), true, nil
+	default:
+		return capnp.Client{}, false, fmt.Errorf("unknown capability descriptor type %d", d.Which())
+	}
+}
+
+// answerClientLocked returns a client for the capability at transform in
+// answer a's results, pipelining if the call is still running.
+func (c *Conn) answerClientLocked(a *answer, transform []capnp.PipelineOp) capnp.Client {
+	switch {
+	case a.returned && a.err != nil:
+		return capnp.ErrorClient(a.err)
+	case a.returned && a.msg != nil:
+		ptr, err := capnp.Transform(a.results, transform)
+		if err != nil {
+			return capnp.ErrorClient(fmt.Errorf("captp: %w", err))
+		}
+		return ptr.Interface().Client().AddRef()
+	case a.pcall != nil:
+		return capnp.NewClient(&localPipeline{pcall: a.pcall, transform: transform})
+	default:
+		return capnp.ErrorClient(errors.New("captp: answer has no results to pipeline on"))
+	}
+}
+
+// promisedAnswerLocked resolves a PromisedAnswer naming one of our answers.
+func (c *Conn) promisedAnswerLocked(pa rpccp.PromisedAnswer) (*answer, []capnp.PipelineOp, error) {
+	a := c.answers[pa.QuestionId()]
+	if a == nil {
+		return nil, nil, fmt.Errorf("unknown question %d", pa.QuestionId())
+	}
+	ops, err := pa.Transform()
+	if err != nil {
+		return nil, nil, fmt.Errorf("decode transform: %w", err)
+	}
+	transform := make([]capnp.PipelineOp, 0, ops.Len())
+	for i := 0; i < ops.Len(); i++ {
+		op := ops.At(i)
+		switch op.Which() {
+		case rpccp.PromisedAnswer_Op_Which_noop:
+		case rpccp.PromisedAnswer_Op_Which_getPointerField:
+			transform = append(transform, capnp.PipelineOp{Field: op.GetPointerField()})
+		default:
+			return nil, nil, fmt.Errorf("unknown transform op %d", op.Which())
+		}
+	}
+	return a, transform, nil
+}
+
+// localPipeline is a client for a capability in the results of a local
+// call that has not returned yet.
+type localPipeline struct {
+	pcall     capnp.PipelineCaller
+	transform []capnp.PipelineOp
+}
+
+func (p *localPipeline) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
+	return p.pcall.PipelineSend(ctx, p.transform, s)
+}
+
+func (p *localPipeline) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
+	return p.pcall.PipelineRecv(ctx, p.transform, r)
+}
+
+func (p *localPipeline) Brand() capnp.Brand { return capnp.Brand{Value: p} }
+func (p *localPipeline) Shutdown()          {}
+func (p *localPipeline) String() string     { return "captp local pipeline" }
+
+// An embargo holds calls to a capability that resolved back to this side
+// until the peer echoes our Disembargo, so that calls sent earlier through
+// the peer arrive first (E-order).
+type embargo struct {
+	id       uint32
+	target   capnp.Client
+	resolver capnp.Resolver[capnp.Client]
+}
+
+// embargoLocked returns a client that queues calls for target until the
+// Disembargo that the caller sends (to mt's target) comes back.
+func (c *Conn) embargoLocked(target capnp.Client, writeTarget func(rpccp.MessageTarget) error) (capnp.Client, error) {
+	msg, m, err := newMessage()
+	if err != nil {
+		return capnp.Client{}, err
+	}
+	defer msg.Release()
+	d, err := m.NewDisembargo()
+	if err != nil {
+		return capnp.Client{}, err
+	}
+	mt, err := d.NewTarget()
+	if err != nil {
+		return capnp.Client{}, err
+	}
+	if err := writeTarget(mt); err != nil {
+		return capnp.Client{}, err
+	}
+	em := &embargo{id: c.embargoIDs.get(), target: target}
+	d.Context().SetSenderLoopback(em.id)
+	if err := c.sendLocked(msg); err != nil {
+		c.embargoIDs.put(em.id)
+		return capnp.Client{}, err
+	}
+	p, r := capnp.NewLocalPromise[capnp.Client]()
+	em.resolver = r
+	c.embargoes[em.id] = em
+	return p, nil
+}

@@ -1,0 +1,609 @@
+package core
+
+import (
+	"errors"
+	"fmt"
+
+	"capnproto.org/go/capnp/v3"
+	"capnproto.org/go/capnp/v3/exc"
+	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
+)
+
+// protocolError is a violation by the peer; it ends the connection with
+// an Abort carrying its text.
+type protocolError struct{ err error }
+
+func (e protocolError) Error() string { return "protocol violation: " + e.err.Error() }
+func (e protocolError) Unwrap() error { return e.err }
+
+func violation(format string, args ...any) error {
+	return protocolError{fmt.Errorf(format, args...)}
+}
+
+// handleMessage processes one inbound message. It reports false when the
+// connection has ended and the reader should stop.
+func (c *Conn) handleMessage(msg *capnp.Message) bool {
+	var fx effects
+	keep, err := c.dispatch(&fx, msg)
+	fx.run()
+	if !keep {
+		msg.Release()
+	}
+	if err != nil {
+		var ab peerAbort
+		if errors.As(err, &ab) {
+			c.shutdown(ab.err, false)
+		} else {
+			c.abort(err)
+		}
+		return false
+	}
+	return true
+}
+
+// peerAbort carries the exception from the peer's Abort message.
+type peerAbort struct{ err error }
+
+func (e peerAbort) Error() string { return "peer aborted: " + e.err.Error() }
+
+// dispatch decodes msg and applies it to the tables under the lock. keep
+// reports that msg's ownership moved elsewhere (call params, results).
+func (c *Conn) dispatch(fx *effects, msg *capnp.Message) (keep bool, err error) {
+	m, err := rpccp.ReadRootMessage(msg)
+	if err != nil {
+		return false, violation("decode message: %w", err)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closing {
+		return false, nil
+	}
+	switch m.Which() {
+	case rpccp.Message_Which_call:
+		return c.handleCall(fx, msg, m)
+	case rpccp.Message_Which_return:
+		return c.handleReturn(fx, msg, m)
+	case rpccp.Message_Which_finish:
+		return false, c.handleFinish(fx, m)
+	case rpccp.Message_Which_bootstrap:
+		return false, c.handleBootstrap(fx, m)
+	case rpccp.Message_Which_resolve:
+		return false, c.handleResolve(fx, m)
+	case rpccp.Message_Which_release:
+		rel, err := m.Release()
+		if err != nil {
+			return false, violation("decode release: %w", err)
+		}
+		if err := c.releaseExportLocked(fx, rel.Id(), rel.ReferenceCount()); err != nil {
+			return false, violation("%w", err)
+		}
+		return false, nil
+	case rpccp.Message_Which_disembargo:
+		return false, c.handleDisembargo(fx, m)
+	case rpccp.Message_Which_abort:
+		e, err := m.Abort()
+		if err != nil {
+			return false, peerAbort{errors.New("unreadable abort message")}
+		}
+		return false, peerAbort{e.ToError()}
+	case rpccp.Message_Which_unimplemented:
+		return false, c.handleUnimplemented(fx, m)
+	default:
+		// Level 2/3 messages and anything newer: tell the peer we don't
+		// implement it, as rpc.capnp asks.
+		return false, c.sendUnimplementedLocked(m)
+	}
+}
+
+func (c *Conn) sendUnimplementedLocked(m rpccp.Message) error {
+	msg, out, err := newMessage()
+	if err != nil {
+		return err
+	}
+	defer msg.Release()
+	if err := out.SetUnimplemented(m); err != nil {
+		return violation("echo unimplemented message: %w", err)
+	}
+	return c.sendLocked(msg)
+}
+
+func (c *Conn) handleBootstrap(fx *effects, m rpccp.Message) error {
+	b, err := m.Bootstrap()
+	if err != nil {
+		return violation("decode bootstrap: %w", err)
+	}
+	qid := b.QuestionId()
+	if c.answers[qid] != nil {
+		return violation("bootstrap reuses question id %d still in use", qid)
+	}
+	a := c.newAnswerLocked(qid)
+	if !c.bootstrap.IsValid() {
+		a.outErr = exc.New(exc.Failed, "captp", "this vat offers no bootstrap capability")
+		c.returnLocked(fx, a)
+		return nil
+	}
+	if _, err := a.AllocResults(capnp.ObjectSize{}); err != nil {
+		a.outErr = err
+		c.returnLocked(fx, a)
+		return nil
+	}
+	payload, err := a.outRet.Results()
+	if err == nil {
+		iface := capnp.NewInterface(payload.Segment(), a.out.CapTable().Add(c.bootstrap.AddRef()))
+		a.outResults = iface.ToPtr()
+		err = payload.SetContent(a.outResults)
+	}
+	if err != nil {
+		a.outErr = err
+	}
+	c.returnLocked(fx, a)
+	return nil
+}
+
+func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (bool, error) {
+	call, err := m.Call()
+	if err != nil {
+		return false, violation("decode call: %w", err)
+	}
+	qid := call.QuestionId()
+	if c.answers[qid] != nil {
+		return false, violation("call reuses question id %d still in use", qid)
+	}
+	if call.SendResultsTo().Which() != rpccp.Call_sendResultsTo_Which_caller {
+		return false, c.sendUnimplementedLocked(m)
+	}
+	mt, err := call.Target()
+	if err != nil {
+		return false, violation("decode call target: %w", err)
+	}
+	var target capnp.Client
+	var targetAns *answer
+	var transform []capnp.PipelineOp
+	switch mt.Which() {
+	case rpccp.MessageTarget_Which_importedCap:
+		e := c.exports[mt.ImportedCap()]
+		if e == nil {
+			return false, violation("call to unknown export %d", mt.ImportedCap())
+		}
+		target = e.client
+	case rpccp.MessageTarget_Which_promisedAnswer:
+		pa, err := mt.PromisedAnswer()
+		if err != nil {
+			return false, violation("decode call target: %w", err)
+		}
+		targetAns, transform, err = c.promisedAnswerLocked(pa)
+		if err != nil {
+			return false, violation("call target: %w", err)
+		}
+	default:
+		return false, violation("unknown call target type %d", mt.Which())
+	}
+	params, err := call.Params()
+	if err != nil {
+		return false, violation("decode call params: %w", err)
+	}
+	content, err := params.Content()
+	if err != nil {
+		return false, violation("decode call params: %w", err)
+	}
+	if err := c.importCapTableLocked(msg, params, nil); err != nil {
+		return false, err
+	}
+	a := c.newAnswerLocked(qid)
+	method := capnp.Method{InterfaceID: call.InterfaceId(), MethodID: call.MethodId()}
+	if len(c.answers) > c.lim.MaxAnswers {
+		a.outErr = exc.New(exc.Overloaded, "captp", fmt.Sprintf("too many calls in progress (limit %d)", c.lim.MaxAnswers))
+		c.returnLocked(fx, a)
+		return false, nil
+	}
+	recv := capnp.Recv{
+		Method:      method,
+		Args:        content.Struct(),
+		ReleaseArgs: a.releaseArgs(msg),
+		Returner:    a,
+	}
+	if target.IsValid() {
+		target = target.AddRef()
+	}
+	fx.add(func() {
+		c.deliverCall(a, target, targetAns, transform, recv)
+		target.Release()
+	})
+	return true, nil
+}
+
+// importCapTableLocked decodes payload's cap table into msg's. When
+// embargo is non-nil it is called for each capability that names one of
+// ours and may replace it.
+func (c *Conn) importCapTableLocked(msg *capnp.Message, payload rpccp.Payload, embargo func(i int, cl capnp.Client) (capnp.Client, error)) error {
+	list, err := payload.CapTable()
+	if err != nil {
+		return violation("decode cap table: %w", err)
+	}
+	clients := make([]capnp.Client, list.Len())
+	for i := range clients {
+		cl, local, err := c.importCapLocked(list.At(i))
+		if err == nil && local && embargo != nil {
+			cl, err = embargo(i, cl)
+		}
+		if err != nil {
+			for _, cl := range clients[:i] {
+				cl.Release()
+			}
+			return violation("cap table entry %d: %w", i, err)
+		}
+		clients[i] = cl
+	}
+	msg.CapTable().Reset(clients...)
+	return nil
+}
+
+func (c *Conn) handleReturn(fx *effects, msg *capnp.Message, m rpccp.Message) (bool, error) {
+	ret, err := m.Return()
+	if err != nil {
+		return false, violation("decode return: %w", err)
+	}
+	q := c.questions[ret.AnswerId()]
+	if q == nil {
+		return false, violation("return for unknown question %d", ret.AnswerId())
+	}
+	if q.returned {
+		return false, violation("second return for question %d", q.id)
+	}
+	q.returned = true
+	if q.stopCancel != nil {
+		q.stopCancel()
+	}
+	if ret.ReleaseParamCaps() {
+		for _, id := range q.paramExports {
+			if err := c.releaseExportLocked(fx, id, 1); err != nil {
+				return false, violation("return releases parameter capabilities: %w", err)
+			}
+		}
+	}
+	q.paramExports = nil
+	if q.settled {
+		// Cancelled earlier: Finish (with releaseResultCaps) is already
+		// sent, so the callee owns any capabilities in the results.
+		q.retireLocked(fx)
+		return false, nil
+	}
+	q.settled = true
+	var keep bool
+	var content capnp.Ptr
+	var rerr error
+	switch ret.Which() {
+	case rpccp.Return_Which_results:
+		payload, err := ret.Results()
+		if err != nil {
+			return false, violation("decode results: %w", err)
+		}
+		content, err = payload.Content()
+		if err != nil {
+			return false, violation("decode results: %w", err)
+		}
+		if err := c.importCapTableLocked(msg, payload, c.returnEmbargo(q, content)); err != nil {
+			return false, err
+		}
+		q.results, keep = msg, true
+	case rpccp.Return_Which_exception:
+		e, err := ret.Exception()
+		if err != nil {
+			return false, violation("decode exception: %w", err)
+		}
+		rerr = e.ToError()
+	case rpccp.Return_Which_canceled:
+		rerr = exc.New(exc.Failed, "captp", "call canceled by the callee")
+	default:
+		// We never ask for results to be sent elsewhere, so the peer
+		// cannot answer with resultsSentElsewhere, takeFromOtherQuestion
+		// or awaitFromThirdParty.
+		return false, violation("return type %d for question %d, which did not ask for it", ret.Which(), q.id)
+	}
+	p := q.p
+	fx.add(func() {
+		if rerr != nil {
+			p.Reject(rerr)
+		} else {
+			p.Fulfill(content)
+		}
+		c.afterSettle(q)
+	})
+	return keep, nil
+}
+
+// afterSettle finishes a question whose caller already released it (or a
+// bootstrap question, whose answer only serves its capability).
+func (c *Conn) afterSettle(q *question) {
+	if q.bootstrap {
+		q.release()
+		return
+	}
+	var fx effects
+	c.mu.Lock()
+	if q.released {
+		q.finishLocked(&fx)
+	}
+	c.mu.Unlock()
+	fx.run()
+}
+
+// returnEmbargo embargoes capabilities in q's results that name our own
+// objects and that calls were pipelined to: those calls went through the
+// peer and must arrive before calls made directly from now on.
+func (c *Conn) returnEmbargo(q *question, content capnp.Ptr) func(int, capnp.Client) (capnp.Client, error) {
+	if len(q.pipelined) == 0 {
+		return nil
+	}
+	return func(i int, cl capnp.Client) (capnp.Client, error) {
+		for _, t := range q.pipelined {
+			ptr, err := capnp.Transform(content, t)
+			if err != nil || !ptr.Interface().IsValid() || int(ptr.Interface().Capability()) != i {
+				continue
+			}
+			return c.embargoLocked(cl, func(mt rpccp.MessageTarget) error {
+				pa, err := mt.NewPromisedAnswer()
+				if err != nil {
+					return err
+				}
+				return writePromisedAnswer(pa, q.id, t)
+			})
+		}
+		return cl, nil
+	}
+}
+
+func (c *Conn) handleFinish(fx *effects, m rpccp.Message) error {
+	f, err := m.Finish()
+	if err != nil {
+		return violation("decode finish: %w", err)
+	}
+	a := c.answers[f.QuestionId()]
+	if a == nil {
+		return violation("finish for unknown question %d", f.QuestionId())
+	}
+	if a.finished {
+		return violation("second finish for question %d", a.id)
+	}
+	a.finished = true
+	if !a.returned {
+		a.cancel() // the handler sees its context end
+		return nil
+	}
+	if f.ReleaseResultCaps() {
+		for _, id := range a.resultExports {
+			if err := c.releaseExportLocked(fx, id, 1); err != nil {
+				return violation("finish: %w", err)
+			}
+		}
+	}
+	a.resultExports = nil
+	c.retireAnswerLocked(fx, a)
+	return nil
+}
+
+func (c *Conn) handleResolve(fx *effects, m rpccp.Message) error {
+	r, err := m.Resolve()
+	if err != nil {
+		return violation("decode resolve: %w", err)
+	}
+	id := r.PromiseId()
+	ie := c.imports[id]
+	var resolver capnp.Resolver[capnp.Client]
+	if ie != nil {
+		resolver = ie.resolver
+		ie.resolver = nil
+	}
+	switch r.Which() {
+	case rpccp.Resolve_Which_cap:
+		d, err := r.Cap()
+		if err != nil {
+			return violation("decode resolve: %w", err)
+		}
+		cl, local, err := c.importCapLocked(d)
+		if err != nil {
+			return violation("resolve of promise %d: %w", id, err)
+		}
+		if resolver == nil {
+			// We released the promise already (or it was never one);
+			// give back the reference the peer just sent.
+			fx.add(cl.Release)
+			return nil
+		}
+		if local {
+			embargoed, err := c.embargoLocked(cl, func(mt rpccp.MessageTarget) error {
+				mt.SetImportedCap(id)
+				return nil
+			})
+			if err != nil {
+				fx.add(cl.Release)
+				return err
+			}
+			cl = embargoed
+		}
+		fx.add(func() {
+			resolver.Fulfill(cl)
+			cl.Release()
+		})
+	case rpccp.Resolve_Which_exception:
+		e, err := r.Exception()
+		if err != nil {
+			return violation("decode resolve: %w", err)
+		}
+		if resolver != nil {
+			rerr := e.ToError()
+			fx.add(func() { resolver.Reject(rerr) })
+		}
+	default:
+		return violation("unknown resolve type %d", r.Which())
+	}
+	return nil
+}
+
+func (c *Conn) handleDisembargo(fx *effects, m rpccp.Message) error {
+	d, err := m.Disembargo()
+	if err != nil {
+		return violation("decode disembargo: %w", err)
+	}
+	dc := d.Context()
+	switch dc.Which() {
+	case rpccp.Disembargo_context_Which_senderLoopback:
+		mt, err := d.Target()
+		if err != nil {
+			return violation("decode disembargo target: %w", err)
+		}
+		back, err := c.loopbackTargetLocked(mt)
+		if err != nil {
+			return violation("disembargo: %w", err)
+		}
+		msg, out, err := newMessage()
+		if err != nil {
+			return err
+		}
+		defer msg.Release()
+		reply, err := out.NewDisembargo()
+		if err != nil {
+			return err
+		}
+		rt, err := reply.NewTarget()
+		if err == nil {
+			err = back.write(rt)
+		}
+		if err != nil {
+			return err
+		}
+		reply.Context().SetReceiverLoopback(dc.SenderLoopback())
+		return c.sendLocked(msg)
+	case rpccp.Disembargo_context_Which_receiverLoopback:
+		id := dc.ReceiverLoopback()
+		em := c.embargoes[id]
+		if em == nil {
+			return violation("disembargo for unknown embargo %d", id)
+		}
+		delete(c.embargoes, id)
+		c.embargoIDs.put(id)
+		fx.add(func() { em.resolver.Fulfill(em.target) })
+		return nil
+	default:
+		// accept (Level 3) and anything newer.
+		return c.sendUnimplementedLocked(m)
+	}
+}
+
+// loopbackTargetLocked checks that a senderLoopback Disembargo targets a
+// promise or answer of ours that resolved to a capability of the peer,
+// and returns that capability in the peer's terms.
+func (c *Conn) loopbackTargetLocked(mt rpccp.MessageTarget) (*loopbackTarget, error) {
+	switch mt.Which() {
+	case rpccp.MessageTarget_Which_importedCap:
+		e := c.exports[mt.ImportedCap()]
+		if e == nil {
+			return nil, fmt.Errorf("unknown export %d", mt.ImportedCap())
+		}
+		if !e.resolved || e.loopback == nil {
+			return nil, fmt.Errorf("export %d is not a promise resolved to a capability of the sender", e.id)
+		}
+		return e.loopback, nil
+	case rpccp.MessageTarget_Which_promisedAnswer:
+		pa, err := mt.PromisedAnswer()
+		if err != nil {
+			return nil, err
+		}
+		a, transform, err := c.promisedAnswerLocked(pa)
+		if err != nil {
+			return nil, err
+		}
+		if !a.returned || a.err != nil || a.msg == nil {
+			return nil, fmt.Errorf("question %d has no results to disembargo", a.id)
+		}
+		ptr, err := capnp.Transform(a.results, transform)
+		if err != nil {
+			return nil, err
+		}
+		cl := ptr.Interface().Client()
+		if cl.IsValid() {
+			snap := cl.Snapshot()
+			defer snap.Release()
+			switch h := snap.Brand().Value.(type) {
+			case *importClient:
+				if h.c == c {
+					return &loopbackTarget{importID: h.id}, nil
+				}
+			case capnp.PipelineClient:
+				if q := c.questionsByAns[h.Answer()]; q != nil && !q.finished {
+					return &loopbackTarget{question: q, transform: h.Transform()}, nil
+				}
+			}
+		}
+		return nil, fmt.Errorf("question %d's result is not a capability of the sender", a.id)
+	default:
+		return nil, fmt.Errorf("unknown target type %d", mt.Which())
+	}
+}
+
+func (c *Conn) handleUnimplemented(fx *effects, m rpccp.Message) error {
+	inner, err := m.Unimplemented()
+	if err != nil {
+		return violation("decode unimplemented: %w", err)
+	}
+	switch inner.Which() {
+	case rpccp.Message_Which_resolve:
+		// The peer ignored our Resolve; take back the reference it carried.
+		r, err := inner.Resolve()
+		if err != nil || r.Which() != rpccp.Resolve_Which_cap {
+			return nil
+		}
+		d, err := r.Cap()
+		if err != nil {
+			return nil
+		}
+		switch d.Which() {
+		case rpccp.CapDescriptor_Which_senderHosted:
+			return c.releaseExportIfPresent(fx, d.SenderHosted())
+		case rpccp.CapDescriptor_Which_senderPromise:
+			return c.releaseExportIfPresent(fx, d.SenderPromise())
+		}
+	case rpccp.Message_Which_bootstrap, rpccp.Message_Which_call:
+		var qid uint32
+		if inner.Which() == rpccp.Message_Which_call {
+			call, err := inner.Call()
+			if err != nil {
+				return nil
+			}
+			qid = call.QuestionId()
+		} else {
+			b, err := inner.Bootstrap()
+			if err != nil {
+				return nil
+			}
+			qid = b.QuestionId()
+		}
+		if q := c.questions[qid]; q != nil && !q.returned {
+			q.returned = true
+			if !q.settled {
+				q.settled = true
+				p := q.p
+				fx.add(func() {
+					p.Reject(exc.New(exc.Unimplemented, "captp", "peer does not implement this message"))
+					c.afterSettle(q)
+				})
+			}
+		}
+	default:
+		c.log.Info("captp: peer does not implement a message we sent", "which", inner.Which().String())
+	}
+	return nil
+}
+
+func (c *Conn) releaseExportIfPresent(fx *effects, id uint32) error {
+	if c.exports[id] == nil {
+		return nil
+	}
+	return c.releaseExportLocked(fx, id, 1)
+}
+
+// marshalException fills e from err, keeping its exception type.
+func marshalException(e rpccp.Exception, err error) error {
+	e.SetType(rpccp.Exception_Type(exc.TypeOf(err)))
+	return e.SetReason(err.Error())
+}

@@ -1,0 +1,318 @@
+package core
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"capnproto.org/go/capnp/v3"
+	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
+)
+
+// A question is a call (or Bootstrap) this side sent and whose Return it
+// awaits. Its id stays in the table until the Return has arrived and
+// Finish has been sent, as rpc.capnp requires.
+type question struct {
+	c      *Conn
+	id     uint32
+	method capnp.Method
+	p      *capnp.Promise
+
+	// pipelined records the transforms of calls sent to this question's
+	// promised answer, so that a Return naming our own capabilities at
+	// those paths can embargo them.
+	pipelined [][]capnp.PipelineOp
+
+	returned  bool // Return received
+	finished  bool // Finish sent
+	settled   bool // p resolved (by Return, cancellation or disconnect)
+	released  bool // the caller released the answer
+	bootstrap bool
+
+	results      *capnp.Message // Return message, until released
+	paramExports []uint32       // exports our Call carried, released by Return.releaseParamCaps
+	stopCancel   func() bool    // stops the context watch
+}
+
+// newQuestionLocked allocates a question id and its promise.
+func (c *Conn) newQuestionLocked(m capnp.Method) *question {
+	q := &question{c: c, id: c.questionIDs.get(), method: m}
+	q.p = capnp.NewPromise(m, q, nil)
+	c.questions[q.id] = q
+	c.questionsByAns[q.p.Answer()] = q
+	return q
+}
+
+// PipelineSend sends a call to a capability in this question's results
+// before they arrive (promise pipelining).
+func (q *question) PipelineSend(ctx context.Context, transform []capnp.PipelineOp, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
+	return q.c.sendCall(ctx, callTarget{question: q, transform: transform}, s)
+}
+
+// PipelineRecv forwards a call received elsewhere to a capability in this
+// question's results.
+func (q *question) PipelineRecv(ctx context.Context, transform []capnp.PipelineOp, r capnp.Recv) capnp.PipelineCaller {
+	return q.c.forwardCall(ctx, callTarget{question: q, transform: transform}, r)
+}
+
+// callTarget is where an outbound call goes: an import or a promised answer.
+type callTarget struct {
+	importID  uint32
+	question  *question // nil for an import
+	transform []capnp.PipelineOp
+}
+
+func (t callTarget) write(mt rpccp.MessageTarget) error {
+	if t.question == nil {
+		mt.SetImportedCap(t.importID)
+		return nil
+	}
+	pa, err := mt.NewPromisedAnswer()
+	if err != nil {
+		return err
+	}
+	return writePromisedAnswer(pa, t.question.id, t.transform)
+}
+
+func writePromisedAnswer(pa rpccp.PromisedAnswer, qid uint32, transform []capnp.PipelineOp) error {
+	pa.SetQuestionId(qid)
+	ops, err := pa.NewTransform(int32(len(transform)))
+	if err != nil {
+		return err
+	}
+	for i, op := range transform {
+		ops.At(i).SetGetPointerField(op.Field)
+	}
+	return nil
+}
+
+// sendCall sends a Call to t and returns the answer. Arguments are placed
+// before the lock is taken, so user code never runs under c.mu.
+func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
+	if err := c.waitQueue(ctx); err != nil {
+		return capnp.ErrorAnswer(s.Method, err), func() {}
+	}
+	msg, m, err := newMessage()
+	if err != nil {
+		return capnp.ErrorAnswer(s.Method, fmt.Errorf("build call: %w", err)), func() {}
+	}
+	call, params, err := buildCall(m, s)
+	if err != nil {
+		msg.Release()
+		return capnp.ErrorAnswer(s.Method, err), func() {}
+	}
+
+	c.mu.Lock()
+	if c.closing {
+		err := c.err
+		c.mu.Unlock()
+		msg.Release()
+		return capnp.ErrorAnswer(s.Method, err), func() {}
+	}
+	if t.question != nil && (t.question.finished || t.question.c != c) {
+		c.mu.Unlock()
+		msg.Release()
+		return capnp.ErrorAnswer(s.Method, errors.New("captp: pipelined call on a finished question")), func() {}
+	}
+	q := c.newQuestionLocked(s.Method)
+	call.SetQuestionId(q.id)
+	var fx effects
+	mt, err := call.NewTarget()
+	if err == nil {
+		err = t.write(mt)
+	}
+	if err == nil {
+		q.paramExports, err = c.fillCapTableLocked(&fx, params, msg.CapTable())
+	}
+	if err == nil {
+		err = c.sendLocked(msg)
+	}
+	if err != nil {
+		c.dropQuestionLocked(&fx, q)
+		c.mu.Unlock()
+		msg.Release()
+		fx.run()
+		return capnp.ErrorAnswer(s.Method, err), func() {}
+	}
+	if t.question != nil {
+		t.question.pipelined = append(t.question.pipelined, t.transform)
+	}
+	if ctx.Done() != nil {
+		q.stopCancel = context.AfterFunc(ctx, func() { q.cancel(ctx.Err()) })
+	}
+	c.mu.Unlock()
+	msg.Release()
+	fx.run()
+	return q.p.Answer(), q.release
+}
+
+func buildCall(m rpccp.Message, s capnp.Send) (rpccp.Call, rpccp.Payload, error) {
+	call, err := m.NewCall()
+	if err != nil {
+		return call, rpccp.Payload{}, fmt.Errorf("build call: %w", err)
+	}
+	call.SetInterfaceId(s.Method.InterfaceID)
+	call.SetMethodId(s.Method.MethodID)
+	params, err := call.NewParams()
+	if err != nil {
+		return call, params, fmt.Errorf("build call: %w", err)
+	}
+	args, err := capnp.NewStruct(params.Segment(), s.ArgsSize)
+	if err != nil {
+		return call, params, fmt.Errorf("build call: %w", err)
+	}
+	if err := params.SetContent(args.ToPtr()); err != nil {
+		return call, params, fmt.Errorf("build call: %w", err)
+	}
+	if s.PlaceArgs != nil {
+		if err := s.PlaceArgs(args); err != nil {
+			return call, params, fmt.Errorf("place arguments: %w", err)
+		}
+	}
+	return call, params, nil
+}
+
+// dropQuestionLocked removes a question that was never sent.
+func (c *Conn) dropQuestionLocked(fx *effects, q *question) {
+	delete(c.questions, q.id)
+	delete(c.questionsByAns, q.p.Answer())
+	c.questionIDs.put(q.id)
+	q.settled = true
+	q.finished = true
+	// Nobody has seen the promise; resolve it so it holds no waiters.
+	p := q.p
+	fx.add(func() { p.Reject(errors.New("captp: call not sent")) })
+}
+
+// cancel runs when the caller's context ends before the Return: it sends
+// Finish (asking the callee to cancel) and rejects the promise now.
+func (q *question) cancel(err error) {
+	c := q.c
+	var fx effects
+	c.mu.Lock()
+	if q.settled || c.closing {
+		c.mu.Unlock()
+		return
+	}
+	q.settled = true
+	if !q.finished {
+		q.finished = true
+		c.sendFinishLocked(q.id, true)
+	}
+	p := q.p
+	fx.add(func() { p.Reject(err) })
+	c.mu.Unlock()
+	fx.run()
+}
+
+// release is the ReleaseFunc of an answer: the caller no longer needs the
+// results. If they have arrived, Finish is sent now; otherwise when they do.
+func (q *question) release() {
+	c := q.c
+	var fx effects
+	c.mu.Lock()
+	if q.released {
+		c.mu.Unlock()
+		return
+	}
+	q.released = true
+	if q.stopCancel != nil {
+		q.stopCancel()
+	}
+	if q.settled {
+		q.finishLocked(&fx)
+	}
+	c.mu.Unlock()
+	fx.run()
+}
+
+// finishLocked sends Finish if needed, retires the question once both
+// Return and Finish are done, and releases its results.
+func (q *question) finishLocked(fx *effects) {
+	c := q.c
+	if !q.finished {
+		q.finished = true
+		if !c.closing {
+			c.sendFinishLocked(q.id, false)
+		}
+	}
+	if q.returned || c.closing {
+		q.retireLocked(fx)
+	}
+}
+
+// retireLocked removes the question from the table and frees its results.
+func (q *question) retireLocked(fx *effects) {
+	c := q.c
+	if c.questions[q.id] == q {
+		delete(c.questions, q.id)
+		c.questionIDs.put(q.id)
+	}
+	delete(c.questionsByAns, q.p.Answer())
+	p, results := q.p, q.results
+	q.results = nil
+	fx.add(func() {
+		p.ReleaseClients()
+		if results != nil {
+			results.Release()
+		}
+	})
+}
+
+// rejectLocked settles the question with err at shutdown.
+func (q *question) rejectLocked(fx *effects, err error) {
+	if q.stopCancel != nil {
+		q.stopCancel()
+	}
+	if !q.settled {
+		q.settled = true
+		p := q.p
+		fx.add(func() { p.Reject(err) })
+	}
+	results := q.results
+	q.results = nil
+	if results != nil {
+		fx.add(results.Release)
+	}
+}
+
+func (c *Conn) sendFinishLocked(id uint32, releaseResultCaps bool) {
+	msg, m, err := newMessage()
+	if err != nil {
+		return
+	}
+	defer msg.Release()
+	f, err := m.NewFinish()
+	if err != nil {
+		return
+	}
+	f.SetQuestionId(id)
+	f.SetReleaseResultCaps(releaseResultCaps)
+	_ = c.sendLocked(msg)
+}
+
+// forwardCall sends a call that arrived as a Recv (from another
+// connection or a local promise) on to t, copying arguments and results.
+func (c *Conn) forwardCall(ctx context.Context, t callTarget, r capnp.Recv) capnp.PipelineCaller {
+	ans, release := c.sendCall(ctx, t, capnp.Send{
+		Method:    r.Method,
+		ArgsSize:  r.Args.Size(),
+		PlaceArgs: func(args capnp.Struct) error { return args.CopyFrom(r.Args) },
+	})
+	r.ReleaseArgs()
+	go func() {
+		defer release()
+		res, err := ans.Struct()
+		if err == nil {
+			var out capnp.Struct
+			out, err = r.Returner.AllocResults(res.Size())
+			if err == nil {
+				err = out.CopyFrom(res)
+			}
+		}
+		r.Returner.PrepareReturn(err)
+		r.Returner.Return()
+		r.Returner.ReleaseResults()
+	}()
+	return ans
+}
