@@ -84,8 +84,38 @@ func (a *answer) AllocResults(sz capnp.ObjectSize) (capnp.Struct, error) {
 	return s, nil
 }
 
-// PrepareReturn records whether the call succeeded.
-func (a *answer) PrepareReturn(err error) { a.outErr = err }
+// PrepareReturn finalizes the results: it encodes their capability table
+// (exporting local capabilities) now, because the local call may read the
+// results for pipelining as soon as it returns, and must see them final.
+func (a *answer) PrepareReturn(err error) {
+	c := a.c
+	var fx effects
+	c.mu.Lock()
+	c.prepareLocked(&fx, a, err)
+	c.mu.Unlock()
+	fx.run()
+}
+
+func (c *Conn) prepareLocked(fx *effects, a *answer, err error) {
+	a.outErr = err
+	if err != nil || c.closing {
+		return
+	}
+	if a.out == nil {
+		// Success without AllocResults: an empty results struct.
+		if _, err := a.AllocResults(capnp.ObjectSize{}); err != nil {
+			a.outErr = err
+			return
+		}
+	}
+	payload, err := a.outRet.Results()
+	if err == nil {
+		a.resultExports, err = c.fillCapTableLocked(fx, payload, a.out.CapTable())
+	}
+	if err != nil {
+		a.outErr = fmt.Errorf("captp: encode results: %w", err)
+	}
+}
 
 // Return queues the Return message.
 func (a *answer) Return() {
@@ -114,7 +144,10 @@ func (c *Conn) returnLocked(fx *effects, a *answer) {
 		a.freeLocked(fx)
 		return
 	}
-	defer a.freeUnsent(fx)
+	if a.finished || a.err != nil {
+		// Nobody will receive capabilities from these results.
+		c.releaseResultExportsLocked(fx, a)
+	}
 	switch {
 	case a.finished:
 		// The caller gave up; it expects a Return but not the results.
@@ -127,29 +160,10 @@ func (c *Conn) returnLocked(fx *effects, a *answer) {
 			}
 			return marshalException(e, a.err)
 		})
-	case a.msg == nil:
-		// Success without AllocResults: an empty results struct.
-		if _, err := a.AllocResults(capnp.ObjectSize{}); err != nil {
-			a.outErr = err
-			c.returnLockedRetry(fx, a)
-			return
-		}
-		a.msg, a.ret, a.results = a.out, a.outRet, a.outResults
-		a.out = nil
-		fallthrough
-	default:
-		payload, err := a.ret.Results()
-		if err == nil {
-			a.resultExports, err = c.fillCapTableLocked(fx, payload, a.msg.CapTable())
-		}
-		if err != nil {
-			a.out, a.outRet, a.outResults = a.msg, a.ret, a.results
-			a.outErr = fmt.Errorf("captp: encode results: %w", err)
-			c.returnLockedRetry(fx, a)
-			return
-		}
 	}
-	if err := c.sendLocked(a.msg); err != nil {
+	if a.msg == nil {
+		c.log.Error("captp: could not build return", "answer", a.id)
+	} else if err := c.sendLocked(a.msg); err != nil {
 		c.log.Error("captp: queue return", "answer", a.id, "err", err)
 	}
 	if a.finished {
@@ -157,11 +171,13 @@ func (c *Conn) returnLocked(fx *effects, a *answer) {
 	}
 }
 
-// returnLockedRetry sends a as an exception after building the results
-// failed.
-func (c *Conn) returnLockedRetry(fx *effects, a *answer) {
-	a.returned = false
-	c.returnLocked(fx, a)
+// releaseResultExportsLocked gives back the export references the results
+// took, for results the peer will never see or was told to drop.
+func (c *Conn) releaseResultExportsLocked(fx *effects, a *answer) {
+	for _, id := range a.resultExports {
+		_ = c.releaseExportLocked(fx, id, 1)
+	}
+	a.resultExports = nil
 }
 
 // replaceMessage swaps the results message for a fresh Return built by fill.
@@ -206,14 +222,7 @@ func (a *answer) freeLocked(fx *effects) {
 	}
 }
 
-// freeUnsent releases results the handler allocated but that were never
-// published (the connection closed first).
-func (a *answer) freeUnsent(fx *effects) {
-	if out := a.out; out != nil {
-		a.out = nil
-		fx.add(out.Release)
-	}
-}
+
 
 // dropLocked discards the answer at shutdown. Its handler may still be
 // running; its context is cancelled and a later Return is dropped.

@@ -151,3 +151,58 @@ func TestExceptions(t *testing.T) {
 		}
 	}
 }
+
+func seq(ctx context.Context, c testcapnp.Test, n uint32) (testcapnp.Test_seq_Results_Future, capnp.ReleaseFunc) {
+	return c.Seq(ctx, func(p testcapnp.Test_seq_Params) error { p.SetN(n); return nil })
+}
+
+func wait(t *testing.T, fs ...interface{ Struct() (capnp.Struct, error) }) {}
+
+// A promise the server resolves back to the caller's own object: calls made
+// through the promise before and after the resolution arrive in order.
+func TestEmbargoPromiseResolvesToCaller(t *testing.T) {
+	v := newVats(t)
+	ctx := testCtx(t)
+	boot := testcapnp.Test(v.client.Bootstrap(ctx))
+	defer boot.Release()
+	mine := testimpl.New("mine", nil)
+	mineClient := mine.Client()
+	defer mineClient.Release()
+
+	pf, prel := boot.Promise(ctx, nil)
+	defer prel()
+	p := pf.Cap()
+	var rels []capnp.ReleaseFunc
+	var futs []testcapnp.Test_seq_Results_Future
+	for n := uint32(1); n <= 2; n++ {
+		f, r := seq(ctx, p, n)
+		futs, rels = append(futs, f), append(rels, r)
+	}
+	rf, rrel := boot.ResolvePromise(ctx, func(ps testcapnp.Test_resolvePromise_Params) error {
+		return ps.SetCap(mineClient.AddRef())
+	})
+	if _, err := rf.Struct(); err != nil {
+		t.Fatal(err)
+	}
+	rrel()
+	for n := uint32(3); n <= 6; n++ {
+		f, r := seq(ctx, p, n)
+		futs, rels = append(futs, f), append(rels, r)
+	}
+	for i, f := range futs {
+		if _, err := f.Struct(); err != nil {
+			t.Fatalf("seq %d: %v", i+1, err)
+		}
+		rels[i]()
+	}
+	got := mine.Log()
+	want := []uint32{1, 2, 3, 4, 5, 6}
+	if len(got) != len(want) {
+		t.Fatalf("log = %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("log = %v, want %v", got, want)
+		}
+	}
+}

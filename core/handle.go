@@ -133,9 +133,7 @@ func (c *Conn) handleBootstrap(fx *effects, m rpccp.Message) error {
 		a.outResults = iface.ToPtr()
 		err = payload.SetContent(a.outResults)
 	}
-	if err != nil {
-		a.outErr = err
-	}
+	c.prepareLocked(fx, a, err)
 	c.returnLocked(fx, a)
 	return nil
 }
@@ -186,7 +184,7 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 	if err != nil {
 		return false, violation("decode call params: %w", err)
 	}
-	if err := c.importCapTableLocked(msg, params, nil); err != nil {
+	if err := c.importCapTableLocked(fx, msg, params, nil); err != nil {
 		return false, err
 	}
 	a := c.newAnswerLocked(qid)
@@ -215,7 +213,7 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 // importCapTableLocked decodes payload's cap table into msg's. When
 // embargo is non-nil it is called for each capability that names one of
 // ours and may replace it.
-func (c *Conn) importCapTableLocked(msg *capnp.Message, payload rpccp.Payload, embargo func(i int, cl capnp.Client) (capnp.Client, error)) error {
+func (c *Conn) importCapTableLocked(fx *effects, msg *capnp.Message, payload rpccp.Payload, embargo func(i int, cl capnp.Client) (capnp.Client, error)) error {
 	list, err := payload.CapTable()
 	if err != nil {
 		return violation("decode cap table: %w", err)
@@ -227,8 +225,9 @@ func (c *Conn) importCapTableLocked(msg *capnp.Message, payload rpccp.Payload, e
 			cl, err = embargo(i, cl)
 		}
 		if err != nil {
+			// Releasing an import takes c.mu; do it after the lock.
 			for _, cl := range clients[:i] {
-				cl.Release()
+				fx.add(cl.Release)
 			}
 			return violation("cap table entry %d: %w", i, err)
 		}
@@ -282,7 +281,7 @@ func (c *Conn) handleReturn(fx *effects, msg *capnp.Message, m rpccp.Message) (b
 		if err != nil {
 			return false, violation("decode results: %w", err)
 		}
-		if err := c.importCapTableLocked(msg, payload, c.returnEmbargo(q, content)); err != nil {
+		if err := c.importCapTableLocked(fx, msg, payload, c.returnEmbargo(q, content)); err != nil {
 			return false, err
 		}
 		q.results, keep = msg, true
@@ -371,11 +370,7 @@ func (c *Conn) handleFinish(fx *effects, m rpccp.Message) error {
 		return nil
 	}
 	if f.ReleaseResultCaps() {
-		for _, id := range a.resultExports {
-			if err := c.releaseExportLocked(fx, id, 1); err != nil {
-				return violation("finish: %w", err)
-			}
-		}
+		c.releaseResultExportsLocked(fx, a)
 	}
 	a.resultExports = nil
 	c.retireAnswerLocked(fx, a)
