@@ -222,8 +222,6 @@ func (a *answer) freeLocked(fx *effects) {
 	}
 }
 
-
-
 // dropLocked discards the answer at shutdown. Its handler may still be
 // running; its context is cancelled and a later Return is dropped.
 func (a *answer) dropLocked(fx *effects) {

@@ -156,7 +156,6 @@ func seq(ctx context.Context, c testcapnp.Test, n uint32) (testcapnp.Test_seq_Re
 	return c.Seq(ctx, func(p testcapnp.Test_seq_Params) error { p.SetN(n); return nil })
 }
 
-func wait(t *testing.T, fs ...interface{ Struct() (capnp.Struct, error) }) {}
 
 // A promise the server resolves back to the caller's own object: calls made
 // through the promise before and after the resolution arrive in order.
