@@ -328,6 +328,9 @@ func runDemo(ctx context.Context, w io.Writer, cfg demoConfig) (err error) {
 	say("")
 	say("messages on the wire (decoded by a tap on the client's socket):")
 	printMessageCounts(w, messageCounts(tap.since(0)))
+	say("(the call counts above come from the same tap: a pipelined call is addressed to the")
+	say(" promised answer of an earlier call; round trips is the longest chain of calls each")
+	say(" addressed to a capability returned by the one before)")
 	say("")
 	say("[client] hung up; [server] stopped; server objects alive: %d", serverLive.Count())
 	if leak != nil {

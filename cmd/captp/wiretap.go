@@ -229,27 +229,28 @@ func decodeEvent(frame []byte) (wireEvent, bool) {
 // stepReport summarises the client side of one demo step.
 type stepReport struct {
 	calls      int // bootstraps and calls the client sent
-	pipelined  int // of which addressed to a question not yet answered when sent
-	roundTrips int // longest chain of calls that each had to wait for a reply
+	pipelined  int // of which addressed to the promised answer of another question of the step
+	roundTrips int // longest chain of calls that each needed the answer to the one before
 	callsIn    int // calls the server made to objects of the client
 	elapsed    time.Duration
 }
 
 // analyse computes a stepReport from the events of one step.
 //
-// Round trips are counted from causality, not from timing guesses: a call
-// needs one more round trip than the question it depends on if it was
-// sent after that question's return arrived (the client waited for the
-// answer), or if it is addressed to a capability that arrived in that
-// return. A call pipelined on a question still in flight rides in the same
-// round trip as that question. Capabilities that arrive in Resolve
-// messages or call parameters are not tracked (the demo does not depend
-// on them).
+// Round trips are counted from what the messages say, not from timing: a
+// call addressed to a capability that arrived in the Return of an earlier
+// question of the step needed that answer first, so it takes one more
+// round trip than that question; a call addressed to a question's promised
+// answer (promise pipelining) travels without the answer and adds none.
+// Whether the core pipelines a call or, because the answer has already
+// arrived, addresses the returned capability directly is the core's
+// choice; the report shows which it made. Capabilities that arrive in
+// Resolve messages or call parameters are not tracked (the demo does not
+// depend on them).
 func analyse(events []wireEvent, elapsed time.Duration) stepReport {
 	r := stepReport{elapsed: elapsed}
 	depth := map[uint32]int{}      // our question id → round trips until its answer
-	answered := map[uint32]bool{}  // our questions whose return has arrived
-	importFrom := map[uint32]int{} // import id → depth of the return that brought it
+	importFrom := map[uint32]int{} // import id → depth of the Return that brought it
 	for _, ev := range events {
 		switch {
 		case ev.dir == sent && (ev.kind == rpccp.Message_Which_call || ev.kind == rpccp.Message_Which_bootstrap):
@@ -259,22 +260,16 @@ func analyse(events []wireEvent, elapsed time.Duration) stepReport {
 				if ev.targetPromised {
 					if pd, ok := depth[ev.target]; ok {
 						d = pd
-						if answered[ev.target] {
-							d++
-						} else {
-							r.pipelined++
-						}
+						r.pipelined++
 					}
 				} else if id, ok := importFrom[ev.target]; ok {
 					d = id + 1
 				}
 			}
-			depth[ev.question] = d
-			answered[ev.question] = false // question ids are reused after Finish
+			depth[ev.question] = d // question ids are reused after Finish
 			r.roundTrips = max(r.roundTrips, d)
 		case ev.dir == received && ev.kind == rpccp.Message_Which_return:
 			if d, ok := depth[ev.question]; ok {
-				answered[ev.question] = true
 				for _, id := range ev.caps {
 					importFrom[id] = d
 				}

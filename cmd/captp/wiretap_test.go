@@ -153,9 +153,15 @@ func TestAnalyse(t *testing.T) {
 		{"awaited chain on imports", []wireEvent{
 			call(1, false, 0), ret(1, 10), call(2, false, 10), ret(2, 11), call(3, false, 11), ret(3),
 		}, 3, 0, 3},
-		{"awaited chain on answered questions", []wireEvent{
+		{"chain pipelined after the answers arrived", []wireEvent{
 			call(1, false, 0), ret(1, 10), call(2, true, 1), ret(2, 11), call(3, true, 2), ret(3),
-		}, 3, 0, 3},
+		}, 3, 2, 1},
+		{"chain partly addressed to a returned capability", []wireEvent{
+			call(1, false, 0), ret(1, 10), call(2, false, 10), call(3, true, 2), ret(2, 11), ret(3),
+		}, 3, 1, 2},
+		{"question id reused within a step", []wireEvent{
+			call(1, false, 0), ret(1, 10), finish(1), call(1, false, 10), call(2, true, 1), ret(1), ret(2),
+		}, 3, 1, 2},
 		{"call on a capability from an earlier step", []wireEvent{call(4, false, 99), ret(4)}, 1, 0, 1},
 		{"bootstrap then pipelined call", []wireEvent{
 			{dir: sent, kind: rpccp.Message_Which_bootstrap, question: 0}, call(1, true, 0), ret(0, 1), ret(1),
