@@ -17,6 +17,9 @@ type importEntry struct {
 	hook     *importClient // current hook; replaced if the old one is shutting down
 	weak     capnp.WeakClient
 	resolver capnp.Resolver[capnp.Client] // set while an imported promise is unresolved
+	// resolution is what the promise resolved to; calls still arriving at
+	// the import hook go there.
+	resolution capnp.Client
 }
 
 // importClient is the capnp.ClientHook of an imported capability.
@@ -42,17 +45,20 @@ func (h *importClient) String() string { return fmt.Sprintf("captp import %d", h
 func (h *importClient) Shutdown() {
 	c := h.c
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	ie := c.imports[h.id]
 	if ie == nil || ie.hook != h {
+		c.mu.Unlock()
 		return // replaced by a newer hook, which will release the refs
 	}
 	delete(c.imports, h.id)
 	ie.resolver = nil
-	if c.closing {
-		return
+	resolution := ie.resolution
+	ie.resolution = capnp.Client{}
+	if !c.closing {
+		c.sendReleaseLocked(h.id, ie.refs)
 	}
-	c.sendReleaseLocked(h.id, ie.refs)
+	c.mu.Unlock()
+	resolution.Release()
 }
 
 func (c *Conn) sendReleaseLocked(id, count uint32) {
@@ -215,6 +221,14 @@ func (c *Conn) describeCapLocked(fx *effects, d rpccp.CapDescriptor, client capn
 				return 0, false, err
 			}
 			return 0, false, writePromisedAnswer(pa, q.id, h.Transform())
+		}
+	case *bootstrapHook:
+		if h.q.c == c && !h.q.finished {
+			pa, err := d.NewReceiverAnswer()
+			if err != nil {
+				return 0, false, err
+			}
+			return 0, false, writePromisedAnswer(pa, h.q.id, nil)
 		}
 	}
 	meta := snap.Metadata()

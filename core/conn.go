@@ -136,21 +136,49 @@ func (c *Conn) Bootstrap(ctx context.Context) capnp.Client {
 	q := c.newQuestionLocked(capnp.Method{})
 	q.bootstrap = true
 	b.SetQuestionId(q.id)
-	// Take the client before the Return can arrive and retire the question.
-	client := q.p.Answer().Client().AddRef()
 	if err := c.sendLocked(msg); err != nil {
-		client.Release()
 		var fx effects
 		c.dropQuestionLocked(&fx, q)
 		c.mu.Unlock()
 		fx.run()
 		return capnp.ErrorClient(fmt.Errorf("captp: bootstrap: %w", err))
 	}
+	// The bootstrap capability is a promise of our own rather than the
+	// answer's pipeline client, so that calls racing with the Return can
+	// still reach the capability after the question is finished.
+	client, resolver := capnp.NewPromisedClient(&bootstrapHook{q: q})
+	q.bootResolver = resolver
 	if ctx.Done() != nil {
 		q.stopCancel = context.AfterFunc(ctx, func() { q.cancel(ctx.Err()) })
 	}
 	c.mu.Unlock()
 	return client
+}
+
+// bootstrapHook carries calls on the bootstrap capability until the
+// peer's Return resolves it.
+type bootstrapHook struct{ q *question }
+
+func (h *bootstrapHook) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
+	return h.q.c.sendCall(ctx, callTarget{question: h.q}, s)
+}
+
+func (h *bootstrapHook) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
+	return h.q.c.forwardCall(ctx, callTarget{question: h.q}, r)
+}
+
+func (h *bootstrapHook) Brand() capnp.Brand { return capnp.Brand{Value: h} }
+func (h *bootstrapHook) String() string     { return "captp bootstrap promise" }
+
+// Shutdown runs once no call can use the hook any more.
+func (h *bootstrapHook) Shutdown() {
+	c := h.q.c
+	c.mu.Lock()
+	cl := h.q.bootCap
+	h.q.bootCap = capnp.Client{}
+	h.q.bootDropped = true
+	c.mu.Unlock()
+	cl.Release()
 }
 
 // Close sends an Abort to the peer, rejects everything pending with a
@@ -402,6 +430,8 @@ func (c *Conn) clearTablesLocked(fx *effects, reason error) {
 	}
 	for id, ie := range c.imports {
 		delete(c.imports, id)
+		fx.add(ie.resolution.Release)
+		ie.resolution = capnp.Client{}
 		if ie.resolver != nil {
 			r := ie.resolver
 			ie.resolver = nil

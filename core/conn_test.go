@@ -156,7 +156,6 @@ func seq(ctx context.Context, c testcapnp.Test, n uint32) (testcapnp.Test_seq_Re
 	return c.Seq(ctx, func(p testcapnp.Test_seq_Params) error { p.SetN(n); return nil })
 }
 
-
 // A promise the server resolves back to the caller's own object: calls made
 // through the promise before and after the resolution arrive in order.
 func TestEmbargoPromiseResolvesToCaller(t *testing.T) {
@@ -203,5 +202,94 @@ func TestEmbargoPromiseResolvesToCaller(t *testing.T) {
 		if got[i] != want[i] {
 			t.Fatalf("log = %v, want %v", got, want)
 		}
+	}
+}
+
+// Cancelling a call's context sends Finish; the callee's context ends and
+// the caller gets its error promptly.
+func TestCancelReachesCallee(t *testing.T) {
+	v := newVats(t)
+	ctx := testCtx(t)
+	boot := testcapnp.Test(v.client.Bootstrap(ctx))
+	defer boot.Release()
+	cctx, cancel := context.WithCancel(ctx)
+	f, rel := boot.Block(cctx, nil)
+	select {
+	case <-v.root.BlockStarted():
+	case <-ctx.Done():
+		t.Fatal("block never started")
+	}
+	cancel()
+	if _, err := f.Struct(); !errors.Is(err, context.Canceled) {
+		t.Fatalf("err = %v, want context.Canceled", err)
+	}
+	rel()
+	select {
+	case <-v.root.BlockCancelled():
+	case <-ctx.Done():
+		t.Fatal("callee's context was not cancelled")
+	}
+	boot.Release()
+	waitStats(t, ctx, v.client)
+	waitStats(t, ctx, v.server)
+}
+
+// Closing a connection rejects pending calls with a disconnected error on
+// both sides and releases everything the connection held.
+func TestDisconnectRejectsPending(t *testing.T) {
+	v := newVats(t)
+	ctx := testCtx(t)
+	boot := testcapnp.Test(v.client.Bootstrap(ctx))
+	defer boot.Release()
+	f, rel := boot.Block(ctx, nil)
+	defer rel()
+	<-v.root.BlockStarted()
+	// The server holds a capability of the client's; closing must release it.
+	mine := testimpl.New("mine", v.live)
+	hf, hrel := boot.Hold(ctx, func(p testcapnp.Test_hold_Params) error { return p.SetCap(mine.Client()) })
+	if _, err := hf.Struct(); err != nil {
+		t.Fatal(err)
+	}
+	hrel()
+	v.server.Close()
+	if _, err := f.Struct(); !capnp.IsDisconnected(err) {
+		t.Fatalf("pending call: err = %v, want disconnected", err)
+	}
+	select {
+	case <-v.client.Done():
+	case <-ctx.Done():
+		t.Fatal("client conn did not end")
+	}
+	if err := v.client.Err(); !capnp.IsDisconnected(err) {
+		t.Fatalf("client Err = %v, want disconnected", err)
+	}
+	// A call after the end fails the same way.
+	f2, rel2 := boot.Name(ctx, nil)
+	defer rel2()
+	if _, err := f2.Struct(); !capnp.IsDisconnected(err) {
+		t.Fatalf("call after close: err = %v", err)
+	}
+	if s := v.client.Stats(); !s.IsZero() {
+		t.Fatalf("client tables after close: %v", s)
+	}
+	if s := v.server.Stats(); !s.IsZero() {
+		t.Fatalf("server tables after close: %v", s)
+	}
+	// The server's conn owned the root (its bootstrap) and held mine
+	// through an import: both are released with the connection.
+	if err := v.live.WaitZero(ctx); err != nil {
+		t.Fatalf("live objects = %d after close, want 0", v.live.Count())
+	}
+}
+
+func TestUnknownMethodIsUnimplemented(t *testing.T) {
+	v := newVats(t)
+	ctx := testCtx(t)
+	boot := v.client.Bootstrap(ctx)
+	defer boot.Release()
+	ans, rel := boot.SendCall(ctx, capnp.Send{Method: capnp.Method{InterfaceID: 0x1234, MethodID: 9}})
+	defer rel()
+	if _, err := ans.Struct(); !capnp.IsUnimplemented(err) {
+		t.Fatalf("err = %v, want unimplemented", err)
 	}
 }

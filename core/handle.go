@@ -188,6 +188,7 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 		return false, err
 	}
 	a := c.newAnswerLocked(qid)
+	debugf("%p recv call a%d method %d target %v", c, qid, call.MethodId(), mt.Which())
 	method := capnp.Method{InterfaceID: call.InterfaceId(), MethodID: call.MethodId()}
 	if len(c.answers) > c.lim.MaxAnswers {
 		a.outErr = exc.New(exc.Overloaded, "captp", fmt.Sprintf("too many calls in progress (limit %d)", c.lim.MaxAnswers))
@@ -284,27 +285,41 @@ func (c *Conn) handleReturn(fx *effects, msg *capnp.Message, m rpccp.Message) (b
 		if err := c.importCapTableLocked(fx, msg, payload, c.returnEmbargo(q, content)); err != nil {
 			return false, err
 		}
-		q.results, keep = msg, true
+		q.results, q.resultContent, keep = msg, content, true
 	case rpccp.Return_Which_exception:
 		e, err := ret.Exception()
 		if err != nil {
 			return false, violation("decode exception: %w", err)
 		}
 		rerr = e.ToError()
+		q.resultErr = rerr
 	case rpccp.Return_Which_canceled:
 		rerr = exc.New(exc.Failed, "captp", "call canceled by the callee")
+		q.resultErr = rerr
 	default:
 		// We never ask for results to be sent elsewhere, so the peer
 		// cannot answer with resultsSentElsewhere, takeFromOtherQuestion
 		// or awaitFromThirdParty.
 		return false, violation("return type %d for question %d, which did not ask for it", ret.Which(), q.id)
 	}
-	p := q.p
+	p, br := q.p, q.bootResolver
+	q.bootResolver = nil
+	if q.bootstrap && rerr == nil && !q.bootDropped {
+		q.bootCap = content.Interface().Client().AddRef()
+	}
+	bootCap := q.bootCap
 	fx.add(func() {
 		if rerr != nil {
 			p.Reject(rerr)
 		} else {
 			p.Fulfill(content)
+		}
+		if br != nil {
+			if rerr != nil {
+				br.Reject(rerr)
+			} else {
+				br.Fulfill(bootCap)
+			}
 		}
 		c.afterSettle(q)
 	})
@@ -383,6 +398,7 @@ func (c *Conn) handleResolve(fx *effects, m rpccp.Message) error {
 		return violation("decode resolve: %w", err)
 	}
 	id := r.PromiseId()
+	debugf("%p resolve %d", c, id)
 	ie := c.imports[id]
 	var resolver capnp.Resolver[capnp.Client]
 	if ie != nil {
@@ -416,6 +432,9 @@ func (c *Conn) handleResolve(fx *effects, m rpccp.Message) error {
 			}
 			cl = embargoed
 		}
+		// Calls that reach the import before the promise switches over
+		// must follow the resolution too.
+		ie.resolution = cl.AddRef()
 		fx.add(func() {
 			resolver.Fulfill(cl)
 			cl.Release()
@@ -427,6 +446,7 @@ func (c *Conn) handleResolve(fx *effects, m rpccp.Message) error {
 		}
 		if resolver != nil {
 			rerr := e.ToError()
+			ie.resolution = capnp.ErrorClient(rerr)
 			fx.add(func() { resolver.Reject(rerr) })
 		}
 	default:
@@ -476,6 +496,7 @@ func (c *Conn) handleDisembargo(fx *effects, m rpccp.Message) error {
 			return violation("disembargo for unknown embargo %d", id)
 		}
 		delete(c.embargoes, id)
+		debugf("%p lift embargo %d", c, id)
 		c.embargoIDs.put(id)
 		fx.add(func() { em.resolver.Fulfill(em.target) })
 		return nil

@@ -29,9 +29,17 @@ type question struct {
 	released  bool // the caller released the answer
 	bootstrap bool
 
-	results      *capnp.Message // Return message, until released
-	paramExports []uint32       // exports our Call carried, released by Return.releaseParamCaps
-	stopCancel   func() bool    // stops the context watch
+	// For Bootstrap: the promise handed to the caller, and the capability
+	// it resolved to (kept for calls that raced with the Return).
+	bootResolver capnp.Resolver[capnp.Client]
+	bootCap      capnp.Client
+	bootDropped  bool // the caller released the promise before the Return
+
+	results       *capnp.Message // Return message, until released
+	resultContent capnp.Ptr      // its content, for calls racing the Return
+	resultErr     error          // the exception the Return carried
+	paramExports  []uint32       // exports our Call carried, released by Return.releaseParamCaps
+	stopCancel    func() bool    // stops the context watch
 }
 
 // newQuestionLocked allocates a question id and its promise.
@@ -109,6 +117,22 @@ func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp
 		msg.Release()
 		return capnp.ErrorAnswer(s.Method, err), func() {}
 	}
+	if redirect, ok := c.redirectLocked(t); ok {
+		// The target already settled: a call made now must queue behind
+		// any embargo, not go to the peer after our Disembargo.
+		c.mu.Unlock()
+		defer msg.Release()
+		defer redirect.Release()
+		args, err := params.Content()
+		if err != nil {
+			return capnp.ErrorAnswer(s.Method, err), func() {}
+		}
+		return redirect.SendCall(ctx, capnp.Send{
+			Method:    s.Method,
+			ArgsSize:  args.Struct().Size(),
+			PlaceArgs: func(dst capnp.Struct) error { return dst.CopyFrom(args.Struct()) },
+		})
+	}
 	if t.question != nil && (t.question.finished || t.question.c != c) {
 		c.mu.Unlock()
 		msg.Release()
@@ -116,6 +140,7 @@ func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp
 	}
 	q := c.newQuestionLocked(s.Method)
 	call.SetQuestionId(q.id)
+	debugf("%p send call q%d method %d target imp=%d q=%v", c, q.id, s.Method.MethodID, t.importID, t.question != nil)
 	var fx effects
 	mt, err := call.NewTarget()
 	if err == nil {
@@ -144,6 +169,36 @@ func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp
 	msg.Release()
 	fx.run()
 	return q.p.Answer(), q.release
+}
+
+// redirectLocked returns what a call to t should go to instead of the
+// wire, when t has settled but the caller's promise may not have switched
+// over yet: an imported promise we already resolved, or a question whose
+// Return we processed.
+func (c *Conn) redirectLocked(t callTarget) (capnp.Client, bool) {
+	q := t.question
+	if q == nil {
+		ie := c.imports[t.importID]
+		if ie != nil && ie.resolution.IsValid() {
+			return ie.resolution.AddRef(), true
+		}
+		return capnp.Client{}, false
+	}
+	switch {
+	case q.c != c || !q.returned:
+		return capnp.Client{}, false
+	case q.resultErr != nil:
+		return capnp.ErrorClient(q.resultErr), true
+	case q.results != nil:
+		ptr, err := capnp.Transform(q.resultContent, t.transform)
+		if err != nil {
+			return capnp.ErrorClient(fmt.Errorf("captp: pipelined call: %w", err)), true
+		}
+		return ptr.Interface().Client().AddRef(), true
+	case q.bootCap.IsValid():
+		return q.bootCap.AddRef(), true
+	}
+	return capnp.Client{}, false
 }
 
 func buildCall(m rpccp.Message, s capnp.Send) (rpccp.Call, rpccp.Payload, error) {
@@ -199,8 +254,14 @@ func (q *question) cancel(err error) {
 		q.finished = true
 		c.sendFinishLocked(q.id, true)
 	}
-	p := q.p
-	fx.add(func() { p.Reject(err) })
+	p, br := q.p, q.bootResolver
+	q.bootResolver = nil
+	fx.add(func() {
+		p.Reject(err)
+		if br != nil {
+			br.Reject(err)
+		}
+	})
 	c.mu.Unlock()
 	fx.run()
 }
@@ -250,7 +311,7 @@ func (q *question) retireLocked(fx *effects) {
 	}
 	delete(c.questionsByAns, q.p.Answer())
 	p, results := q.p, q.results
-	q.results = nil
+	q.results, q.resultContent = nil, capnp.Ptr{}
 	fx.add(func() {
 		p.ReleaseClients()
 		if results != nil {
@@ -266,11 +327,21 @@ func (q *question) rejectLocked(fx *effects, err error) {
 	}
 	if !q.settled {
 		q.settled = true
-		p := q.p
-		fx.add(func() { p.Reject(err) })
+		p, br := q.p, q.bootResolver
+		q.bootResolver = nil
+		fx.add(func() {
+			p.Reject(err)
+			if br != nil {
+				br.Reject(err)
+			}
+		})
+	}
+	if bc := q.bootCap; bc.IsValid() {
+		q.bootCap = capnp.Client{}
+		fx.add(bc.Release)
 	}
 	results := q.results
-	q.results = nil
+	q.results, q.resultContent = nil, capnp.Ptr{}
 	if results != nil {
 		fx.add(results.Release)
 	}

@@ -1,0 +1,3 @@
+package core
+
+var debugf = func(string, ...any) {}
