@@ -451,6 +451,22 @@ type embargo struct {
 	id       uint32
 	target   capnp.Client
 	resolver capnp.Resolver[capnp.Client]
+	// promise is the local promise's first reference. go-capnp's local
+	// promise frees its resolution only if that reference outlives
+	// Fulfill, so we hold it until the embargo ends.
+	promise capnp.Client
+}
+
+// end settles the embargo's promise (with target, or err at shutdown)
+// and drops the references the embargo held. Runs outside c.mu.
+func (em *embargo) end(err error) {
+	if err != nil {
+		em.resolver.Reject(err)
+		em.target.Release()
+	} else {
+		em.resolver.Fulfill(em.target)
+	}
+	em.promise.Release()
 }
 
 // embargoLocked returns a client that queues calls for target until the
@@ -479,7 +495,7 @@ func (c *Conn) embargoLocked(target capnp.Client, writeTarget func(rpccp.Message
 		return capnp.Client{}, err
 	}
 	p, r := capnp.NewLocalPromise[capnp.Client]()
-	em.resolver = r
+	em.resolver, em.promise = r, p
 	c.embargoes[em.id] = em
-	return p, nil
+	return p.AddRef(), nil
 }

@@ -445,11 +445,7 @@ func (c *Conn) clearTablesLocked(fx *effects, reason error) {
 	clear(c.exportsByHook)
 	for id, em := range c.embargoes {
 		delete(c.embargoes, id)
-		r, target := em.resolver, em.target
-		fx.add(func() {
-			r.Reject(reason)
-			target.Release()
-		})
+		fx.add(func() { em.end(reason) })
 	}
 }
 

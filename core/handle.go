@@ -498,7 +498,7 @@ func (c *Conn) handleDisembargo(fx *effects, m rpccp.Message) error {
 		delete(c.embargoes, id)
 		debugf("%p lift embargo %d", c, id)
 		c.embargoIDs.put(id)
-		fx.add(func() { em.resolver.Fulfill(em.target) })
+		fx.add(func() { em.end(nil) })
 		return nil
 	default:
 		// accept (Level 3) and anything newer.

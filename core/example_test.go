@@ -1,0 +1,48 @@
+package core_test
+
+import (
+	"context"
+	"fmt"
+
+	"capnproto.org/go/capnp/v3"
+
+	"github.com/captp-go/captp/core"
+	"github.com/captp-go/captp/internal/testcapnp"
+	"github.com/captp-go/captp/internal/testimpl"
+)
+
+// Two vats over an in-memory stream: the server offers a capnpc-go
+// generated Test server as its bootstrap capability, the client calls it
+// and pipelines on a result it has not received yet.
+func ExampleNewConn() {
+	ctx := context.Background()
+	clientSide, serverSide := pipePair() // any io.ReadWriteCloser pair: a socket, a pipe, a serial line
+
+	server := core.NewConn(serverSide, &core.Options{
+		BootstrapClient: capnp.Client(testimpl.New("root", nil).Client()),
+	})
+	defer server.Close()
+	client := core.NewConn(clientSide, nil)
+	defer client.Close()
+
+	root := testcapnp.Test(client.Bootstrap(ctx))
+	defer root.Release()
+
+	// child() returns a capability; name() is sent to it before child()
+	// has returned (promise pipelining): one round trip for both calls.
+	child, release := root.Child(ctx, func(p testcapnp.Test_child_Params) error {
+		return p.SetName("kid")
+	})
+	defer release()
+	name, releaseName := child.Child().Name(ctx, nil)
+	defer releaseName()
+
+	res, err := name.Struct()
+	if err != nil {
+		fmt.Println("call failed:", err)
+		return
+	}
+	n, _ := res.Name()
+	fmt.Println("child's name:", n)
+	// Output: child's name: kid
+}
