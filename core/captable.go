@@ -268,6 +268,10 @@ func (c *Conn) watchPromiseLocked(fx *effects, e *export) {
 	ctx, stop := context.WithCancel(c.ctx)
 	e.stopWatch = stop
 	cl := e.client.AddRef()
+	if c.manual {
+		c.pending = append(c.pending, pendingWork{promise: e, client: cl, ctx: ctx})
+		return
+	}
 	fx.add(func() {
 		go func() {
 			defer cl.Release()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -35,6 +36,12 @@ type Conn struct {
 	closing   bool  // shutdown has begun: nothing new is queued but the Abort
 	err       error // why the connection ended; nil for a clean local Close
 	bootstrap capnp.Client
+
+	// manual is set for a Conn driven by hand, one step at a time, with no
+	// goroutines of its own (the deterministic simulation). Work that
+	// would wait in a goroutine is queued in pending and run by poll.
+	manual  bool
+	pending []pendingWork
 
 	questions      map[uint32]*question
 	questionIDs    idAllocator
@@ -80,6 +87,15 @@ func (s Stats) String() string {
 // The Conn owns rwc and closes it when the connection ends; rwc.Close must
 // unblock a pending Read. opts may be nil.
 func NewConn(rwc io.ReadWriteCloser, opts *Options) *Conn {
+	c := newConn(rwc, opts)
+	go c.readLoop()
+	go c.writeLoop()
+	return c
+}
+
+// newConn builds a Conn without starting its goroutines. The simulation
+// drives such a Conn by hand (see manual).
+func newConn(rwc io.ReadWriteCloser, opts *Options) *Conn {
 	if opts == nil {
 		opts = &Options{}
 	}
@@ -109,8 +125,6 @@ func NewConn(rwc io.ReadWriteCloser, opts *Options) *Conn {
 		c.abortTimeout = time.Second
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
-	go c.readLoop()
-	go c.writeLoop()
 	return c
 }
 
@@ -148,9 +162,7 @@ func (c *Conn) Bootstrap(ctx context.Context) capnp.Client {
 	// still reach the capability after the question is finished.
 	client, resolver := capnp.NewPromisedClient(&bootstrapHook{q: q})
 	q.bootResolver = resolver
-	if ctx.Done() != nil {
-		q.stopCancel = context.AfterFunc(ctx, func() { q.cancel(ctx.Err()) })
-	}
+	c.watchCancelLocked(q, ctx)
 	c.mu.Unlock()
 	return client
 }
@@ -316,6 +328,9 @@ func (c *Conn) sendLocked(msg *capnp.Message) error {
 // producing calls faster than the peer reads them slows down instead of
 // growing memory without bound.
 func (c *Conn) waitQueue(ctx context.Context) error {
+	if c.manual {
+		return nil // nothing drains the queue but the simulation itself
+	}
 	for {
 		c.mu.Lock()
 		if c.closing {
@@ -372,7 +387,11 @@ func (c *Conn) shutdown(reason error, sendAbort bool) bool {
 		c.mu.Unlock()
 		c.cancel()
 		fx.run()
-		go c.finishShutdown()
+		if c.manual {
+			c.finishManualShutdown()
+		} else {
+			go c.finishShutdown()
+		}
 	})
 	return first
 }
@@ -419,16 +438,20 @@ func (c *Conn) newAbort(reason error) (*capnp.Message, error) {
 // clearTablesLocked empties every table at shutdown, collecting the
 // rejections and releases to run once the lock is dropped.
 func (c *Conn) clearTablesLocked(fx *effects, reason error) {
-	for id, q := range c.questions {
+	// Sorted, so that a simulated run replays exactly.
+	for _, id := range sortedKeys(c.questions) {
+		q := c.questions[id]
 		delete(c.questions, id)
 		q.rejectLocked(fx, reason)
 	}
 	clear(c.questionsByAns)
-	for id, a := range c.answers {
+	for _, id := range sortedKeys(c.answers) {
+		a := c.answers[id]
 		delete(c.answers, id)
 		a.dropLocked(fx)
 	}
-	for id, ie := range c.imports {
+	for _, id := range sortedKeys(c.imports) {
+		ie := c.imports[id]
 		delete(c.imports, id)
 		fx.add(ie.resolution.Release)
 		ie.resolution = capnp.Client{}
@@ -438,12 +461,14 @@ func (c *Conn) clearTablesLocked(fx *effects, reason error) {
 			fx.add(func() { r.Reject(reason) })
 		}
 	}
-	for id, e := range c.exports {
+	for _, id := range sortedKeys(c.exports) {
+		e := c.exports[id]
 		delete(c.exports, id)
 		e.dropLocked(fx)
 	}
 	clear(c.exportsByHook)
-	for id, em := range c.embargoes {
+	for _, id := range sortedKeys(c.embargoes) {
+		em := c.embargoes[id]
 		delete(c.embargoes, id)
 		fx.add(func() { em.end(reason) })
 	}
@@ -495,3 +520,12 @@ func (a *idAllocator) get() uint32 {
 }
 
 func (a *idAllocator) put(id uint32) { a.free = append(a.free, id) }
+
+func sortedKeys[V any](m map[uint32]V) []uint32 {
+	keys := make([]uint32, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
+}

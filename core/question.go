@@ -35,11 +35,12 @@ type question struct {
 	bootCap      capnp.Client
 	bootDropped  bool // the caller released the promise before the Return
 
-	results       *capnp.Message // Return message, until released
-	resultContent capnp.Ptr      // its content, for calls racing the Return
-	resultErr     error          // the exception the Return carried
-	paramExports  []uint32       // exports our Call carried, released by Return.releaseParamCaps
-	stopCancel    func() bool    // stops the context watch
+	ctx           context.Context // manual mode: the caller's context, polled
+	results       *capnp.Message  // Return message, until released
+	resultContent capnp.Ptr       // its content, for calls racing the Return
+	resultErr     error           // the exception the Return carried
+	paramExports  []uint32        // exports our Call carried, released by Return.releaseParamCaps
+	stopCancel    func() bool     // stops the context watch
 }
 
 // newQuestionLocked allocates a question id and its promise.
@@ -162,9 +163,7 @@ func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp
 	if t.question != nil {
 		t.question.pipelined = append(t.question.pipelined, t.transform)
 	}
-	if ctx.Done() != nil {
-		q.stopCancel = context.AfterFunc(ctx, func() { q.cancel(ctx.Err()) })
-	}
+	c.watchCancelLocked(q, ctx)
 	c.mu.Unlock()
 	msg.Release()
 	fx.run()
@@ -371,7 +370,7 @@ func (c *Conn) forwardCall(ctx context.Context, t callTarget, r capnp.Recv) capn
 		PlaceArgs: func(args capnp.Struct) error { return args.CopyFrom(r.Args) },
 	})
 	r.ReleaseArgs()
-	go func() {
+	c.whenDone(ans.Done(), func() {
 		defer release()
 		res, err := ans.Struct()
 		if err == nil {
@@ -384,6 +383,19 @@ func (c *Conn) forwardCall(ctx context.Context, t callTarget, r capnp.Recv) capn
 		r.Returner.PrepareReturn(err)
 		r.Returner.Return()
 		r.Returner.ReleaseResults()
-	}()
+	})
 	return ans
+}
+
+// watchCancelLocked arranges for q to be cancelled when ctx ends.
+func (c *Conn) watchCancelLocked(q *question, ctx context.Context) {
+	if ctx.Done() == nil {
+		return
+	}
+	if c.manual {
+		q.ctx = ctx
+		c.pending = append(c.pending, pendingWork{cancel: q})
+		return
+	}
+	q.stopCancel = context.AfterFunc(ctx, func() { q.cancel(ctx.Err()) })
 }
