@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 
 	"capnproto.org/go/capnp/v3"
 	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
@@ -454,28 +455,77 @@ func (p *localPipeline) String() string     { return "captp local pipeline" }
 type embargo struct {
 	id       uint32
 	target   capnp.Client
+	hook     *embargoHook
 	resolver capnp.Resolver[capnp.Client]
-	// promise is the local promise's first reference. go-capnp's local
-	// promise frees its resolution only if that reference outlives
-	// Fulfill, so we hold it until the embargo ends.
-	promise capnp.Client
 }
 
-// end settles the embargo's promise (with target, or err at shutdown)
-// and drops the references the embargo held. Runs outside c.mu.
+// embargoHook is the client of an embargoed capability: calls queue, in
+// order, until the embargo lifts, then go to the target; once the promise
+// resolves, new calls bypass the hook. (go-capnp's NewLocalPromise would
+// do, but frees its resolution when its first reference is released,
+// while copies may still be delivering through it.)
+type embargoHook struct {
+	queue *capnp.AnswerQueue
+
+	mu       sync.Mutex
+	results  *capnp.Message // holds the target once lifted; freed at Shutdown
+	shutdown bool
+}
+
+func (h *embargoHook) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
+	return h.queue.PipelineSend(ctx, nil, s)
+}
+
+func (h *embargoHook) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
+	return h.queue.PipelineRecv(ctx, nil, r)
+}
+
+func (h *embargoHook) Brand() capnp.Brand { return capnp.Brand{Value: h} }
+func (h *embargoHook) String() string     { return "captp embargo" }
+
+// Shutdown runs once no call can reach the hook any more, so the target
+// the queue delivers to can go.
+func (h *embargoHook) Shutdown() {
+	h.mu.Lock()
+	msg := h.results
+	h.results, h.shutdown = nil, true
+	h.mu.Unlock()
+	if msg != nil {
+		msg.Release()
+	}
+}
+
+// end lifts the embargo (err == nil) or breaks it, outside c.mu: queued
+// calls go to the target in order, then the promise resolves so that new
+// calls go there directly.
 func (em *embargo) end(err error) {
+	h := em.hook
 	if err != nil {
+		h.queue.Reject(err)
 		em.resolver.Reject(err)
 		em.target.Release()
-	} else {
-		em.resolver.Fulfill(em.target)
+		return
 	}
-	em.promise.Release()
+	msg, seg := capnp.NewSingleSegmentMessage(nil)
+	iface := capnp.NewInterface(seg, msg.CapTable().Add(em.target))
+	h.mu.Lock()
+	if h.shutdown {
+		h.mu.Unlock()
+		msg.Release() // nobody holds the embargoed client any more
+		return
+	}
+	h.results = msg
+	h.mu.Unlock()
+	h.queue.Fulfill(iface.ToPtr())
+	em.resolver.Fulfill(em.target)
 }
 
 // embargoLocked returns a client that queues calls for target until the
 // Disembargo that the caller sends (to mt's target) comes back.
 func (c *Conn) embargoLocked(target capnp.Client, writeTarget func(rpccp.MessageTarget) error) (capnp.Client, error) {
+	if testSkipEmbargo {
+		return target, nil
+	}
 	msg, m, err := newMessage()
 	if err != nil {
 		return capnp.Client{}, err
@@ -498,8 +548,9 @@ func (c *Conn) embargoLocked(target capnp.Client, writeTarget func(rpccp.Message
 		c.embargoIDs.put(em.id)
 		return capnp.Client{}, err
 	}
-	p, r := capnp.NewLocalPromise[capnp.Client]()
-	em.resolver, em.promise = r, p
+	em.hook = &embargoHook{queue: capnp.NewAnswerQueue(capnp.Method{})}
+	client, resolver := capnp.NewPromisedClient(em.hook)
+	em.resolver = resolver
 	c.embargoes[em.id] = em
-	return p.AddRef(), nil
+	return client, nil
 }
