@@ -33,8 +33,9 @@ import (
 // connection over it with opts, which may be nil. ctx bounds only the
 // connection attempt, not the life of the returned Conn. As with
 // core.NewConn, the Conn takes ownership of opts.BootstrapClient, also
-// when Dial fails (it is then released).
-func Dial(ctx context.Context, addr string, opts *core.Options) (*core.Conn, error) {
+// when Dial fails (it is then released). options tune the socket (see
+// WithFrameTimeout).
+func Dial(ctx context.Context, addr string, opts *core.Options, options ...Option) (*core.Conn, error) {
 	network, address, err := ParseAddr(addr)
 	if err != nil {
 		releaseBootstrap(opts)
@@ -46,7 +47,7 @@ func Dial(ctx context.Context, addr string, opts *core.Options) (*core.Conn, err
 		releaseBootstrap(opts)
 		return nil, fmt.Errorf("unix: dial %s: %w", addr, err)
 	}
-	return core.NewConn(c, opts), nil
+	return core.NewConn(newConfig(options).wrap(c), opts), nil
 }
 
 func releaseBootstrap(opts *core.Options) {
@@ -128,8 +129,10 @@ func removeStaleSocket(path string) error {
 // wrapped; temporary accept errors (such as running out of file
 // descriptors) are logged and retried with backoff up to one second.
 //
-// Serve logs to opts.Logger, or discards logs if it is nil.
-func Serve(ctx context.Context, lis net.Listener, opts *core.Options) error {
+// Serve logs to opts.Logger, or discards logs if it is nil. options tune
+// every accepted socket (see WithFrameTimeout).
+func Serve(ctx context.Context, lis net.Listener, opts *core.Options, options ...Option) error {
+	cfg := newConfig(options)
 	var base core.Options
 	if opts != nil {
 		base = *opts
@@ -185,7 +188,7 @@ func Serve(ctx context.Context, lis net.Listener, opts *core.Options) error {
 
 		o := base
 		o.BootstrapClient = bootstrap.AddRef()
-		conn := core.NewConn(c, &o)
+		conn := core.NewConn(cfg.wrap(c), &o)
 		peer := c.RemoteAddr().String()
 		log.Debug("serve: connection accepted", "peer", peer)
 		wg.Go(func() {

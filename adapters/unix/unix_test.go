@@ -43,7 +43,7 @@ type server struct {
 	done   chan error // receives Serve's result
 }
 
-func startServer(t *testing.T, addr string) *server {
+func startServer(t *testing.T, addr string, options ...Option) *server {
 	t.Helper()
 	lis, err := Listen(addr)
 	if err != nil {
@@ -61,7 +61,7 @@ func startServer(t *testing.T, addr string) *server {
 		BootstrapClient: capnp.Client(s.obj.Client()),
 		Logger:          testLogger(t),
 	}
-	go func() { s.done <- Serve(ctx, lis, opts) }()
+	go func() { s.done <- Serve(ctx, lis, opts, options...) }()
 	t.Cleanup(func() { s.stop(t) })
 	return s
 }

@@ -1,0 +1,197 @@
+package unix
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"time"
+)
+
+// An Option tunes how Dial and Serve drive a connection's socket. Options
+// are about the byte stream only; protocol limits are core.Options.Limits.
+type Option func(*config)
+
+type config struct {
+	frameTimeout time.Duration
+	idleTimeout  time.Duration
+}
+
+func newConfig(options []Option) config {
+	var c config
+	for _, o := range options {
+		if o != nil {
+			o(&c)
+		}
+	}
+	return c
+}
+
+// WithFrameTimeout disconnects a peer that has begun sending a message
+// frame and then sends nothing more for d. Zero (the default) waits
+// forever, as the C++ reference does.
+//
+// Peers write each frame in one go, so the only pause inside a frame is
+// the network's; a peer that stalls mid-frame is broken or hostile (a
+// "slowloris" holding a half-read frame, and the connection, open). The
+// timer restarts whenever bytes arrive, so a large frame on a slow link is
+// fine as long as it keeps moving. Between frames no timer runs: Cap'n
+// Proto connections may legitimately stay quiet for hours (see
+// WithIdleTimeout).
+//
+// When it fires the connection ends as on a read error: Conn.Err reports
+// a *StallError, every pending call fails as disconnected, and the socket
+// is closed (the core sends no Abort for read errors).
+func WithFrameTimeout(d time.Duration) Option {
+	return func(c *config) { c.frameTimeout = d }
+}
+
+// WithIdleTimeout disconnects a peer that sends nothing at all for d, in
+// or between frames. Zero (the default) disables it. Cap'n Proto has no
+// keep-alive message, so only use it where the peer is known to call at
+// least every d; to catch stalled frames only, use WithFrameTimeout.
+func WithIdleTimeout(d time.Duration) Option {
+	return func(c *config) { c.idleTimeout = d }
+}
+
+// StallError is the read error of a connection closed by WithFrameTimeout
+// or WithIdleTimeout.
+type StallError struct {
+	// Limit is the timeout that was exceeded.
+	Limit time.Duration
+	// InFrame reports that the peer stalled in the middle of a frame (it
+	// had sent FrameBytes of it).
+	InFrame    bool
+	FrameBytes uint64
+}
+
+func (e *StallError) Error() string {
+	if e.InFrame {
+		return fmt.Sprintf("unix: peer sent nothing for %v in the middle of a frame (after %d bytes of it)", e.Limit, e.FrameBytes)
+	}
+	return fmt.Sprintf("unix: peer sent nothing for %v", e.Limit)
+}
+
+// Timeout reports true, like the deadline error it replaces.
+func (e *StallError) Timeout() bool { return true }
+
+// wrap applies the config to c.
+func (cf config) wrap(c net.Conn) net.Conn {
+	if cf.frameTimeout <= 0 && cf.idleTimeout <= 0 {
+		return c
+	}
+	return &deadlineConn{Conn: c, frame: cf.frameTimeout, idle: cf.idleTimeout}
+}
+
+// deadlineConn sets a read deadline before each Read from what it has
+// seen of the frame structure. Only the core's reader goroutine calls
+// Read.
+type deadlineConn struct {
+	net.Conn
+	frame, idle time.Duration
+	fs          frameScanner
+	armed       bool // a read deadline is set
+}
+
+func (c *deadlineConn) Read(p []byte) (int, error) {
+	d := c.idle
+	if c.fs.inFrame() && c.frame > 0 && (d <= 0 || c.frame < d) {
+		d = c.frame
+	}
+	switch {
+	case d > 0:
+		if err := c.Conn.SetReadDeadline(time.Now().Add(d)); err != nil {
+			return 0, err
+		}
+		c.armed = true
+	case c.armed:
+		if err := c.Conn.SetReadDeadline(time.Time{}); err != nil {
+			return 0, err
+		}
+		c.armed = false
+	}
+	n, err := c.Conn.Read(p)
+	c.fs.scan(p[:n])
+	if err != nil && d > 0 && errors.Is(err, os.ErrDeadlineExceeded) {
+		err = &StallError{Limit: d, InFrame: c.fs.inFrame(), FrameBytes: c.fs.seen}
+	}
+	return n, err
+}
+
+// frameScanner follows Cap'n Proto stream framing (see core's frame
+// reader) over the bytes read, only to know whether the stream is between
+// frames. It allocates nothing and validates nothing: the core rejects bad
+// frames.
+type frameScanner struct {
+	word  [4]byte // partial little-endian uint32 of the header
+	nword int     // bytes of it so far
+	// nseg: segments announced; sizes: segment sizes read so far; pad:
+	// header padding still to skip; body: body bytes still to come.
+	nseg, sizes, pad, body uint64
+	header                 bool   // reading the header (after the first byte)
+	seen                   uint64 // bytes of the current frame
+}
+
+func (s *frameScanner) inFrame() bool { return s.seen > 0 }
+
+func (s *frameScanner) scan(p []byte) {
+	for len(p) > 0 {
+		if s.body > 0 && !s.header {
+			n := uint64(len(p))
+			if n > s.body {
+				n = s.body
+			}
+			s.body -= n
+			s.seen += n
+			p = p[n:]
+			if s.body == 0 {
+				s.seen = 0 // frame complete
+			}
+			continue
+		}
+		if s.pad > 0 {
+			s.pad--
+			s.seen++
+			p = p[1:]
+			if s.pad == 0 {
+				s.endHeader()
+			}
+			continue
+		}
+		// Header words: segment count - 1, then each segment's size.
+		s.header = true
+		s.word[s.nword] = p[0]
+		s.nword++
+		s.seen++
+		p = p[1:]
+		if s.nword < 4 {
+			continue
+		}
+		v := uint64(binary.LittleEndian.Uint32(s.word[:]))
+		s.nword = 0
+		if s.nseg == 0 {
+			s.nseg = v + 1
+			s.sizes, s.body = 0, 0
+			continue
+		}
+		s.body += v * 8
+		s.sizes++
+		if s.sizes == s.nseg {
+			if s.nseg%2 == 0 {
+				s.pad = 4 // pad the header to a word
+			} else {
+				s.endHeader()
+			}
+		}
+	}
+}
+
+// endHeader moves from the header to the body.
+func (s *frameScanner) endHeader() {
+	s.header = false
+	s.nseg, s.sizes = 0, 0
+	if s.body == 0 {
+		s.seen = 0 // a frame of empty segments is complete
+	}
+}
