@@ -10,6 +10,7 @@ import (
 	"capnproto.org/go/capnp/v3"
 	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
 
+	"github.com/captp-go/captp/adapters/unix"
 	"github.com/captp-go/captp/core"
 	"github.com/captp-go/captp/internal/testcapnp"
 	"github.com/captp-go/captp/internal/testimpl"
@@ -172,5 +173,73 @@ func TestCoreGapTailCallFromCpp(t *testing.T) {
 				t.Fatal("getHeld().name(), pipelined, still pending after 5s")
 			}
 		})
+	}
+}
+
+// TestCoreBugFloodUnbounded: a peer that sends calls and never reads the
+// replies (nor sends Finish) costs our server memory without bound, even
+// with small Limits:
+//
+//   - every Call is entered in the answers table before the MaxAnswers
+//     check (handleCall: newAnswerLocked, then the "too many calls in
+//     progress" overloaded Return), and an answer stays there, holding its
+//     Return message, until the peer's Finish;
+//   - Returns are queued with sendLocked, which MaxQueuedBytes does not
+//     bound (waitQueue only throttles our own outbound calls), and the
+//     reader keeps reading while the writer is blocked on a peer that does
+//     not read.
+//
+// Bounded would mean: the reader stops reading (backpressure to the
+// socket) once the outbound queue is over MaxQueuedBytes, or the
+// connection is aborted, and the answers table never exceeds MaxAnswers.
+func TestCoreBugFloodUnbounded(t *testing.T) {
+	knownCoreBug(t, "answers beyond MaxAnswers and Returns to a peer that does not read are kept without bound")
+	const calls = 20_000
+	lim := core.Limits{MaxAnswers: 64, MaxQueuedBytes: 64 << 10}
+	lis, err := unix.Listen(listenAddr(t, "unix"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lis.Close()
+	accepted := make(chan *core.Conn, 1)
+	go func() {
+		c, err := lis.Accept()
+		if err != nil {
+			close(accepted)
+			return
+		}
+		accepted <- core.NewConn(c, &core.Options{
+			BootstrapClient: capnp.Client(testimpl.New("server", nil).Client()),
+			Limits:          lim,
+		})
+	}()
+	var flood []byte
+	flood = append(flood, bootstrapFrame(0)...)
+	for i := uint32(1); i <= calls; i++ {
+		flood = append(flood, callFrame(i, 0, false, 0, []byte("0123456789abcdef"))...)
+	}
+	c := dialRaw(t, unix.FormatAddr(lis.Addr()))
+	conn := <-accepted
+	if conn == nil {
+		t.Fatal("accept failed")
+	}
+	defer conn.Close()
+	before := goMem(t)
+	c.SetWriteDeadline(time.Now().Add(3 * time.Second))
+	n, werr := c.Write(flood)
+	time.Sleep(200 * time.Millisecond)
+	after := goMem(t)
+	st := conn.Stats()
+	t.Logf("wrote %d of %d bytes (%v); server tables %v; live heap +%s", n, len(flood), werr, st, mib(after.inuse-before.inuse))
+	select {
+	case <-conn.Done():
+		return // aborting the flooder is bounded too
+	default:
+	}
+	if st.Answers > lim.MaxAnswers+1 {
+		t.Errorf("answers table holds %d entries; MaxAnswers is %d", st.Answers, lim.MaxAnswers)
+	}
+	if grew := after.inuse - before.inuse; grew > 8<<20 {
+		t.Errorf("live heap grew by %s for %d unread calls with MaxQueuedBytes %d", mib(grew), calls, lim.MaxQueuedBytes)
 	}
 }

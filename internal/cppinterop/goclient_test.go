@@ -520,4 +520,3 @@ func waitConnStats(ctx context.Context, conn *core.Conn, ok func(core.Stats) boo
 		}
 	}
 }
-
