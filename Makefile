@@ -29,12 +29,13 @@ TAMAGO_CACHE = $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tamago-go
 TAMAGO_ENV := GOTOOLCHAIN=local GOOS=tamago GOARCH=amd64
 
 .PHONY: help deps gen capnpc-go gen-check fmt-check vet unit wasm wasm-js wasip1 \
-	test tamago-check tamago demo bench fuzz-short
+	test tamago-check tamago demo bench fuzz-short cpp
 
 help:
 	@echo 'make deps        install missing system packages (capnproto, libcapnp-dev, pkg-config, g++, nodejs)'
 	@echo 'make test        deps, gofmt, vet, gen-check, race tests, js/wasm tests under node, wasip1 build, tamago tests if a toolchain is present'
 	@echo 'make demo        go run ./cmd/captp demo'
+	@echo 'make cpp         interop and hostile-input tests against the C++ reference, verbose (part of make test)'
 	@echo 'make bench       all benchmarks'
 	@echo 'make gen         regenerate the committed *.capnp.go files'
 	@echo 'make fuzz-short  each Fuzz* target under ./core for FUZZTIME (default $(FUZZTIME))'
@@ -155,6 +156,11 @@ tamago:
 
 demo:
 	$(GO) run ./cmd/captp demo
+
+# The C++ interop tests build their programs themselves (cached under
+# ~/.cache/captp-cpp); `make test` runs them with everything else.
+cpp: deps
+	$(GO) test -count=1 -v -timeout=$(TEST_TIMEOUT) ./internal/cppinterop
 
 bench:
 	$(GO) test -run='^$$' -bench=. -benchmem ./...
