@@ -192,7 +192,7 @@ func isDeadline(err error) bool {
 // cut off, even when it takes several timeouts in total.
 func TestFrameTimeoutSlowFrame(t *testing.T) {
 	verifyNoLeaks(t)
-	const timeout = 300 * time.Millisecond
+	const timeout = 500 * time.Millisecond
 	addr := "unix:" + filepath.Join(t.TempDir(), "vat.sock")
 	s := startServer(t, addr, WithFrameTimeout(timeout))
 	network, address, _ := ParseAddr(s.addr)
@@ -202,13 +202,17 @@ func TestFrameTimeoutSlowFrame(t *testing.T) {
 	}
 	defer c.Close()
 	f := bootstrapFrame(0)
+	start := time.Now()
 	for i := range f {
 		if _, err := c.Write(f[i : i+1]); err != nil {
 			t.Fatalf("byte %d: %v", i, err)
 		}
-		if i%8 == 0 {
-			time.Sleep(timeout / 3)
+		if i%4 == 0 {
+			time.Sleep(timeout / 5)
 		}
+	}
+	if took := time.Since(start); took < 2*timeout {
+		t.Fatalf("sending the frame took only %v; the test needs more than 2x the timeout", took)
 	}
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	msg, err := capnp.NewDecoder(c).Decode()
@@ -224,7 +228,7 @@ func TestFrameTimeoutSlowFrame(t *testing.T) {
 // nothing ends with a *StallError, and a busy one does not.
 func TestIdleTimeout(t *testing.T) {
 	verifyNoLeaks(t)
-	const timeout = 200 * time.Millisecond
+	const timeout = 500 * time.Millisecond
 	ctx := testCtx(t)
 	s := startServer(t, "unix:"+filepath.Join(t.TempDir(), "vat.sock"))
 
@@ -236,12 +240,12 @@ func TestIdleTimeout(t *testing.T) {
 	boot := testcapnp.Test(conn.Bootstrap(ctx))
 	defer boot.Release()
 	// Busy for several timeouts: calls keep bytes coming.
-	deadline := time.Now().Add(3 * timeout)
+	deadline := time.Now().Add(5 * timeout / 2)
 	for time.Now().Before(deadline) {
 		if _, err := echo(ctx, boot, []byte("busy")); err != nil {
 			t.Fatalf("echo while busy: %v", err)
 		}
-		time.Sleep(timeout / 4)
+		time.Sleep(timeout / 5)
 	}
 	start := time.Now()
 	select {
