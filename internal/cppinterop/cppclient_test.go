@@ -19,7 +19,7 @@ var cppScenarios = []struct {
 	lines []string // each must appear as a prefix of some output line
 }{
 	{"echo", []string{"echo null -> null", "echo empty -> empty", "echo 16 bytes -> 16 bytes, equal", "echo 1048576 bytes -> 1048576 bytes, equal"}},
-	{"caps", []string{"callBack -> ping", "hold/getHeld -> client-local", "child -> from-server", "server released the client's object"}},
+	{"caps", []string{"callBack -> ping", "hold/getHeld -> client-local", "getHeld().echo(), pipelined -> forwarded", "child -> from-server", "server released the client's object"}},
 	{"pipeline", []string{"pipeline child(a).child(b).child(c).name() -> c"}},
 	{"embargo", []string{"embargo: 60 calls"}},
 	{"exceptions", []string{

@@ -174,6 +174,13 @@ void scenarioCaps(Env& env) {
     check(counters.echoes == echoes0 + 2, "the returned capability is not the client's object");
     say("hold/getHeld -> client-local, the client's own object");
 
+    // Pipelined on getHeld's result: the server receives the call and must
+    // forward it back to us.
+    auto fwd = env.boot.getHeldRequest().send().getCap().echoRequest().send().wait(env.ws);
+    check(!fwd.hasData(), "forwarded echo(null) returned data");
+    check(counters.echoes == echoes0 + 3, "the forwarded call did not reach the client's object");
+    say("getHeld().echo(), pipelined -> forwarded back to the client's own object");
+
     auto child = env.boot.childRequest();
     child.setName("from-server");
     auto childCap = child.send().wait(env.ws).getChild();
