@@ -39,6 +39,9 @@ type answer struct {
 	// resultExports counts export references carried by the Return, which
 	// Finish(releaseResultCaps) gives back.
 	resultExports []uint32
+	// pipelines are promises we handed out for capabilities in the
+	// results (receiverAnswer from the peer); they settle at Return.
+	pipelines []pendingPipeline
 
 	argsOnce sync.Once
 }
@@ -92,7 +95,7 @@ func (a *answer) PrepareReturn(err error) {
 	var fx effects
 	c.mu.Lock()
 	c.prepareLocked(&fx, a, err)
-	c.mu.Unlock()
+	c.unlock()
 	fx.run()
 }
 
@@ -123,7 +126,7 @@ func (a *answer) Return() {
 	var fx effects
 	c.mu.Lock()
 	c.returnLocked(&fx, a)
-	c.mu.Unlock()
+	c.unlock()
 	fx.run()
 }
 
@@ -140,6 +143,7 @@ func (c *Conn) returnLocked(fx *effects, a *answer) {
 	a.returned = true
 	a.msg, a.ret, a.results, a.err = a.out, a.outRet, a.outResults, a.outErr
 	a.out = nil
+	a.settlePipelinesLocked(fx)
 	if c.closing || c.answers[a.id] != a {
 		a.freeLocked(fx)
 		return
@@ -222,9 +226,53 @@ func (a *answer) freeLocked(fx *effects) {
 	}
 }
 
+// pendingPipeline is a promise for the capability at transform in an
+// answer's results.
+type pendingPipeline struct {
+	transform []capnp.PipelineOp
+	resolver  capnp.Resolver[capnp.Client]
+}
+
+// settlePipelinesLocked resolves the promises handed out for capabilities
+// in a's results, now that they are known.
+func (a *answer) settlePipelinesLocked(fx *effects) {
+	for _, pp := range a.pipelines {
+		var cl capnp.Client
+		var err error
+		switch {
+		case a.err != nil:
+			err = a.err
+		case a.msg == nil || a.finished:
+			err = errors.New("captp: call ended without results")
+		default:
+			ptr, terr := capnp.Transform(a.results, pp.transform)
+			if terr != nil {
+				err = fmt.Errorf("captp: %w", terr)
+			} else {
+				cl = ptr.Interface().Client().AddRef()
+			}
+		}
+		r := pp.resolver
+		fx.add(func() {
+			if err != nil {
+				r.Reject(err)
+				return
+			}
+			r.Fulfill(cl)
+			cl.Release()
+		})
+	}
+	a.pipelines = nil
+}
+
 // dropLocked discards the answer at shutdown. Its handler may still be
 // running; its context is cancelled and a later Return is dropped.
 func (a *answer) dropLocked(fx *effects) {
+	for _, pp := range a.pipelines {
+		r := pp.resolver
+		fx.add(func() { r.Reject(errors.New("captp: connection closed before the call returned")) })
+	}
+	a.pipelines = nil
 	a.freeLocked(fx)
 }
 
@@ -241,7 +289,7 @@ func (c *Conn) deliverCall(a *answer, target capnp.Client, targetAns *answer, tr
 	if !a.returned {
 		a.pcall = pcall
 	}
-	c.mu.Unlock()
+	c.unlock()
 }
 
 // deliverPipelined delivers a call made on a promised answer: to the
@@ -258,7 +306,7 @@ func (c *Conn) deliverPipelined(a *answer, ta *answer, transform []capnp.Pipelin
 			client = ptr.Interface().Client().AddRef()
 		}
 	}
-	c.mu.Unlock()
+	c.unlock()
 	switch {
 	case returned && err != nil:
 		recv.Reject(err)

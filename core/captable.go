@@ -12,12 +12,20 @@ import (
 
 // An importEntry is a capability the peer exported to us. refs counts the
 // descriptors received for it, which one Release gives back.
+//
+// Repeated descriptors return the same capnp client while it lives (so
+// IsSame holds); once it is shutting down a new one wraps the same hook,
+// and the hook counts its wrappers: the last to shut down releases.
 type importEntry struct {
-	id       uint32
-	refs     uint32
-	hook     *importClient // current hook; replaced if the old one is shutting down
-	weak     capnp.WeakClient
-	resolver capnp.Resolver[capnp.Client] // set while an imported promise is unresolved
+	id      uint32
+	refs    uint32
+	hook    *importClient
+	weak    capnp.WeakClient // the newest wrapper
+	clients int              // live wrappers around hook
+	promise bool
+	// resolvers settle the promise clients handed out (promise imports).
+	resolvers []capnp.Resolver[capnp.Client]
+	resolved  bool
 	// resolution is what the promise resolved to; calls still arriving at
 	// the import hook go there.
 	resolution capnp.Client
@@ -44,22 +52,23 @@ func (h *importClient) String() string { return fmt.Sprintf("captp import %d", h
 // Shutdown runs when the last local reference is dropped: it gives every
 // reference received for this import back to the peer in one Release.
 func (h *importClient) Shutdown() {
-	c := h.c
-	c.mu.Lock()
-	ie := c.imports[h.id]
-	if ie == nil || ie.hook != h {
-		c.mu.Unlock()
-		return // replaced by a newer hook, which will release the refs
-	}
-	delete(c.imports, h.id)
-	ie.resolver = nil
-	resolution := ie.resolution
-	ie.resolution = capnp.Client{}
-	if !c.closing {
-		c.sendReleaseLocked(h.id, ie.refs)
-	}
-	c.mu.Unlock()
-	resolution.Release()
+	h.c.schedule(func(fx *effects) {
+		c := h.c
+		ie := c.imports[h.id]
+		if ie == nil || ie.hook != h {
+			return // the connection is gone
+		}
+		if ie.clients--; ie.clients > 0 {
+			return
+		}
+		delete(c.imports, h.id)
+		ie.resolvers = nil
+		fx.add(ie.resolution.Release)
+		ie.resolution = capnp.Client{}
+		if !c.closing {
+			c.sendReleaseLocked(h.id, ie.refs)
+		}
+	})
 }
 
 func (c *Conn) sendReleaseLocked(id, count uint32) {
@@ -81,29 +90,33 @@ func (c *Conn) sendReleaseLocked(id, count uint32) {
 // more reference to it.
 func (c *Conn) addImportLocked(id uint32, promise bool) (capnp.Client, error) {
 	ie := c.imports[id]
-	if ie != nil {
-		if cl, ok := ie.weak.AddRef(); ok {
-			ie.refs++
-			return cl, nil
-		}
-		// The old hook is shutting down; a new one inherits the count.
-	} else {
+	if ie == nil {
 		if len(c.imports) >= c.lim.MaxImports {
 			return capnp.Client{}, fmt.Errorf("import limit reached (%d capabilities)", c.lim.MaxImports)
 		}
-		ie = &importEntry{id: id}
+		ie = &importEntry{id: id, hook: &importClient{c: c, id: id}, promise: promise}
 		c.imports[id] = ie
 	}
 	ie.refs++
-	hook := &importClient{c: c, id: id}
-	var cl capnp.Client
-	if promise {
-		cl, ie.resolver = capnp.NewPromisedClient(hook)
-	} else {
-		cl = capnp.NewClient(hook)
-		ie.resolver = nil
+	if ie.resolved {
+		// The peer named a promise it has already resolved for us (the
+		// descriptor crossed our Release); that is its resolution now.
+		return ie.resolution.AddRef(), nil
 	}
-	ie.hook = hook
+	if ie.clients > 0 {
+		if cl, ok := ie.weak.AddRef(); ok {
+			return cl, nil
+		}
+	}
+	ie.clients++
+	var cl capnp.Client
+	if ie.promise {
+		var r capnp.Resolver[capnp.Client]
+		cl, r = capnp.NewPromisedClient(ie.hook)
+		ie.resolvers = append(ie.resolvers, r)
+	} else {
+		cl = capnp.NewClient(ie.hook)
+	}
 	ie.weak = cl.WeakRef()
 	return cl, nil
 }
@@ -122,15 +135,17 @@ type export struct {
 }
 
 // loopbackTarget names, in the peer's terms, a capability of the peer that
-// one of our promises or answers resolved to. Disembargo replies go there.
+// one of our promises or answers resolved to: what our descriptor said.
+// Disembargo replies go there.
 type loopbackTarget struct {
-	importID  uint32
-	question  *question
-	transform []capnp.PipelineOp
+	importID   uint32
+	answer     bool // a promised answer of the peer rather than an import
+	questionID uint32
+	transform  []capnp.PipelineOp
 }
 
 func (t *loopbackTarget) write(mt rpccp.MessageTarget) error {
-	if t.question == nil {
+	if !t.answer {
 		mt.SetImportedCap(t.importID)
 		return nil
 	}
@@ -138,7 +153,7 @@ func (t *loopbackTarget) write(mt rpccp.MessageTarget) error {
 	if err != nil {
 		return err
 	}
-	return writePromisedAnswer(pa, t.question.id, t.transform)
+	return writePromisedAnswer(pa, t.questionID, t.transform)
 }
 
 // dropLocked forgets the export, releasing its client after the lock.
@@ -289,7 +304,7 @@ func (c *Conn) resolveExport(e *export, cl capnp.Client) {
 	var fx effects
 	defer fx.run()
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	if c.closing || c.exports[e.id] != e || e.resolved {
 		return
 	}
@@ -341,6 +356,22 @@ func loopbackOf(d rpccp.CapDescriptor) *loopbackTarget {
 	switch d.Which() {
 	case rpccp.CapDescriptor_Which_receiverHosted:
 		return &loopbackTarget{importID: d.ReceiverHosted()}
+	case rpccp.CapDescriptor_Which_receiverAnswer:
+		pa, err := d.ReceiverAnswer()
+		if err != nil {
+			return nil
+		}
+		ops, err := pa.Transform()
+		if err != nil {
+			return nil
+		}
+		t := &loopbackTarget{answer: true, questionID: pa.QuestionId()}
+		for i := 0; i < ops.Len(); i++ {
+			if ops.At(i).Which() == rpccp.PromisedAnswer_Op_Which_getPointerField {
+				t.transform = append(t.transform, capnp.PipelineOp{Field: ops.At(i).GetPointerField()})
+			}
+		}
+		return t
 	}
 	return nil
 }
@@ -400,7 +431,10 @@ func (c *Conn) answerClientLocked(a *answer, transform []capnp.PipelineOp) capnp
 		}
 		return ptr.Interface().Client().AddRef()
 	case a.pcall != nil:
-		return capnp.NewClient(&localPipeline{pcall: a.pcall, transform: transform})
+		// A promise: it settles on the result once the call returns.
+		cl, r := capnp.NewPromisedClient(&localPipeline{pcall: a.pcall, transform: transform})
+		a.pipelines = append(a.pipelines, pendingPipeline{transform: transform, resolver: r})
+		return cl
 	default:
 		return capnp.ErrorClient(errors.New("captp: answer has no results to pipeline on"))
 	}
@@ -442,7 +476,7 @@ func (p *localPipeline) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, 
 }
 
 func (p *localPipeline) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
-	return p.pcall.PipelineRecv(ctx, p.transform, r)
+	return nonNil(p.pcall.PipelineRecv(ctx, p.transform, r))
 }
 
 func (p *localPipeline) Brand() capnp.Brand { return capnp.Brand{Value: p} }
@@ -477,7 +511,7 @@ func (h *embargoHook) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, ca
 }
 
 func (h *embargoHook) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
-	return h.queue.PipelineRecv(ctx, nil, r)
+	return nonNil(h.queue.PipelineRecv(ctx, nil, r))
 }
 
 func (h *embargoHook) Brand() capnp.Brand { return capnp.Brand{Value: h} }
@@ -507,7 +541,8 @@ func (em *embargo) end(err error) {
 		return
 	}
 	msg, seg := capnp.NewSingleSegmentMessage(nil)
-	iface := capnp.NewInterface(seg, msg.CapTable().Add(em.target))
+	guard := capnp.NewClient(&recvGuard{target: em.target.AddRef()})
+	iface := capnp.NewInterface(seg, msg.CapTable().Add(guard))
 	h.mu.Lock()
 	if h.shutdown {
 		h.mu.Unlock()
@@ -518,6 +553,47 @@ func (em *embargo) end(err error) {
 	h.mu.Unlock()
 	h.queue.Fulfill(iface.ToPtr())
 	em.resolver.Fulfill(em.target)
+	em.target.Release()
+}
+
+// recvGuard delivers an embargo's queued calls to a target that may be
+// any capability (an error client, a server with an unknown method) and
+// so may return a nil PipelineCaller; see nonNil.
+type recvGuard struct{ target capnp.Client }
+
+func (g *recvGuard) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
+	return g.target.SendCall(ctx, s)
+}
+
+func (g *recvGuard) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
+	return nonNil(g.target.RecvCall(ctx, r))
+}
+
+// nonNil stands in for the nil PipelineCaller of a call that returned at
+// once: go-capnp's AnswerQueue calls whatever a delivery returns, so every
+// hook of ours returns a caller (which fails pipelined calls) instead.
+func nonNil(pc capnp.PipelineCaller) capnp.PipelineCaller {
+	if pc != nil {
+		return pc
+	}
+	return failedPipeline{errors.New("captp: pipelined call on a call that already returned")}
+}
+
+func (g *recvGuard) Brand() capnp.Brand { return capnp.Brand{Value: g} }
+func (g *recvGuard) String() string     { return "captp embargo delivery" }
+func (g *recvGuard) Shutdown()          { g.target.Release() }
+
+// failedPipeline fails every pipelined call. PipelineRecv returns the
+// receiver, never nil, for the same reason as recvGuard.
+type failedPipeline struct{ err error }
+
+func (f failedPipeline) PipelineSend(ctx context.Context, _ []capnp.PipelineOp, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
+	return capnp.ErrorAnswer(s.Method, f.err), func() {}
+}
+
+func (f failedPipeline) PipelineRecv(ctx context.Context, _ []capnp.PipelineOp, r capnp.Recv) capnp.PipelineCaller {
+	r.Reject(f.err)
+	return f
 }
 
 // embargoLocked returns a client that queues calls for target until the

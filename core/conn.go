@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"capnproto.org/go/capnp/v3"
@@ -32,7 +33,7 @@ type Conn struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	mu        sync.Mutex
+	mu        sync.Mutex // release with c.unlock(), never c.mu.Unlock()
 	closing   bool  // shutdown has begun: nothing new is queued but the Abort
 	err       error // why the connection ended; nil for a clean local Close
 	bootstrap capnp.Client
@@ -58,6 +59,13 @@ type Conn struct {
 	outWake    chan struct{} // capacity 1: the writer has work
 	outDrained chan struct{} // closed and replaced whenever the writer empties out
 	writerStop bool          // the writer exits once out is empty
+
+	// tasks are table updates requested where c.mu may already be held by
+	// the same goroutine (a hook shut down by go-capnp while we inspect a
+	// client); they run at the next unlock. See schedule.
+	taskMu       sync.Mutex
+	tasks        []func(fx *effects)
+	pendingTasks atomic.Int32
 
 	shutdownOnce sync.Once
 	readerDone   chan struct{}
@@ -144,7 +152,7 @@ func (c *Conn) Bootstrap(ctx context.Context) capnp.Client {
 	c.mu.Lock()
 	if c.closing {
 		err := c.err
-		c.mu.Unlock()
+		c.unlock()
 		return capnp.ErrorClient(err)
 	}
 	q := c.newQuestionLocked(capnp.Method{})
@@ -153,7 +161,7 @@ func (c *Conn) Bootstrap(ctx context.Context) capnp.Client {
 	if err := c.sendLocked(msg); err != nil {
 		var fx effects
 		c.dropQuestionLocked(&fx, q)
-		c.mu.Unlock()
+		c.unlock()
 		fx.run()
 		return capnp.ErrorClient(fmt.Errorf("captp: bootstrap: %w", err))
 	}
@@ -163,7 +171,7 @@ func (c *Conn) Bootstrap(ctx context.Context) capnp.Client {
 	client, resolver := capnp.NewPromisedClient(&bootstrapHook{q: q})
 	q.bootResolver = resolver
 	c.watchCancelLocked(q, ctx)
-	c.mu.Unlock()
+	c.unlock()
 	return client
 }
 
@@ -184,13 +192,12 @@ func (h *bootstrapHook) String() string     { return "captp bootstrap promise" }
 
 // Shutdown runs once no call can use the hook any more.
 func (h *bootstrapHook) Shutdown() {
-	c := h.q.c
-	c.mu.Lock()
-	cl := h.q.bootCap
-	h.q.bootCap = capnp.Client{}
-	h.q.bootDropped = true
-	c.mu.Unlock()
-	cl.Release()
+	h.q.c.schedule(func(fx *effects) {
+		cl := h.q.bootCap
+		h.q.bootCap = capnp.Client{}
+		h.q.bootDropped = true
+		fx.add(cl.Release)
+	})
 }
 
 // Close sends an Abort to the peer, rejects everything pending with a
@@ -214,7 +221,7 @@ func (c *Conn) Done() <-chan struct{} { return c.done }
 // error. Errors are disconnected exceptions (see capnp.IsDisconnected).
 func (c *Conn) Err() error {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	if errors.Is(c.err, errClosedLocally) {
 		return nil
 	}
@@ -224,7 +231,7 @@ func (c *Conn) Err() error {
 // Stats returns the current table sizes.
 func (c *Conn) Stats() Stats {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	return Stats{
 		Questions: len(c.questions),
 		Answers:   len(c.answers),
@@ -281,7 +288,7 @@ func (c *Conn) writeLoop() {
 		drained := c.outDrained
 		c.outDrained = make(chan struct{})
 		stop := c.writerStop
-		c.mu.Unlock()
+		c.unlock()
 		if len(buf) > 0 {
 			if _, err := c.rwc.Write(buf); err != nil {
 				close(drained)
@@ -294,7 +301,7 @@ func (c *Conn) writeLoop() {
 		if stop {
 			c.mu.Lock()
 			empty := len(c.out) == 0
-			c.mu.Unlock()
+			c.unlock()
 			if empty {
 				return
 			}
@@ -307,7 +314,7 @@ func (c *Conn) writeLoop() {
 func (c *Conn) discardOutput() {
 	c.mu.Lock()
 	c.out = nil
-	c.mu.Unlock()
+	c.unlock()
 }
 
 // sendLocked queues msg's frame for the writer. The caller holds c.mu.
@@ -334,15 +341,15 @@ func (c *Conn) waitQueue(ctx context.Context) error {
 	for {
 		c.mu.Lock()
 		if c.closing {
-			c.mu.Unlock()
+			c.unlock()
 			return nil // the call itself reports the disconnect
 		}
 		if len(c.out) <= c.lim.MaxQueuedBytes {
-			c.mu.Unlock()
+			c.unlock()
 			return nil
 		}
 		drained := c.outDrained
-		c.mu.Unlock()
+		c.unlock()
 		select {
 		case <-drained:
 		case <-ctx.Done():
@@ -384,7 +391,7 @@ func (c *Conn) shutdown(reason error, sendAbort bool) bool {
 		case c.outWake <- struct{}{}:
 		default:
 		}
-		c.mu.Unlock()
+		c.unlock()
 		c.cancel()
 		fx.run()
 		if c.manual {
@@ -413,7 +420,7 @@ func (c *Conn) finishShutdown() {
 	c.mu.Lock()
 	boot := c.bootstrap
 	c.bootstrap = capnp.Client{}
-	c.mu.Unlock()
+	c.unlock()
 	boot.Release()
 	close(c.done)
 }
@@ -455,11 +462,10 @@ func (c *Conn) clearTablesLocked(fx *effects, reason error) {
 		delete(c.imports, id)
 		fx.add(ie.resolution.Release)
 		ie.resolution = capnp.Client{}
-		if ie.resolver != nil {
-			r := ie.resolver
-			ie.resolver = nil
+		for _, r := range ie.resolvers {
 			fx.add(func() { r.Reject(reason) })
 		}
+		ie.resolvers = nil
 	}
 	for _, id := range sortedKeys(c.exports) {
 		e := c.exports[id]
@@ -528,4 +534,42 @@ func sortedKeys[V any](m map[uint32]V) []uint32 {
 	}
 	slices.Sort(keys)
 	return keys
+}
+
+// schedule runs task under c.mu as soon as it can: now if the lock is
+// free, else when its holder (possibly this very goroutine, deeper in the
+// stack) unlocks. go-capnp shuts hooks down from inside Snapshot and
+// Release, which we call with c.mu held, so hooks must not lock.
+func (c *Conn) schedule(task func(fx *effects)) {
+	c.taskMu.Lock()
+	c.tasks = append(c.tasks, task)
+	c.taskMu.Unlock()
+	c.pendingTasks.Add(1)
+	if c.mu.TryLock() {
+		c.unlock()
+	}
+}
+
+// unlock runs scheduled tasks, releases c.mu, then runs the tasks'
+// effects. A task scheduled after the check but while the lock was held
+// is picked up by the re-check after Unlock.
+func (c *Conn) unlock() {
+	for {
+		var fx effects
+		if c.pendingTasks.Load() > 0 {
+			c.taskMu.Lock()
+			tasks := c.tasks
+			c.tasks = nil
+			c.pendingTasks.Add(-int32(len(tasks)))
+			c.taskMu.Unlock()
+			for _, t := range tasks {
+				t(&fx)
+			}
+		}
+		c.mu.Unlock()
+		fx.run()
+		if c.pendingTasks.Load() == 0 || !c.mu.TryLock() {
+			return
+		}
+	}
 }

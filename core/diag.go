@@ -2,6 +2,7 @@ package core
 
 import (
 	"fmt"
+	"strings"
 
 	"capnproto.org/go/capnp/v3"
 	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
@@ -16,7 +17,7 @@ var testSkipEmbargo bool
 // together. It is cheap enough to run after every simulated step.
 func (c *Conn) check() error {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	for id, q := range c.questions {
 		if q.id != id || q.c != c {
 			return fmt.Errorf("question %d filed under %d", q.id, id)
@@ -42,7 +43,7 @@ func (c *Conn) check() error {
 		}
 	}
 	for id, ie := range c.imports {
-		if ie.id != id || ie.refs == 0 || ie.hook == nil {
+		if ie.id != id || ie.refs == 0 || ie.hook == nil || (ie.clients == 0 && !ie.resolved) {
 			return fmt.Errorf("import %d: id %d, %d refs", id, ie.id, ie.refs)
 		}
 	}
@@ -122,4 +123,31 @@ func targetSummary(t rpccp.MessageTarget) string {
 	pa, _ := t.PromisedAnswer()
 	ops, _ := pa.Transform()
 	return fmt.Sprintf("answer q%d%s", pa.QuestionId(), fmt.Sprint(ops.Len()))
+}
+
+// dump describes every table entry, for leak hunting.
+func (c *Conn) dump() string {
+	c.mu.Lock()
+	defer c.unlock()
+	var b strings.Builder
+	for _, id := range sortedKeys(c.questions) {
+		q := c.questions[id]
+		fmt.Fprintf(&b, "question %d: returned=%v finished=%v released=%v bootstrap=%v\n", id, q.returned, q.finished, q.released, q.bootstrap)
+	}
+	for _, id := range sortedKeys(c.answers) {
+		a := c.answers[id]
+		fmt.Fprintf(&b, "answer %d: returned=%v finished=%v\n", id, a.returned, a.finished)
+	}
+	for _, id := range sortedKeys(c.imports) {
+		ie := c.imports[id]
+		fmt.Fprintf(&b, "import %d: refs=%d clients=%d promise=%v resolved=%v\n", id, ie.refs, ie.clients, ie.promise, ie.resolved)
+	}
+	for _, id := range sortedKeys(c.exports) {
+		e := c.exports[id]
+		fmt.Fprintf(&b, "export %d: refs=%d promise=%v resolved=%v client=%v\n", id, e.refs, e.promise, e.resolved, e.client)
+	}
+	for _, id := range sortedKeys(c.embargoes) {
+		fmt.Fprintf(&b, "embargo %d\n", id)
+	}
+	return b.String()
 }

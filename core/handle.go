@@ -54,7 +54,7 @@ func (c *Conn) dispatch(fx *effects, msg *capnp.Message) (keep bool, err error) 
 		return false, violation("decode message: %w", err)
 	}
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	if c.closing {
 		return false, nil
 	}
@@ -188,7 +188,6 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 		return false, err
 	}
 	a := c.newAnswerLocked(qid)
-	debugf("%p recv call a%d method %d target %v", c, qid, call.MethodId(), mt.Which())
 	method := capnp.Method{InterfaceID: call.InterfaceId(), MethodID: call.MethodId()}
 	if len(c.answers) > c.lim.MaxAnswers {
 		a.outErr = exc.New(exc.Overloaded, "captp", fmt.Sprintf("too many calls in progress (limit %d)", c.lim.MaxAnswers))
@@ -338,7 +337,7 @@ func (c *Conn) afterSettle(q *question) {
 	if q.released {
 		q.finishLocked(&fx)
 	}
-	c.mu.Unlock()
+	c.unlock()
 	fx.run()
 }
 
@@ -398,13 +397,10 @@ func (c *Conn) handleResolve(fx *effects, m rpccp.Message) error {
 		return violation("decode resolve: %w", err)
 	}
 	id := r.PromiseId()
-	debugf("%p resolve %d", c, id)
 	ie := c.imports[id]
-	var resolver capnp.Resolver[capnp.Client]
-	if ie != nil {
-		resolver = ie.resolver
-		ie.resolver = nil
-	}
+	// Only an unresolved promise we still hold takes a resolution; one we
+	// released already (the Resolve crossed our Release) is ignored.
+	pending := ie != nil && ie.promise && !ie.resolved
 	switch r.Which() {
 	case rpccp.Resolve_Which_cap:
 		d, err := r.Cap()
@@ -415,10 +411,8 @@ func (c *Conn) handleResolve(fx *effects, m rpccp.Message) error {
 		if err != nil {
 			return violation("resolve of promise %d: %w", id, err)
 		}
-		if resolver == nil {
-			// We released the promise already (or it was never one);
-			// give back the reference the peer just sent.
-			fx.add(cl.Release)
+		if !pending {
+			fx.add(cl.Release) // give back the reference the peer just sent
 			return nil
 		}
 		if local {
@@ -432,22 +426,40 @@ func (c *Conn) handleResolve(fx *effects, m rpccp.Message) error {
 			}
 			cl = embargoed
 		}
-		// Calls that reach the import before the promise switches over
-		// must follow the resolution too.
-		ie.resolution = cl.AddRef()
+		// Calls that reach the import before its clients switch over
+		// must follow the resolution too; the entry owns cl from now on.
+		resolvers, hook := ie.resolvers, ie.hook
+		ie.resolvers, ie.resolved, ie.resolution = nil, true, cl
+		cl = cl.AddRef()
 		fx.add(func() {
-			resolver.Fulfill(cl)
-			cl.Release()
+			defer cl.Release()
+			// A promise resolved to itself (directly or through other
+			// promises) would make go-capnp chase the cycle forever.
+			if resolvesTo(cl, hook) {
+				err := exc.New(exc.Failed, "captp", fmt.Sprintf("promise %d resolved to itself", id))
+				for _, r := range resolvers {
+					r.Reject(err)
+				}
+				return
+			}
+			for _, r := range resolvers {
+				r.Fulfill(cl)
+			}
 		})
 	case rpccp.Resolve_Which_exception:
 		e, err := r.Exception()
 		if err != nil {
 			return violation("decode resolve: %w", err)
 		}
-		if resolver != nil {
+		if pending {
 			rerr := e.ToError()
-			ie.resolution = capnp.ErrorClient(rerr)
-			fx.add(func() { resolver.Reject(rerr) })
+			resolvers := ie.resolvers
+			ie.resolvers, ie.resolved, ie.resolution = nil, true, capnp.ErrorClient(rerr)
+			fx.add(func() {
+				for _, r := range resolvers {
+					r.Reject(rerr)
+				}
+			})
 		}
 	default:
 		return violation("unknown resolve type %d", r.Which())
@@ -496,7 +508,6 @@ func (c *Conn) handleDisembargo(fx *effects, m rpccp.Message) error {
 			return violation("disembargo for unknown embargo %d", id)
 		}
 		delete(c.embargoes, id)
-		debugf("%p lift embargo %d", c, id)
 		c.embargoIDs.put(id)
 		fx.add(func() { em.end(nil) })
 		return nil
@@ -536,18 +547,19 @@ func (c *Conn) loopbackTargetLocked(mt rpccp.MessageTarget) (*loopbackTarget, er
 		if err != nil {
 			return nil, err
 		}
-		cl := ptr.Interface().Client()
-		if cl.IsValid() {
-			snap := cl.Snapshot()
-			defer snap.Release()
-			switch h := snap.Brand().Value.(type) {
-			case *importClient:
-				if h.c == c {
-					return &loopbackTarget{importID: h.id}, nil
-				}
-			case capnp.PipelineClient:
-				if q := c.questionsByAns[h.Answer()]; q != nil && !q.finished {
-					return &loopbackTarget{question: q, transform: h.Transform()}, nil
+		// Answer with what our Return said that capability was.
+		if iface := ptr.Interface(); iface.IsValid() {
+			payload, err := a.ret.Results()
+			if err != nil {
+				return nil, err
+			}
+			list, err := payload.CapTable()
+			if err != nil {
+				return nil, err
+			}
+			if i := int(iface.Capability()); i < list.Len() {
+				if back := loopbackOf(list.At(i)); back != nil {
+					return back, nil
 				}
 			}
 		}
@@ -622,4 +634,15 @@ func (c *Conn) releaseExportIfPresent(fx *effects, id uint32) error {
 func marshalException(e rpccp.Exception, err error) error {
 	e.SetType(rpccp.Exception_Type(exc.TypeOf(err)))
 	return e.SetReason(err.Error())
+}
+
+// resolvesTo reports whether client, followed as far as it has resolved,
+// ends at hook: an imported promise resolving to itself.
+func resolvesTo(client capnp.Client, hook *importClient) bool {
+	if !client.IsValid() {
+		return false
+	}
+	snap := client.Snapshot()
+	defer snap.Release()
+	return snap.Brand().Value == hook
 }

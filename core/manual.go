@@ -34,7 +34,7 @@ func (c *Conn) whenDone(done <-chan struct{}, f func()) {
 	}
 	c.mu.Lock()
 	c.pending = append(c.pending, pendingWork{done: done, run: f})
-	c.mu.Unlock()
+	c.unlock()
 }
 
 // ready reports, without blocking, whether w can run now; settled means
@@ -76,14 +76,14 @@ func (c *Conn) poll() bool {
 	c.mu.Lock()
 	work := c.pending
 	c.pending = nil
-	c.mu.Unlock()
+	c.unlock()
 	did := false
 	var keep []pendingWork
 	for i := range work {
 		w := &work[i]
 		c.mu.Lock()
 		run, drop := w.ready()
-		c.mu.Unlock()
+		c.unlock()
 		if run {
 			did = true
 			switch {
@@ -105,7 +105,7 @@ func (c *Conn) poll() bool {
 	}
 	c.mu.Lock()
 	c.pending = append(keep, c.pending...)
-	c.mu.Unlock()
+	c.unlock()
 	return did
 }
 
@@ -126,7 +126,7 @@ func (c *Conn) finishManualShutdown() {
 		keep = append(keep, w)
 	}
 	c.pending = keep
-	c.mu.Unlock()
+	c.unlock()
 	boot.Release()
 	close(c.done)
 }
@@ -134,7 +134,7 @@ func (c *Conn) finishManualShutdown() {
 // takeOutput returns the frames queued for the peer (manual mode).
 func (c *Conn) takeOutput() []byte {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	out := c.out
 	c.out = nil
 	return out

@@ -114,14 +114,14 @@ func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp
 	c.mu.Lock()
 	if c.closing {
 		err := c.err
-		c.mu.Unlock()
+		c.unlock()
 		msg.Release()
 		return capnp.ErrorAnswer(s.Method, err), func() {}
 	}
 	if redirect, ok := c.redirectLocked(t); ok {
 		// The target already settled: a call made now must queue behind
 		// any embargo, not go to the peer after our Disembargo.
-		c.mu.Unlock()
+		c.unlock()
 		defer msg.Release()
 		defer redirect.Release()
 		args, err := params.Content()
@@ -135,13 +135,12 @@ func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp
 		})
 	}
 	if t.question != nil && (t.question.finished || t.question.c != c) {
-		c.mu.Unlock()
+		c.unlock()
 		msg.Release()
 		return capnp.ErrorAnswer(s.Method, errors.New("captp: pipelined call on a finished question")), func() {}
 	}
 	q := c.newQuestionLocked(s.Method)
 	call.SetQuestionId(q.id)
-	debugf("%p send call q%d method %d target imp=%d q=%v", c, q.id, s.Method.MethodID, t.importID, t.question != nil)
 	var fx effects
 	mt, err := call.NewTarget()
 	if err == nil {
@@ -155,7 +154,7 @@ func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp
 	}
 	if err != nil {
 		c.dropQuestionLocked(&fx, q)
-		c.mu.Unlock()
+		c.unlock()
 		msg.Release()
 		fx.run()
 		return capnp.ErrorAnswer(s.Method, err), func() {}
@@ -164,7 +163,7 @@ func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp
 		t.question.pipelined = append(t.question.pipelined, t.transform)
 	}
 	c.watchCancelLocked(q, ctx)
-	c.mu.Unlock()
+	c.unlock()
 	msg.Release()
 	fx.run()
 	return q.p.Answer(), q.release
@@ -245,7 +244,7 @@ func (q *question) cancel(err error) {
 	var fx effects
 	c.mu.Lock()
 	if q.settled || c.closing {
-		c.mu.Unlock()
+		c.unlock()
 		return
 	}
 	q.settled = true
@@ -261,7 +260,7 @@ func (q *question) cancel(err error) {
 			br.Reject(err)
 		}
 	})
-	c.mu.Unlock()
+	c.unlock()
 	fx.run()
 }
 
@@ -272,7 +271,7 @@ func (q *question) release() {
 	var fx effects
 	c.mu.Lock()
 	if q.released {
-		c.mu.Unlock()
+		c.unlock()
 		return
 	}
 	q.released = true
@@ -282,7 +281,7 @@ func (q *question) release() {
 	if q.settled {
 		q.finishLocked(&fx)
 	}
-	c.mu.Unlock()
+	c.unlock()
 	fx.run()
 }
 
@@ -339,11 +338,8 @@ func (q *question) rejectLocked(fx *effects, err error) {
 		q.bootCap = capnp.Client{}
 		fx.add(bc.Release)
 	}
-	results := q.results
-	q.results, q.resultContent = nil, capnp.Ptr{}
-	if results != nil {
-		fx.add(results.Release)
-	}
+	// Results the caller has not released stay readable: its release
+	// frees them (finishLocked retires the question even when closing).
 }
 
 func (c *Conn) sendFinishLocked(id uint32, releaseResultCaps bool) {

@@ -1,3 +1,0 @@
-package core
-
-var debugf = func(string, ...any) {}
