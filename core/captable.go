@@ -547,6 +547,7 @@ func (em *embargo) end(err error) {
 	if h.shutdown {
 		h.mu.Unlock()
 		msg.Release() // nobody holds the embargoed client any more
+		em.target.Release()
 		return
 	}
 	h.results = msg
@@ -573,8 +574,12 @@ func (g *recvGuard) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller
 // once: go-capnp's AnswerQueue calls whatever a delivery returns, so every
 // hook of ours returns a caller (which fails pipelined calls) instead.
 func nonNil(pc capnp.PipelineCaller) capnp.PipelineCaller {
-	if pc != nil {
+	switch pc.(type) {
+	case nil:
+	case safeCaller, failedPipeline:
 		return pc
+	default:
+		return safeCaller{pc}
 	}
 	return failedPipeline{errors.New("captp: pipelined call on a call that already returned")}
 }
@@ -582,6 +587,19 @@ func nonNil(pc capnp.PipelineCaller) capnp.PipelineCaller {
 func (g *recvGuard) Brand() capnp.Brand { return capnp.Brand{Value: g} }
 func (g *recvGuard) String() string     { return "captp embargo delivery" }
 func (g *recvGuard) Shutdown()          { g.target.Release() }
+
+// safeCaller passes pipelined calls to pc, never returning a nil caller
+// (see nonNil): an answer's PipelineRecv returns whatever its resolution's
+// Recv does.
+type safeCaller struct{ pc capnp.PipelineCaller }
+
+func (s safeCaller) PipelineSend(ctx context.Context, t []capnp.PipelineOp, send capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
+	return s.pc.PipelineSend(ctx, t, send)
+}
+
+func (s safeCaller) PipelineRecv(ctx context.Context, t []capnp.PipelineOp, r capnp.Recv) capnp.PipelineCaller {
+	return nonNil(s.pc.PipelineRecv(ctx, t, r))
+}
 
 // failedPipeline fails every pipelined call. PipelineRecv returns the
 // receiver, never nil, for the same reason as recvGuard.

@@ -34,8 +34,8 @@ type Conn struct {
 	cancel context.CancelFunc
 
 	mu        sync.Mutex // release with c.unlock(), never c.mu.Unlock()
-	closing   bool  // shutdown has begun: nothing new is queued but the Abort
-	err       error // why the connection ended; nil for a clean local Close
+	closing   bool       // shutdown has begun: nothing new is queued but the Abort
+	err       error      // why the connection ended; nil for a clean local Close
 	bootstrap capnp.Client
 
 	// manual is set for a Conn driven by hand, one step at a time, with no

@@ -200,9 +200,9 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 		ReleaseArgs: a.releaseArgs(msg),
 		Returner:    a,
 	}
-	if target.IsValid() {
-		target = target.AddRef()
-	}
+	// Our own reference for the delivery (never e.client itself, which
+	// a release after delivery would drop even when it resolved to null).
+	target = target.AddRef()
 	fx.add(func() {
 		c.deliverCall(a, target, targetAns, transform, recv)
 		target.Release()

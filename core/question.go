@@ -380,7 +380,7 @@ func (c *Conn) forwardCall(ctx context.Context, t callTarget, r capnp.Recv) capn
 		r.Returner.Return()
 		r.Returner.ReleaseResults()
 	})
-	return ans
+	return safeCaller{ans}
 }
 
 // watchCancelLocked arranges for q to be cancelled when ctx ends.
