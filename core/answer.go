@@ -39,6 +39,12 @@ type answer struct {
 	// resultExports counts export references carried by the Return, which
 	// Finish(releaseResultCaps) gives back.
 	resultExports []uint32
+	// sendElsewhere is set for a call with sendResultsTo.yourself: its
+	// Return says resultsSentElsewhere and the results stay here for the
+	// takers, questions the peer answered with takeFromOtherQuestion.
+	sendElsewhere bool
+	takers        []*question
+
 	// pipelines are promises we handed out for capabilities in the
 	// results (receiverAnswer from the peer); they settle at Return.
 	pipelines []pendingPipeline
@@ -51,6 +57,7 @@ func (c *Conn) newAnswerLocked(qid uint32) *answer {
 	ctx, cancel := context.WithCancel(c.ctx)
 	a := &answer{c: c, id: qid, ctx: ctx, cancel: cancel}
 	c.answers[qid] = a
+	c.inProgress++
 	return a
 }
 
@@ -111,6 +118,9 @@ func (c *Conn) prepareLocked(fx *effects, a *answer, err error) {
 			return
 		}
 	}
+	if a.sendElsewhere {
+		return // the results never cross the wire: nothing to export
+	}
 	payload, err := a.outRet.Results()
 	if err == nil {
 		a.resultExports, err = c.fillCapTableLocked(fx, payload, a.out.CapTable())
@@ -141,6 +151,9 @@ func (c *Conn) returnLocked(fx *effects, a *answer) {
 		return
 	}
 	a.returned = true
+	if c.answers[a.id] == a {
+		c.inProgress--
+	}
 	a.msg, a.ret, a.results, a.err = a.out, a.outRet, a.outResults, a.outErr
 	a.out = nil
 	a.settlePipelinesLocked(fx)
@@ -151,6 +164,10 @@ func (c *Conn) returnLocked(fx *effects, a *answer) {
 	if a.finished || a.err != nil {
 		// Nobody will receive capabilities from these results.
 		c.releaseResultExportsLocked(fx, a)
+	}
+	if a.sendElsewhere {
+		c.returnElsewhereLocked(fx, a)
+		return
 	}
 	switch {
 	case a.finished:
@@ -168,6 +185,40 @@ func (c *Conn) returnLocked(fx *effects, a *answer) {
 	if a.msg == nil {
 		c.log.Error("captp: could not build return", "answer", a.id)
 	} else if err := c.sendLocked(a.msg); err != nil {
+		c.log.Error("captp: queue return", "answer", a.id, "err", err)
+	}
+	if a.err != nil && a.msg != nil {
+		// Nothing pipelines on an exception: keep only the table entry
+		// until Finish, not the message.
+		fx.add(a.msg.Release)
+		a.msg = nil
+	}
+	if a.finished {
+		c.retireAnswerLocked(fx, a)
+	}
+}
+
+// returnElsewhereLocked completes a tail call: the peer gets a Return
+// saying resultsSentElsewhere, the waiting questions get the results.
+func (c *Conn) returnElsewhereLocked(fx *effects, a *answer) {
+	for _, q := range a.takers {
+		if c.questions[q.id] == q && !q.settled {
+			c.takeResultsLocked(fx, q, a)
+		}
+	}
+	a.takers = nil
+	msg, m, err := newMessage()
+	if err == nil {
+		var ret rpccp.Return
+		if ret, err = m.NewReturn(); err == nil {
+			ret.SetAnswerId(a.id)
+			ret.SetReleaseParamCaps(false)
+			ret.SetResultsSentElsewhere()
+			err = c.sendLocked(msg)
+		}
+		msg.Release()
+	}
+	if err != nil {
 		c.log.Error("captp: queue return", "answer", a.id, "err", err)
 	}
 	if a.finished {

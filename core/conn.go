@@ -48,6 +48,7 @@ type Conn struct {
 	questionIDs    idAllocator
 	questionsByAns map[*capnp.Answer]*question
 	answers        map[uint32]*answer
+	inProgress     int // answers whose call has not returned yet
 	imports        map[uint32]*importEntry
 	exports        map[uint32]*export
 	exportIDs      idAllocator
@@ -257,6 +258,9 @@ func (c *Conn) readLoop() {
 	defer close(c.readerDone)
 	fr := newFrameReader(c.rwc, c.lim)
 	for {
+		// Backpressure: a peer that sends calls without reading our
+		// replies stops being read once they fill the outbound queue.
+		c.waitQueue(context.Background())
 		msg, err := fr.readMessage()
 		if err != nil {
 			var fe *FrameError
@@ -457,6 +461,7 @@ func (c *Conn) clearTablesLocked(fx *effects, reason error) {
 		delete(c.answers, id)
 		a.dropLocked(fx)
 	}
+	c.inProgress = 0
 	for _, id := range sortedKeys(c.imports) {
 		ie := c.imports[id]
 		delete(c.imports, id)

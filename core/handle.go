@@ -116,6 +116,9 @@ func (c *Conn) handleBootstrap(fx *effects, m rpccp.Message) error {
 	if c.answers[qid] != nil {
 		return violation("bootstrap reuses question id %d still in use", qid)
 	}
+	if len(c.answers) >= answerTableLimit(c.lim) {
+		return violation("peer keeps more than %d calls unfinished", answerTableLimit(c.lim))
+	}
 	a := c.newAnswerLocked(qid)
 	if !c.bootstrap.IsValid() {
 		a.outErr = exc.New(exc.Failed, "captp", "this vat offers no bootstrap capability")
@@ -147,7 +150,19 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 	if c.answers[qid] != nil {
 		return false, violation("call reuses question id %d still in use", qid)
 	}
-	if call.SendResultsTo().Which() != rpccp.Call_sendResultsTo_Which_caller {
+	// Answered calls stay in the table until the peer's Finish; a peer
+	// that never finishes would grow it forever.
+	if len(c.answers) >= answerTableLimit(c.lim) {
+		return false, violation("peer keeps more than %d calls unfinished", answerTableLimit(c.lim))
+	}
+	var sendElsewhere bool
+	switch call.SendResultsTo().Which() {
+	case rpccp.Call_sendResultsTo_Which_caller:
+	case rpccp.Call_sendResultsTo_Which_yourself:
+		// A tail call: keep the results for the peer's
+		// Return.takeFromOtherQuestion instead of sending them.
+		sendElsewhere = true
+	default:
 		return false, c.sendUnimplementedLocked(m)
 	}
 	mt, err := call.Target()
@@ -187,13 +202,15 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 	if err := c.importCapTableLocked(fx, msg, params, nil); err != nil {
 		return false, err
 	}
-	a := c.newAnswerLocked(qid)
 	method := capnp.Method{InterfaceID: call.InterfaceId(), MethodID: call.MethodId()}
-	if len(c.answers) > c.lim.MaxAnswers {
+	if c.inProgress >= c.lim.MaxAnswers {
+		a := c.newAnswerLocked(qid)
 		a.outErr = exc.New(exc.Overloaded, "captp", fmt.Sprintf("too many calls in progress (limit %d)", c.lim.MaxAnswers))
 		c.returnLocked(fx, a)
 		return false, nil
 	}
+	a := c.newAnswerLocked(qid)
+	a.sendElsewhere = sendElsewhere
 	recv := capnp.Recv{
 		Method:      method,
 		Args:        content.Struct(),
@@ -249,9 +266,41 @@ func (c *Conn) handleReturn(fx *effects, msg *capnp.Message, m rpccp.Message) (b
 	if q.returned {
 		return false, violation("second return for question %d", q.id)
 	}
-	q.returned = true
-	if q.stopCancel != nil {
-		q.stopCancel()
+	// Validate everything before changing state: on a violation the
+	// question must still be pending, so that shutdown rejects it.
+	var (
+		content capnp.Ptr
+		payload rpccp.Payload
+		rerr    error
+		source  *answer // takeFromOtherQuestion
+	)
+	switch ret.Which() {
+	case rpccp.Return_Which_results:
+		if payload, err = ret.Results(); err == nil {
+			content, err = payload.Content()
+		}
+		if err != nil {
+			return false, violation("decode results: %w", err)
+		}
+	case rpccp.Return_Which_exception:
+		e, err := ret.Exception()
+		if err != nil {
+			return false, violation("decode exception: %w", err)
+		}
+		rerr = e.ToError()
+	case rpccp.Return_Which_canceled:
+		rerr = exc.New(exc.Failed, "captp", "call canceled by the callee")
+	case rpccp.Return_Which_takeFromOtherQuestion:
+		// A tail call: the results are those of a call the peer made to
+		// us with sendResultsTo.yourself.
+		id := ret.TakeFromOtherQuestion()
+		if source = c.answers[id]; source == nil || !source.sendElsewhere {
+			return false, violation("return for question %d takes the results of question %d, which is not a call with sendResultsTo.yourself", q.id, id)
+		}
+	default:
+		// We never ask for results to be sent elsewhere or to a third
+		// party, so the peer cannot answer with those.
+		return false, violation("return type %v for question %d, which did not ask for it", ret.Which(), q.id)
 	}
 	if ret.ReleaseParamCaps() {
 		for _, id := range q.paramExports {
@@ -261,45 +310,43 @@ func (c *Conn) handleReturn(fx *effects, msg *capnp.Message, m rpccp.Message) (b
 		}
 	}
 	q.paramExports = nil
+	q.returned = true
+	if q.stopCancel != nil {
+		q.stopCancel()
+	}
 	if q.settled {
 		// Cancelled earlier: Finish (with releaseResultCaps) is already
 		// sent, so the callee owns any capabilities in the results.
 		q.retireLocked(fx)
 		return false, nil
 	}
-	q.settled = true
-	var keep bool
-	var content capnp.Ptr
-	var rerr error
-	switch ret.Which() {
-	case rpccp.Return_Which_results:
-		payload, err := ret.Results()
-		if err != nil {
-			return false, violation("decode results: %w", err)
+	switch {
+	case source != nil:
+		if source.returned {
+			c.takeResultsLocked(fx, q, source)
+		} else {
+			source.takers = append(source.takers, q)
 		}
-		content, err = payload.Content()
-		if err != nil {
-			return false, violation("decode results: %w", err)
-		}
+		return false, nil
+	case rerr == nil:
 		if err := c.importCapTableLocked(fx, msg, payload, c.returnEmbargo(q, content)); err != nil {
 			return false, err
 		}
-		q.results, q.resultContent, keep = msg, content, true
-	case rpccp.Return_Which_exception:
-		e, err := ret.Exception()
-		if err != nil {
-			return false, violation("decode exception: %w", err)
-		}
-		rerr = e.ToError()
-		q.resultErr = rerr
-	case rpccp.Return_Which_canceled:
-		rerr = exc.New(exc.Failed, "captp", "call canceled by the callee")
-		q.resultErr = rerr
+		c.settleLocked(fx, q, msg, content, nil)
+		return true, nil
 	default:
-		// We never ask for results to be sent elsewhere, so the peer
-		// cannot answer with resultsSentElsewhere, takeFromOtherQuestion
-		// or awaitFromThirdParty.
-		return false, violation("return type %d for question %d, which did not ask for it", ret.Which(), q.id)
+		c.settleLocked(fx, q, nil, capnp.Ptr{}, rerr)
+		return false, nil
+	}
+}
+
+// settleLocked resolves q with its results (kept in msg) or err.
+func (c *Conn) settleLocked(fx *effects, q *question, msg *capnp.Message, content capnp.Ptr, rerr error) {
+	q.settled = true
+	if rerr != nil {
+		q.resultErr = rerr
+	} else {
+		q.results, q.resultContent = msg, content
 	}
 	p, br := q.p, q.bootResolver
 	q.bootResolver = nil
@@ -322,7 +369,40 @@ func (c *Conn) handleReturn(fx *effects, msg *capnp.Message, m rpccp.Message) (b
 		}
 		c.afterSettle(q)
 	})
-	return keep, nil
+}
+
+// takeResultsLocked settles q with a copy of the results of answer a (a
+// tail call the peer redirected back to us). The capabilities are ours;
+// calls pipelined on q went through the peer, so they are embargoed.
+func (c *Conn) takeResultsLocked(fx *effects, q *question, a *answer) {
+	if a.err != nil {
+		c.settleLocked(fx, q, nil, capnp.Ptr{}, a.err)
+		return
+	}
+	msg, _, err := capnp.NewMessage(capnp.SingleSegment(nil))
+	if err == nil && a.msg != nil {
+		err = msg.SetRoot(a.results)
+	}
+	var content capnp.Ptr
+	if err == nil {
+		content, err = msg.Root()
+	}
+	if err != nil {
+		msg.Release()
+		c.settleLocked(fx, q, nil, capnp.Ptr{}, fmt.Errorf("captp: copy tail call results: %w", err))
+		return
+	}
+	if embargo := c.returnEmbargo(q, content); embargo != nil {
+		table := msg.CapTable()
+		for i := 0; i < table.Len(); i++ {
+			cl, err := embargo(i, table.At(i))
+			if err != nil {
+				continue
+			}
+			table.Set(capnp.CapabilityID(i), cl)
+		}
+	}
+	c.settleLocked(fx, q, msg, content, nil)
 }
 
 // afterSettle finishes a question whose caller already released it (or a
@@ -646,3 +726,7 @@ func resolvesTo(client capnp.Client, hook *importClient) bool {
 	defer snap.Release()
 	return snap.Brand().Value == hook
 }
+
+// answerTableLimit bounds answers returned but not yet finished by the
+// peer, on top of the MaxAnswers still running.
+func answerTableLimit(l Limits) int { return 4 * l.MaxAnswers }
