@@ -46,6 +46,10 @@ type simConfig struct {
 	Vats        int
 	Steps       int
 	SkipEmbargo bool
+
+	// onStep, if set, runs before each step's action (the hostile test
+	// attaches its adversary here).
+	onStep func(*sim)
 }
 
 // simFailure is an invariant violation found at Step (Step == Steps for
@@ -141,6 +145,9 @@ func runSim(cfg simConfig) (failure *simFailure) {
 	}
 	for s.step = 0; s.step < cfg.Steps && s.fail == nil; s.step++ {
 		s.pump()
+		if cfg.onStep != nil {
+			cfg.onStep(s)
+		}
 		s.act()
 		s.pump()
 		s.checkStep()
