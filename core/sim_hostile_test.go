@@ -269,7 +269,7 @@ func TestFloodWithoutReadingIsBounded(t *testing.T) {
 	}
 	const calls = 200000
 	lim := Limits{MaxAnswers: 1024, MaxQueuedBytes: 1 << 20}
-	peer, server := fuzzPipe()
+	peer, server := floodPipe()
 	srv := NewConn(server, &Options{BootstrapClient: capnp.Client(testcapnp.Test_ServerToClient(&floodTarget{})), Limits: lim})
 	defer srv.Close()
 
@@ -385,3 +385,20 @@ func (floodTarget) Seq(ctx context.Context, call testcapnp.Test_seq) error {
 	return err
 }
 func (floodTarget) Log(context.Context, testcapnp.Test_log) error { return nil }
+
+// floodEnd is one end of an in-memory full-duplex stream.
+type floodEnd struct {
+	*io.PipeReader
+	*io.PipeWriter
+}
+
+func (e floodEnd) Close() error {
+	e.PipeReader.Close()
+	return e.PipeWriter.Close()
+}
+
+func floodPipe() (floodEnd, floodEnd) {
+	ar, bw := io.Pipe()
+	br, aw := io.Pipe()
+	return floodEnd{ar, aw}, floodEnd{br, bw}
+}
