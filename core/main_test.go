@@ -9,5 +9,6 @@ import (
 // Every test must leave no goroutine behind: connections, promise
 // watchers and forwarded calls all end when their connection does.
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	// runtime.handleEvent is js/wasm's event-loop goroutine, not ours.
+	goleak.VerifyTestMain(m, goleak.IgnoreAnyFunction("runtime.handleEvent"))
 }
