@@ -19,6 +19,8 @@ CAPNPC_GO = $(GOBIN)/capnpc-go
 SCHEMA_DIRS := internal/testcapnp
 
 TEST_TIMEOUT ?= 10m
+# CI_FUZZTIME is how long `make test` fuzzes each target.
+CI_FUZZTIME ?= 10s
 FUZZTIME ?= 10s
 
 # TAMAGO: path to a tamago-go `go` binary. Unset: upstream's launcher
@@ -115,6 +117,7 @@ test: deps fmt-check vet
 	@if command -v capnp >/dev/null 2>&1; then $(MAKE) --no-print-directory gen-check; \
 	else echo "SKIPPED: gen-check — capnp is not installed (make deps)"; fi
 	$(MAKE) --no-print-directory unit wasm tamago-check
+	$(MAKE) --no-print-directory fuzz-short FUZZTIME=$(CI_FUZZTIME)
 
 # tamago_go prints the tamago-go `go` to use, or nothing. With $(1) = installed,
 # the launcher counts only when its toolchain is already in the cache (no
