@@ -282,6 +282,7 @@ func (a *answer) freeLocked(fx *effects) {
 type pendingPipeline struct {
 	transform []capnp.PipelineOp
 	resolver  capnp.Resolver[capnp.Client]
+	hook      *localPipeline
 }
 
 // settlePipelinesLocked resolves the promises handed out for capabilities
@@ -303,8 +304,13 @@ func (a *answer) settlePipelinesLocked(fx *effects) {
 				cl = ptr.Interface().Client().AddRef()
 			}
 		}
-		r := pp.resolver
+		r, hook := pp.resolver, pp.hook
 		fx.add(func() {
+			if err == nil && resolvesToHook(cl, hook) {
+				// The results contain the very promise for them.
+				cl.Release()
+				err = errors.New("captp: a call's result is a promise for itself")
+			}
 			if err != nil {
 				r.Reject(err)
 				return

@@ -432,8 +432,9 @@ func (c *Conn) answerClientLocked(a *answer, transform []capnp.PipelineOp) capnp
 		return ptr.Interface().Client().AddRef()
 	case a.pcall != nil:
 		// A promise: it settles on the result once the call returns.
-		cl, r := capnp.NewPromisedClient(&localPipeline{pcall: a.pcall, transform: transform})
-		a.pipelines = append(a.pipelines, pendingPipeline{transform: transform, resolver: r})
+		hook := &localPipeline{pcall: a.pcall, transform: transform}
+		cl, r := capnp.NewPromisedClient(hook)
+		a.pipelines = append(a.pipelines, pendingPipeline{transform: transform, resolver: r, hook: hook})
 		return cl
 	default:
 		return capnp.ErrorClient(errors.New("captp: answer has no results to pipeline on"))
@@ -544,15 +545,19 @@ func (em *embargo) end(err error) {
 	guard := capnp.NewClient(&recvGuard{target: em.target.AddRef()})
 	iface := capnp.NewInterface(seg, msg.CapTable().Add(guard))
 	h.mu.Lock()
-	if h.shutdown {
-		h.mu.Unlock()
-		msg.Release() // nobody holds the embargoed client any more
+	shut := h.shutdown
+	if !shut {
+		h.results = msg
+	}
+	h.mu.Unlock()
+	// Calls already queued are delivered even if nobody holds the
+	// embargoed client any more: they were made, and must arrive.
+	h.queue.Fulfill(iface.ToPtr())
+	if shut {
+		msg.Release()
 		em.target.Release()
 		return
 	}
-	h.results = msg
-	h.mu.Unlock()
-	h.queue.Fulfill(iface.ToPtr())
 	em.resolver.Fulfill(em.target)
 	em.target.Release()
 }

@@ -719,12 +719,19 @@ func marshalException(e rpccp.Exception, err error) error {
 // resolvesTo reports whether client, followed as far as it has resolved,
 // ends at hook: an imported promise resolving to itself.
 func resolvesTo(client capnp.Client, hook *importClient) bool {
+	return resolvesToHook(client, hook)
+}
+
+// resolvesToHook reports whether client, followed as far as it has
+// resolved, ends at the capnp.ClientHook hook (a promise cycle that
+// go-capnp would chase forever).
+func resolvesToHook(client capnp.Client, hook capnp.ClientHook) bool {
 	if !client.IsValid() {
 		return false
 	}
 	snap := client.Snapshot()
 	defer snap.Release()
-	return snap.Brand().Value == hook
+	return snap.Brand().Value == any(hook)
 }
 
 // answerTableLimit bounds answers returned but not yet finished by the
