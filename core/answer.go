@@ -19,8 +19,14 @@ type answer struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	// pcall takes calls pipelined on this answer before it returns.
-	pcall capnp.PipelineCaller
+	// queued holds calls pipelined on this answer before it returned, in
+	// arrival order; flushing is set while they are being delivered, so
+	// that later calls queue behind them. (go-capnp's own server pipeline
+	// queue cannot be used: it dereferences the nil PipelineCaller of a
+	// call that fails at once, crashing the process on a peer's input.)
+	queued    []queuedCall
+	flushing  bool
+	published bool // results visible to pipelined calls (before returned while flushing)
 
 	// Published by Return under c.mu; read by pipelined calls.
 	msg     *capnp.Message // the Return message; kept until Finish for pipelining
@@ -130,14 +136,34 @@ func (c *Conn) prepareLocked(fx *effects, a *answer, err error) {
 	}
 }
 
-// Return queues the Return message.
+// Return queues the Return message. Calls the peer pipelined on this
+// answer are delivered first, in order, as go-capnp's Returner contract
+// asks: a call the peer makes after seeing the Return must not overtake
+// them.
 func (a *answer) Return() {
 	c := a.c
 	var fx effects
 	c.mu.Lock()
+	if len(a.queued) > 0 && !c.closing && c.answers[a.id] == a {
+		a.publishLocked()
+		a.flushing = true
+		c.unlock()
+		c.flushQueued(a)
+		return
+	}
 	c.returnLocked(&fx, a)
 	c.unlock()
 	fx.run()
+}
+
+// publishLocked makes the handler's results visible to pipelined calls.
+func (a *answer) publishLocked() {
+	if a.published {
+		return
+	}
+	a.published = true
+	a.msg, a.ret, a.results, a.err = a.out, a.outRet, a.outResults, a.outErr
+	a.out = nil
 }
 
 // ReleaseResults is a no-op: the results live in the Return message, which
@@ -154,9 +180,13 @@ func (c *Conn) returnLocked(fx *effects, a *answer) {
 	if c.answers[a.id] == a {
 		c.inProgress--
 	}
-	a.msg, a.ret, a.results, a.err = a.out, a.outRet, a.outResults, a.outErr
-	a.out = nil
+	a.publishLocked()
 	a.settlePipelinesLocked(fx)
+	if len(a.queued) > 0 {
+		// Only when shutting down or canceled: they fail in order.
+		a.flushing = true
+		fx.add(func() { c.flushQueued(a) })
+	}
 	if c.closing || c.answers[a.id] != a {
 		a.freeLocked(fx)
 		return
@@ -269,7 +299,6 @@ func (c *Conn) retireAnswerLocked(fx *effects, a *answer) {
 // freeLocked releases what the answer holds.
 func (a *answer) freeLocked(fx *effects) {
 	a.cancel()
-	a.pcall = nil
 	if msg := a.msg; msg != nil {
 		a.msg = nil
 		a.results = capnp.Ptr{}
@@ -325,6 +354,11 @@ func (a *answer) settlePipelinesLocked(fx *effects) {
 // dropLocked discards the answer at shutdown. Its handler may still be
 // running; its context is cancelled and a later Return is dropped.
 func (a *answer) dropLocked(fx *effects) {
+	for _, q := range a.queued {
+		r := q.recv
+		fx.add(func() { r.Reject(errors.New("captp: connection closed before the call returned")) })
+	}
+	a.queued = nil
 	for _, pp := range a.pipelines {
 		r := pp.resolver
 		fx.add(func() { r.Reject(errors.New("captp: connection closed before the call returned")) })
@@ -333,56 +367,84 @@ func (a *answer) dropLocked(fx *effects) {
 	a.freeLocked(fx)
 }
 
+// queuedCall is a call pipelined on an answer that has not returned.
+type queuedCall struct {
+	ctx       context.Context
+	transform []capnp.PipelineOp
+	recv      capnp.Recv
+}
+
 // deliverCall runs outside the lock, in the reader goroutine, so calls
 // reach local capabilities in the order they arrived.
 func (c *Conn) deliverCall(a *answer, target capnp.Client, targetAns *answer, transform []capnp.PipelineOp, recv capnp.Recv) {
-	var pcall capnp.PipelineCaller
 	if targetAns == nil {
-		pcall = target.RecvCall(a.ctx, recv)
-	} else {
-		pcall = c.deliverPipelined(a, targetAns, transform, recv)
+		target.RecvCall(a.ctx, recv)
+		return
 	}
-	c.mu.Lock()
-	if !a.returned {
-		a.pcall = pcall
-	}
-	c.unlock()
+	c.pipelineCall(targetAns, a.ctx, transform, recv)
 }
 
-// deliverPipelined delivers a call made on a promised answer: to the
-// results if they exist, else through the pipeline of the running call.
-func (c *Conn) deliverPipelined(a *answer, ta *answer, transform []capnp.PipelineOp, recv capnp.Recv) capnp.PipelineCaller {
+// pipelineCall delivers a call made on a capability in answer ta's
+// results: now if they are there, else after ta returns, in order.
+func (c *Conn) pipelineCall(ta *answer, ctx context.Context, transform []capnp.PipelineOp, recv capnp.Recv) {
 	c.mu.Lock()
-	returned, finished, results, err, pcall := ta.returned, ta.finished, ta.results, ta.err, ta.pcall
-	var client capnp.Client
-	if returned && err == nil && ta.msg != nil {
-		ptr, terr := capnp.Transform(results, transform)
-		if terr != nil {
-			err = fmt.Errorf("captp: pipelined call: %w", terr)
-		} else {
-			client = ptr.Interface().Client().AddRef()
-		}
+	if !ta.returned || ta.flushing {
+		ta.queued = append(ta.queued, queuedCall{ctx, transform, recv})
+		c.unlock()
+		return
 	}
+	client, err := ta.resultCapLocked(transform)
 	c.unlock()
+	deliverTo(client, err, ctx, recv)
+}
+
+// resultCapLocked returns the capability at transform in a's results.
+func (a *answer) resultCapLocked(transform []capnp.PipelineOp) (capnp.Client, error) {
 	switch {
-	case returned && err != nil:
+	case a.err != nil:
+		return capnp.Client{}, a.err
+	case a.finished || a.msg == nil:
+		return capnp.Client{}, errors.New("captp: pipelined call on a call that ended without results")
+	}
+	ptr, err := capnp.Transform(a.results, transform)
+	if err != nil {
+		return capnp.Client{}, fmt.Errorf("captp: pipelined call: %w", err)
+	}
+	return ptr.Interface().Client().AddRef(), nil
+}
+
+func deliverTo(client capnp.Client, err error, ctx context.Context, recv capnp.Recv) {
+	defer client.Release()
+	switch {
+	case err != nil:
 		recv.Reject(err)
-		return nil
-	case returned && finished:
-		recv.Reject(errors.New("captp: pipelined call on a canceled call"))
-		return nil
-	case returned:
-		defer client.Release()
-		if !client.IsValid() {
-			recv.Reject(errors.New("captp: pipelined call on a null capability"))
-			return nil
-		}
-		return client.RecvCall(a.ctx, recv)
-	case pcall != nil:
-		return pcall.PipelineRecv(a.ctx, transform, recv)
+	case !client.IsValid():
+		recv.Reject(errors.New("captp: pipelined call on a null capability"))
 	default:
-		recv.Reject(errors.New("captp: pipelined call on a call that cannot pipeline"))
-		return nil
+		client.RecvCall(ctx, recv)
+	}
+}
+
+// flushQueued delivers, in order, the calls pipelined on a while it ran
+// (and any that arrive meanwhile), then lets later calls go directly.
+func (c *Conn) flushQueued(a *answer) {
+	for {
+		c.mu.Lock()
+		if len(a.queued) == 0 {
+			a.flushing = false
+			// With the queue empty and the lock held, nothing can
+			// slip between the last queued call and the Return.
+			var fx effects
+			c.returnLocked(&fx, a)
+			c.unlock()
+			fx.run()
+			return
+		}
+		q := a.queued[0]
+		a.queued = a.queued[1:]
+		client, err := a.resultCapLocked(q.transform)
+		c.unlock()
+		deliverTo(client, err, q.ctx, q.recv)
 	}
 }
 

@@ -430,14 +430,13 @@ func (c *Conn) answerClientLocked(a *answer, transform []capnp.PipelineOp) capnp
 			return capnp.ErrorClient(fmt.Errorf("captp: %w", err))
 		}
 		return ptr.Interface().Client().AddRef()
-	case a.pcall != nil:
-		// A promise: it settles on the result once the call returns.
-		hook := &localPipeline{pcall: a.pcall, transform: transform}
+	default:
+		// A promise: calls queue behind the running call, and it settles
+		// on the result once the call returns.
+		hook := &localPipeline{c: c, a: a, transform: transform}
 		cl, r := capnp.NewPromisedClient(hook)
 		a.pipelines = append(a.pipelines, pendingPipeline{transform: transform, resolver: r, hook: hook})
 		return cl
-	default:
-		return capnp.ErrorClient(errors.New("captp: answer has no results to pipeline on"))
 	}
 }
 
@@ -468,16 +467,29 @@ func (c *Conn) promisedAnswerLocked(pa rpccp.PromisedAnswer) (*answer, []capnp.P
 // localPipeline is a client for a capability in the results of a local
 // call that has not returned yet.
 type localPipeline struct {
-	pcall     capnp.PipelineCaller
+	c         *Conn
+	a         *answer
 	transform []capnp.PipelineOp
 }
 
 func (p *localPipeline) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
-	return p.pcall.PipelineSend(ctx, p.transform, s)
+	_, seg := capnp.NewMultiSegmentMessage(nil)
+	args, err := capnp.NewRootStruct(seg, s.ArgsSize)
+	if err == nil && s.PlaceArgs != nil {
+		err = s.PlaceArgs(args)
+	}
+	if err != nil {
+		return capnp.ErrorAnswer(s.Method, err), func() {}
+	}
+	ret := new(capnp.StructReturner)
+	pcall := p.Recv(ctx, capnp.Recv{Method: s.Method, Args: args, ReleaseArgs: args.Message().Release, Returner: ret})
+	return ret.Answer(s.Method, pcall)
 }
 
 func (p *localPipeline) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
-	return nonNil(p.pcall.PipelineRecv(ctx, p.transform, r))
+	p.c.pipelineCall(p.a, ctx, p.transform, r)
+	// Pipelining on a call queued here is not supported; it fails.
+	return failedPipeline{errors.New("captp: pipelined call on a call queued behind a running call")}
 }
 
 func (p *localPipeline) Brand() capnp.Brand { return capnp.Brand{Value: p} }
