@@ -146,8 +146,12 @@ func (a *answer) Return() {
 	c.mu.Lock()
 	if len(a.queued) > 0 && !c.closing && c.answers[a.id] == a {
 		a.publishLocked()
+		// Promises for result capabilities settle first, so queued calls
+		// that reach them do not queue here again.
+		a.settlePipelinesLocked(&fx)
 		a.flushing = true
 		c.unlock()
+		fx.run()
 		c.flushQueued(a)
 		return
 	}
