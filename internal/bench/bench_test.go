@@ -1,0 +1,98 @@
+package bench
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestMain runs the bench server when the harness re-executes this test
+// binary as its child process (see Config.ChildCommand).
+func TestMain(m *testing.M) {
+	if len(os.Args) > 1 && os.Args[1] == ServerCommand {
+		os.Exit(ServerMain(os.Args[2:], os.Stdin, os.Stdout, os.Stderr))
+	}
+	os.Exit(m.Run())
+}
+
+// TestHarness runs every implementation on every transport with tiny
+// counts: the harness works end to end, and its table and JSON carry
+// every metric. The C++ reference takes part when its program is already
+// built (building it takes longer than this test may).
+func TestHarness(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	var progress bytes.Buffer
+	cfg := Config{Counts: TinyCounts(), CppCachedOnly: true, Progress: &progress}
+	defer func() { t.Logf("progress:\n%s", progress.String()) }()
+	transports := AllTransports
+	if raceEnabled {
+		// The in-memory pipe adds nothing the Unix socket does not
+		// cover, and the race detector makes every run slow.
+		transports = []Transport{Unix, Unix2P}
+		cfg.Transports = transports
+	}
+	start := time.Now()
+	rep, err := Run(ctx, cfg)
+	if err != nil {
+		t.Fatalf("Run: %v\nprogress:\n%s", err, progress.String())
+	}
+	t.Logf("harness ran in %v", time.Since(start).Round(time.Millisecond))
+
+	var table bytes.Buffer
+	if err := rep.WriteTable(&table); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("table:\n%s", table.String())
+	for _, s := range rep.Skipped {
+		if s.Impl != Cpp || !strings.HasPrefix(s.Reason, "skipped:") {
+			t.Errorf("%s on %q did not run: %s", s.Impl, s.Transport, s.Reason)
+		}
+	}
+	for _, tr := range transports {
+		for _, im := range []Impl{Raw, Captp, GoCapnp} {
+			for _, m := range []string{mSeqMedian, mRate64, mRate1024, mEcho1MiB, mAllocs64, mCPU64} {
+				res := rep.Find(tr, im, m)
+				if res == nil || len(res.Runs) != cfg.Counts.Reps || res.Median <= 0 && m != mAllocs64 {
+					t.Errorf("%s/%s: metric %s missing or empty: %+v", tr, im, m, res)
+				}
+			}
+			if im != Raw && rep.Find(tr, im, mPipe2Ratio) == nil {
+				t.Errorf("%s/%s: no pipelining figure", tr, im)
+			}
+		}
+		if res := rep.Find(tr, Captp, mSeqMedian); res != nil && (res.VsRaw == nil || res.VsGoCapnp == nil) {
+			t.Errorf("%s: captp's latency has no ratio to the floor or go-capnp: %+v", tr, res)
+		}
+	}
+	if rep.Find(Unix2P, Captp, mAllocs64Server) == nil {
+		t.Error("two processes: no server-side allocation count")
+	}
+	if n := len(rep.Floods); n < 4 {
+		t.Errorf("%d floods; want captp and go-capnp, finished and not", n)
+	}
+	for _, f := range rep.Floods {
+		if f.Impl == Captp && f.Finish && !f.AllAnswered() {
+			t.Errorf("captp flood: %+v; want every call answered", f)
+		}
+	}
+	if !strings.Contains(table.String(), "×go-capnp") || !strings.Contains(table.String(), "targets") {
+		t.Errorf("the table lacks ratios or targets")
+	}
+
+	var js bytes.Buffer
+	if err := rep.WriteJSON(&js); err != nil {
+		t.Fatal(err)
+	}
+	var back Report
+	if err := json.Unmarshal(js.Bytes(), &back); err != nil {
+		t.Fatalf("JSON does not read back: %v", err)
+	}
+	if len(back.Results) != len(rep.Results) {
+		t.Errorf("JSON has %d results; want %d", len(back.Results), len(rep.Results))
+	}
+}
