@@ -31,14 +31,16 @@ TAMAGO_CACHE = $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tamago-go
 TAMAGO_ENV := GOTOOLCHAIN=local GOOS=tamago GOARCH=amd64
 
 .PHONY: help deps gen capnpc-go gen-check fmt-check vet unit wasm wasm-js wasip1 \
-	test tamago-check tamago demo bench fuzz-short cpp
+	test tamago-check tamago demo bench bench-short bench-go fuzz-short cpp
 
 help:
 	@echo 'make deps        install missing system packages (capnproto, libcapnp-dev, pkg-config, g++, nodejs)'
 	@echo 'make test        deps, gofmt, vet, gen-check, race tests, js/wasm tests under node, wasip1 build, tamago tests if a toolchain is present'
 	@echo 'make demo        go run ./cmd/captp demo'
 	@echo 'make cpp         interop and hostile-input tests against the C++ reference, verbose (part of make test)'
-	@echo 'make bench       all benchmarks'
+	@echo 'make bench       captp vs go-capnp, the C++ reference and the raw socket floor (several minutes; BENCH_FLAGS=-json, -profile DIR, ...)'
+	@echo 'make bench-short the same comparison in under a minute'
+	@echo 'make bench-go    the go test benchmarks (go test -bench)'
 	@echo 'make gen         regenerate the committed *.capnp.go files'
 	@echo 'make fuzz-short  each Fuzz* target under ./core for FUZZTIME (default $(FUZZTIME))'
 	@echo 'make tamago      core tests and board builds with the TamaGo toolchain (TAMAGO=/path/to/tamago-go/bin/go)'
@@ -165,7 +167,16 @@ demo:
 cpp: deps
 	$(GO) test -count=1 -v -timeout=$(TEST_TIMEOUT) ./internal/cppinterop
 
+# BENCH_FLAGS are passed to `captp bench` (see `go run ./cmd/captp help bench`).
+BENCH_FLAGS ?=
+
 bench:
+	$(GO) run ./cmd/captp bench $(BENCH_FLAGS)
+
+bench-short:
+	$(GO) run ./cmd/captp bench -short $(BENCH_FLAGS)
+
+bench-go:
 	$(GO) test -run='^$$' -bench=. -benchmem ./...
 
 fuzz-short:

@@ -8,6 +8,7 @@
 // Commands:
 //
 //	demo    run a server vat and a client vat over a Unix socket and narrate what happens
+//	bench   compare captp with go-capnp, the C++ reference and the raw socket floor
 //	help    show help for captp or for one command
 package main
 
@@ -33,6 +34,7 @@ type command struct {
 
 var commands = []command{
 	{name: "demo", summary: "run a server vat and a client vat over a Unix socket and narrate what happens", setup: setupDemo},
+	{name: "bench", summary: "compare captp with go-capnp, the C++ reference and the raw socket floor", setup: setupBench},
 }
 
 func main() {
@@ -72,6 +74,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		usage(stdout)
 		return exitOK
+	}
+	if name == benchServerCommand {
+		// Hidden: the child process of captp bench.
+		return runBenchServer(rest, stdout, stderr)
 	}
 	cmd, ok := lookup(name)
 	if !ok {
