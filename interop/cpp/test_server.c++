@@ -1,5 +1,6 @@
 // test_server: serves the Test interface (test_impl.h) with the Cap'n Proto
-// C++ reference implementation, for captp's interop tests.
+// C++ reference implementation (capnp::TwoPartyServer), for captp's interop
+// tests.
 //
 //   test_server ADDRESS
 //
@@ -16,7 +17,8 @@
 //                             counts, so the baseline is 1); S, C: block()
 //                             calls started and cancelled; E: echo() calls
 //   stdin "ping"         ->   "pong"
-//   stdin EOF                 the program exits with status 0
+//   stdin EOF                 every connection and object is torn down
+//                             and the program exits with status 0
 //
 // Reading stdin happens on the RPC event loop, so a reply reflects every
 // message the server has processed before it.
@@ -24,7 +26,7 @@
 #include "control.h"
 #include "test_impl.h"
 
-#include <capnp/ez-rpc.h>
+#include <capnp/rpc-twoparty.h>
 #include <kj/async-io.h>
 #include <kj/debug.h>
 
@@ -62,12 +64,26 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    capnp::EzRpcServer server(kj::heap<captp_interop::TestImpl>("server"), argv[1]);
-    auto& ws = server.getWaitScope();
-    unsigned port = server.getPort().wait(ws);
-    say("listening %u", port);
-    captp_interop::LineReader in(server.getLowLevelIoProvider().wrapInputFd(STDIN_FILENO));
-    controlLoop(in).wait(ws);
+    // Declaration order is teardown order, reversed: everything that can
+    // hold RPC state (connections, the bootstrap object and whatever it
+    // holds) is destroyed while the event loop still exists.
+    //
+    // Not EzRpcServer: it destroys its event loop before the bootstrap
+    // object, so when that object still holds a capability imported from
+    // a client (hold() without dropHeld()), the client's connection state
+    // outlives the loop and the loop's destructor fails ("EventLoop
+    // destroyed with events still in the queue"), and we exit with 1.
+    // EzRpcServer serves with the same TwoPartyVatNetwork and RpcSystem
+    // as TwoPartyServer; only the ownership differs.
+    auto io = kj::setupAsyncIo();
+    auto& ws = io.waitScope;
+    auto addr = io.provider->getNetwork().parseAddress(argv[1]).wait(ws);
+    auto listener = addr->listen();
+    capnp::TwoPartyServer server(kj::heap<captp_interop::TestImpl>("server"));
+    say("listening %u", listener->getPort());
+    captp_interop::LineReader in(io.lowLevelProvider->wrapInputFd(STDIN_FILENO));
+    // Serve until stdin closes; listen() only ever ends with an error.
+    controlLoop(in).exclusiveJoin(server.listen(*listener)).wait(ws);
   } catch (const kj::Exception& e) {
     fprintf(stderr, "test_server: %s\n", kj::str(e).cStr());
     return 1;
