@@ -29,27 +29,23 @@ type goClientEnv struct {
 	live *testimpl.Live // counts the Go objects the scenario creates
 }
 
-// goScenarios run with a Go client against the C++ server.
-// A scenario with a gap reproduces a known core gap and is skipped
-// unless CAPTP_CORE_BUGS=1 (see knownCoreBug).
+// goScenarios run with a Go client against the C++ server. In embargo
+// and forwarded, C++ forwards our calls back to us as tail calls (see
+// TestTailCallFromCpp).
 var goScenarios = []struct {
 	name string
 	run  func(t *testing.T, e *goClientEnv)
-	gap  string
 }{
-	{"echo", goEcho, ""},
-	{"caps", goCaps, ""},
-	{"pipeline", goPipeline, ""},
-	{"embargo", goEmbargo, tailCallGap},
-	{"forwarded", goForwarded, tailCallGap},
-	{"exceptions", goExceptions, ""},
-	{"cancel", goCancel, ""},
-	{"unimplemented", goUnimplemented, ""},
-	{"release", goRelease, ""},
+	{"echo", goEcho},
+	{"caps", goCaps},
+	{"pipeline", goPipeline},
+	{"embargo", goEmbargo},
+	{"forwarded", goForwarded},
+	{"exceptions", goExceptions},
+	{"cancel", goCancel},
+	{"unimplemented", goUnimplemented},
+	{"release", goRelease},
 }
-
-// tailCallGap: see TestCoreGapTailCallFromCpp.
-const tailCallGap = "C++ forwards our calls back to us as tail calls (Call.sendResultsTo.yourself + Return.takeFromOtherQuestion), which core does not implement: it aborts the connection and the forwarded call hangs; see TestCoreGapTailCallFromCpp"
 
 func dialAddr(ctx context.Context, addr string, log *slog.Logger) (*core.Conn, error) {
 	return unix.Dial(ctx, addr, &core.Options{Logger: log})
@@ -66,9 +62,6 @@ func TestGoClientCppServer(t *testing.T) {
 			srv := startCppServer(t, ctx, transport)
 			for _, sc := range goScenarios {
 				t.Run(sc.name, func(t *testing.T) {
-					if sc.gap != "" {
-						knownCoreBug(t, sc.gap)
-					}
 					ctx := testCtx(t, 30*time.Second)
 					conn, err := dialAddr(ctx, srv.addr, testLogger(t))
 					if err != nil {
@@ -183,8 +176,8 @@ func goCaps(t *testing.T, e *goClientEnv) {
 		t.Fatalf("hold: %v", err)
 	}
 	release()
-	// Wait for getHeld's answer: a call pipelined on it would be forwarded
-	// by C++ back to us as a tail call (see goForwarded).
+	// Wait for getHeld's answer, so the calls below go to the capability
+	// C++ returned; goForwarded pipelines on it instead (a tail call).
 	gf, releaseGet := e.boot.GetHeld(e.ctx, nil)
 	gres, err := gf.Struct()
 	if err != nil {
@@ -474,7 +467,7 @@ func goRelease(t *testing.T, e *goClientEnv) {
 		}
 		gf, rg := e.boot.GetHeld(e.ctx, nil)
 		defer rg()
-		gres, err := gf.Struct() // not pipelined: see goForwarded
+		gres, err := gf.Struct() // not pipelined (goForwarded pipelines)
 		if err != nil {
 			t.Fatal(err)
 		}

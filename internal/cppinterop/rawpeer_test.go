@@ -6,24 +6,12 @@ import (
 	"io"
 	"net"
 	"os"
-	"testing"
+	"syscall"
 	"time"
 
 	"capnproto.org/go/capnp/v3"
 	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
 )
-
-// knownCoreBug skips a test that reproduces a known bug or gap in core
-// (which this package must not change), unless CAPTP_CORE_BUGS=1. The
-// message is loud on purpose: the test exists to fail until core is fixed.
-func knownCoreBug(t *testing.T, what string) {
-	t.Helper()
-	if os.Getenv("CAPTP_CORE_BUGS") == "1" {
-		t.Logf("running the reproduction of a known core bug (CAPTP_CORE_BUGS=1): %s", what)
-		return
-	}
-	t.Skipf("KNOWN CORE BUG, reproduction skipped (run with CAPTP_CORE_BUGS=1): %s", what)
-}
 
 // rpcFrame builds one RPC message with fill and returns its stream
 // framing.
@@ -152,6 +140,10 @@ func readAll(c net.Conn, deadline time.Time) received {
 func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()
+}
+
+func isReset(err error) bool {
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }
 
 func isEOF(err error) bool {
