@@ -392,7 +392,8 @@ var floodCalls = func() int {
 }()
 
 // testFlood sends a Bootstrap and floodCalls pipelined echo calls (no
-// Finish) without reading anything, then measures the server's memory.
+// Finish) without reading anything, samples the server's memory while it
+// reads, then looks at how the connection ends.
 func testFlood(t *testing.T, tg hostileTarget, res *hostileResults) {
 	var buf []byte
 	buf = append(buf, bootstrapFrame(0)...)
@@ -405,41 +406,68 @@ func testFlood(t *testing.T, tg hostileTarget, res *hostileResults) {
 	start := time.Now()
 	written := make(chan int, 1)
 	go func() {
-		// The write stops when the server stops reading (backpressure) or
-		// the deadline passes.
-		c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+		// The write stops when the server closes the connection, stops
+		// reading (backpressure; the deadline ends the write) or has read
+		// everything.
+		c.SetWriteDeadline(time.Now().Add(30 * time.Second))
 		n, _ := c.Write(buf)
 		written <- n
 	}()
+	// The peak while the server reads is what the flood costs it; ours
+	// frees everything once it gives up.
+	peak := before
+	sample := func() {
+		m := tg.mem(t)
+		peak.rss = max(peak.rss, m.rss)
+		peak.inuse = max(peak.inuse, m.inuse)
+	}
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	timeout := time.After(35 * time.Second)
 	var n int
-	select {
-	case n = <-written:
-	case <-time.After(15 * time.Second):
-		t.Fatal("flood write did not return")
+wait:
+	for {
+		select {
+		case n = <-written:
+			break wait
+		case <-tick.C:
+			sample()
+		case <-timeout:
+			t.Fatal("flood write did not return")
+		}
 	}
 	took := time.Since(start).Round(10 * time.Millisecond)
 	time.Sleep(200 * time.Millisecond)
-	after := tg.mem(t)
+	sample()
 	var mem string
 	if tg.name == targetCpp {
-		mem = "VmRSS +" + mib(after.rss-before.rss)
+		mem = "VmRSS peak +" + mib(peak.rss-before.rss)
 	} else {
-		mem = "live heap +" + mib(after.inuse-before.inuse)
+		mem = "live heap peak +" + mib(peak.inuse-before.inuse)
 	}
-	// Is the connection still there? A short look: replies are pending.
-	c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
-	one := make([]byte, 1)
-	_, rerr := c.Read(one)
-	state := "stays open"
-	if isEOF(rerr) {
-		state = "closed"
+	end, r := classify(c, observeWindow)
+	then := "stays open"
+	switch end.class {
+	case classAbort:
+		then = "Abort (" + end.detail + "), close"
+	case classClose:
+		then = "close, no Abort"
 	}
 	o := outcome{
-		class:  fmt.Sprintf("server read %s of %s in %v, %s", mib(int64(n)), mib(int64(len(buf))), took, state),
+		class:  fmt.Sprintf("server read %s of %s in %v, then %s", mib(int64(n)), mib(int64(len(buf))), took, then),
 		detail: mem,
 	}
-	t.Logf("%s: %s; %s", tg.name, o.class, o.detail)
+	t.Logf("%s: %s; %s (%d messages read afterwards, end %v)", tg.name, o.class, o.detail, len(r.msgs), r.end)
 	res.add(fmt.Sprintf("flood: %d calls, replies never read", floodCalls), tg.name, o)
+	// Ours keeps at most 4×MaxAnswers calls unfinished, then gives up.
+	if limit := 4 * core.DefaultLimits.MaxAnswers; tg.name == targetOurs && floodCalls > limit {
+		if n >= len(buf) {
+			t.Errorf("ours read all %d calls; it keeps at most %d unfinished", floodCalls, limit)
+		}
+		if !isEOF(r.end) {
+			t.Errorf("ours did not close the connection after %d unfinished calls: %s", limit, o.class)
+		}
+	}
 }
 
 // table renders the results as markdown.
