@@ -473,6 +473,13 @@ type localPipeline struct {
 }
 
 func (p *localPipeline) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
+	return sendAsRecv(ctx, s, p.Recv)
+}
+
+// sendAsRecv implements ClientHook.Send for a hook whose logic is in
+// Recv: it places the arguments in a message of their own and collects
+// the results in a StructReturner.
+func sendAsRecv(ctx context.Context, s capnp.Send, recv func(context.Context, capnp.Recv) capnp.PipelineCaller) (*capnp.Answer, capnp.ReleaseFunc) {
 	_, seg := capnp.NewMultiSegmentMessage(nil)
 	args, err := capnp.NewRootStruct(seg, s.ArgsSize)
 	if err == nil && s.PlaceArgs != nil {
@@ -482,7 +489,7 @@ func (p *localPipeline) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, 
 		return capnp.ErrorAnswer(s.Method, err), func() {}
 	}
 	ret := new(capnp.StructReturner)
-	pcall := p.Recv(ctx, capnp.Recv{Method: s.Method, Args: args, ReleaseArgs: args.Message().Release, Returner: ret})
+	pcall := recv(ctx, capnp.Recv{Method: s.Method, Args: args, ReleaseArgs: args.Message().Release, Returner: ret})
 	return ret.Answer(s.Method, pcall)
 }
 

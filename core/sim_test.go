@@ -629,17 +629,7 @@ type simQueued struct {
 }
 
 func (h *simPromiseHook) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
-	_, seg := capnp.NewMultiSegmentMessage(nil)
-	args, err := capnp.NewRootStruct(seg, s.ArgsSize)
-	if err == nil && s.PlaceArgs != nil {
-		err = s.PlaceArgs(args)
-	}
-	if err != nil {
-		return capnp.ErrorAnswer(s.Method, err), func() {}
-	}
-	ret := new(capnp.StructReturner)
-	pcall := h.Recv(ctx, capnp.Recv{Method: s.Method, Args: args, ReleaseArgs: args.Message().Release, Returner: ret})
-	return ret.Answer(s.Method, pcall)
+	return sendAsRecv(ctx, s, h.Recv)
 }
 
 func (h *simPromiseHook) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
@@ -707,17 +697,7 @@ func (o *simObject) settleAll() {
 }
 
 func (o *simObject) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
-	ret := new(capnp.StructReturner)
-	_, seg := capnp.NewMultiSegmentMessage(nil)
-	args, err := capnp.NewRootStruct(seg, s.ArgsSize)
-	if err == nil && s.PlaceArgs != nil {
-		err = s.PlaceArgs(args)
-	}
-	if err != nil {
-		return capnp.ErrorAnswer(s.Method, err), func() {}
-	}
-	pcall := o.Recv(ctx, capnp.Recv{Method: s.Method, Args: args, ReleaseArgs: args.Message().Release, Returner: ret})
-	return ret.Answer(s.Method, pcall)
+	return sendAsRecv(ctx, s, o.Recv)
 }
 
 func (o *simObject) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
