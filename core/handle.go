@@ -205,6 +205,7 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 	method := capnp.Method{InterfaceID: call.InterfaceId(), MethodID: call.MethodId()}
 	if c.inProgress >= c.lim.MaxAnswers {
 		a := c.newAnswerLocked(qid)
+		a.sendElsewhere = sendElsewhere // the peer may take these (error) results
 		a.outErr = exc.New(exc.Overloaded, "captp", fmt.Sprintf("too many calls in progress (limit %d)", c.lim.MaxAnswers))
 		c.returnLocked(fx, a)
 		return false, nil

@@ -82,7 +82,6 @@ type simVat struct {
 	id      int
 	handles []*simHandle // references the vat's user holds
 	calls   []*simCall   // calls the user made and has not released
-	locals  []*simObject // objects the vat hosts, alive or not
 }
 
 // A simHandle is one reference a user holds. Calls through it carry its
@@ -115,13 +114,6 @@ func (l *simLink) conn(vat int) *Conn {
 		return l.ca
 	}
 	return l.cb
-}
-
-func (l *simLink) peer(vat int) int {
-	if vat == l.a {
-		return l.b
-	}
-	return l.a
 }
 
 func runSim(cfg simConfig) (failure *simFailure) {
