@@ -39,14 +39,18 @@ type Limits struct {
 	TraversalLimit uint64
 	// NestingLimit bounds pointer nesting depth while decoding.
 	NestingLimit int
-	// MaxAnswers bounds calls from the peer that are in progress at once.
+	// MaxAnswers bounds calls from the peer that are in progress at once
+	// (beyond it calls are answered overloaded); a peer that leaves more
+	// than 4×MaxAnswers calls unfinished (no Finish) is aborted.
 	MaxAnswers int
 	// MaxExports bounds capabilities exported to the peer at once.
 	MaxExports int
 	// MaxImports bounds capabilities imported from the peer at once.
 	MaxImports int
-	// MaxQueuedBytes bounds outbound bytes waiting to be written; senders
-	// block (respecting their context) beyond it.
+	// MaxQueuedBytes bounds outbound bytes waiting to be written: beyond
+	// it new calls wait (respecting their context) and the connection
+	// stops reading the peer, which is the backpressure to a peer that
+	// does not read its replies.
 	MaxQueuedBytes int
 }
 
@@ -56,10 +60,10 @@ var DefaultLimits = Limits{
 	MaxSegments:    512,
 	TraversalLimit: 64 << 20 / 8 * 2,
 	NestingLimit:   64,
-	MaxAnswers:     8192,
+	MaxAnswers:     4096, // 4× this unfinished is ~30 MB at worst
 	MaxExports:     65536,
 	MaxImports:     65536,
-	MaxQueuedBytes: 32 << 20,
+	MaxQueuedBytes: 16 << 20,
 }
 
 // withDefaults returns l with every zero field set from DefaultLimits.
