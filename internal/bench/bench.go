@@ -117,7 +117,7 @@ func FullCounts() Counts {
 func ShortCounts() Counts {
 	return Counts{
 		Reps: 3, Warmup: 300,
-		Lat: 1000, Flight1: 1000, Flight64: 6400, Flight1024: 10240,
+		Lat: 1000, Flight1: 1000, Flight64: 6400, Flight1024: 8192,
 		Pipe2: 300, Big: 10, BigSize: 1 << 20,
 		Flood: 30000, FloodQuiet: 300 * time.Millisecond, FloodLimit: 10 * time.Second,
 	}

@@ -9,6 +9,13 @@ import (
 	"runtime/pprof"
 )
 
+// profileCalls is the least number of sequential calls profiled: enough
+// for a few seconds of CPU samples.
+const profileCalls = 50000
+
+// allocProfileCalls is the most calls profiled for allocations.
+const allocProfileCalls = 10000
+
 // profileCaptp writes pprof profiles of captp's client and server (one
 // process, Unix socket) under the sequential and 64-in-flight workloads:
 // for each, a CPU profile, and allocation profiles taken before and after
@@ -36,8 +43,8 @@ func profileCaptp(ctx context.Context, cfg *Config) ([]string, error) {
 		n    int
 		run  func(n int) error
 	}{
-		{"seq", cfg.Counts.Lat, func(n int) error { _, err := s.lat(ctx, n, 16); return err }},
-		{"flight64", cfg.Counts.Flight64, func(n int) error { _, err := s.flight(ctx, n, 64, 16); return err }},
+		{"seq", max(cfg.Counts.Lat, profileCalls), func(n int) error { _, err := s.lat(ctx, n, 16); return err }},
+		{"flight64", max(cfg.Counts.Flight64, 4*profileCalls), func(n int) error { _, err := s.flight(ctx, n, 64, 16); return err }},
 	}
 	var lines []string
 	write := func(path string, f func(*os.File) error) error {
@@ -79,9 +86,12 @@ func profileCaptp(ctx context.Context, cfg *Config) ([]string, error) {
 			runtime.GC() // the profile reflects the last completed GC
 			return pprof.Lookup("allocs").WriteTo(f, 0)
 		}
+		// Allocations per call do not vary much, and recording every
+		// one is slow: fewer calls suffice.
+		na := min(w.n, allocProfileCalls)
 		err = write(base, heap)
 		if err == nil {
-			err = w.run(w.n)
+			err = w.run(na)
 		}
 		if err == nil {
 			err = write(after, heap)
@@ -90,7 +100,7 @@ func profileCaptp(ctx context.Context, cfg *Config) ([]string, error) {
 		if err != nil {
 			return nil, err
 		}
-		lines = append(lines, fmt.Sprintf("%s (allocations, %d calls; -base %s)", after, w.n, filepath.Base(base)))
+		lines = append(lines, fmt.Sprintf("%s (allocations, %d calls; -base %s)", after, na, filepath.Base(base)))
 	}
 	return lines, nil
 }
