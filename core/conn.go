@@ -560,21 +560,29 @@ func (c *Conn) schedule(task func(fx *effects)) {
 // is picked up by the re-check after Unlock.
 func (c *Conn) unlock() {
 	for {
-		var fx effects
 		if c.pendingTasks.Load() > 0 {
-			c.taskMu.Lock()
-			tasks := c.tasks
-			c.tasks = nil
-			c.pendingTasks.Add(-int32(len(tasks)))
-			c.taskMu.Unlock()
-			for _, t := range tasks {
-				t(&fx)
-			}
+			c.runTasksAndUnlock()
+		} else {
+			c.mu.Unlock()
 		}
-		c.mu.Unlock()
-		fx.run()
 		if c.pendingTasks.Load() == 0 || !c.mu.TryLock() {
 			return
 		}
 	}
+}
+
+// runTasksAndUnlock runs the scheduled tasks, releases c.mu and runs their
+// effects. Kept apart so the common unlock allocates nothing.
+func (c *Conn) runTasksAndUnlock() {
+	var fx effects
+	c.taskMu.Lock()
+	tasks := c.tasks
+	c.tasks = nil
+	c.pendingTasks.Add(-int32(len(tasks)))
+	c.taskMu.Unlock()
+	for _, t := range tasks {
+		t(&fx)
+	}
+	c.mu.Unlock()
+	fx.run()
 }
