@@ -1,161 +1,41 @@
 package bench
 
 import (
-	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
-	"slices"
-	"strings"
 	"time"
+
+	"github.com/captp-go/captp/internal/cppbuild"
 )
 
 // CppInstallHint says what to install for the C++ reference.
-const CppInstallHint = "install capnproto libcapnp-dev pkg-config g++ (make deps)"
-
-// cppFlags are the g++ flags besides pkg-config's; part of the cache key.
-// -O2: the reference at its best (Debian builds libcapnp with -O2).
-var cppFlags = []string{"-std=c++17", "-O2", "-g0"}
+const CppInstallHint = cppbuild.InstallHint
 
 // cppProgram is the built C++ bench program (interop/cpp/bench.c++).
 type cppProgram struct{ bin string }
 
-// sourceRoot finds the captp source tree: above the working directory,
-// or where this package was compiled from.
-func sourceRoot() (string, error) {
-	var starts []string
-	if wd, err := os.Getwd(); err == nil {
-		starts = append(starts, wd)
-	}
-	if _, file, _, ok := runtime.Caller(0); ok {
-		starts = append(starts, filepath.Dir(file))
-	}
-	for _, dir := range starts {
-		for {
-			if b, err := os.ReadFile(filepath.Join(dir, "go.mod")); err == nil &&
-				bytes.Contains(b, []byte("module github.com/captp-go/captp\n")) {
-				if _, err := os.Stat(filepath.Join(dir, "interop", "cpp", "bench.c++")); err == nil {
-					return dir, nil
-				}
-			}
-			parent := filepath.Dir(dir)
-			if parent == dir {
-				break
-			}
-			dir = parent
-		}
-	}
-	return "", errors.New("the captp source tree (interop/cpp/bench.c++) was not found; run from inside it")
-}
-
-func runTool(dir, name string, args ...string) (string, error) {
-	cmd := exec.Command(name, args...)
-	cmd.Dir = dir
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("%s %s: %w\n%s", name, strings.Join(args, " "), err, stderr.String())
-	}
-	return stdout.String(), nil
-}
-
-// buildCpp returns the C++ bench program, building it into
-// ~/.cache/captp-cpp/bench-<hash> when needed. skip is non-empty when the
-// C++ reference cannot run here, and says why.
+// buildCpp returns the C++ bench program, building it into the cache when
+// needed. skip is non-empty when the C++ reference cannot run here, and
+// says why.
 func buildCpp(cachedOnly bool) (bin, skip string, err error) {
-	var missing []string
-	for _, tool := range []string{"g++", "pkg-config", "capnp"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			missing = append(missing, tool)
-		}
+	bins, skip, err := cppbuild.Build(cppbuild.Spec{
+		Name:     "bench",
+		Programs: []string{"bench"},
+		// -O2: the reference at its best (Debian builds libcapnp with -O2).
+		Flags:      []string{"-std=c++17", "-O2", "-g0"},
+		CachedOnly: cachedOnly,
+	})
+	if skip != "" {
+		return "", "skipped: " + skip + "; " + CppInstallHint, nil
 	}
-	if !slices.Contains(missing, "pkg-config") {
-		if _, err := runTool("", "pkg-config", "--exists", "capnp-rpc"); err != nil {
-			missing = append(missing, "libcapnp-dev")
-		}
-	}
-	if len(missing) > 0 {
-		return "", "skipped: missing " + strings.Join(missing, ", ") + "; " + CppInstallHint, nil
-	}
-	root, err := sourceRoot()
-	if err != nil {
-		return "", "skipped: " + err.Error(), nil
-	}
-	src := filepath.Join(root, "interop", "cpp", "bench.c++")
-	schema := filepath.Join(root, "internal", "testcapnp", "test.capnp")
-	goCapnpDir, err := runTool(root, "go", "list", "-m", "-f", "{{.Dir}}", "capnproto.org/go/capnp/v3")
-	if err != nil {
-		return "", "", fmt.Errorf("locating go-capnp's std schemas: %w", err)
-	}
-	stdDir := filepath.Join(strings.TrimSpace(goCapnpDir), "std")
-	pkgFlags, err := runTool("", "pkg-config", "--cflags", "--libs", "capnp-rpc")
 	if err != nil {
 		return "", "", err
 	}
-
-	h := sha256.New()
-	for _, f := range []string{src, schema, filepath.Join(stdDir, "go.capnp")} {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			return "", "", err
-		}
-		fmt.Fprintf(h, "file %s %d\n", filepath.Base(f), len(b))
-		h.Write(b)
-	}
-	for _, c := range [][]string{{"g++", "--version"}, {"capnp", "--version"}, {"pkg-config", "--modversion", "capnp-rpc"}} {
-		out, err := runTool("", c[0], c[1:]...)
-		if err != nil {
-			return "", "", err
-		}
-		fmt.Fprintf(h, "tool %s\n", out)
-	}
-	fmt.Fprintf(h, "flags %q %q\n", cppFlags, pkgFlags)
-	key := hex.EncodeToString(h.Sum(nil))[:24]
-
-	cacheRoot, err := os.UserCacheDir()
-	if err != nil {
-		cacheRoot = os.TempDir()
-	}
-	cacheRoot = filepath.Join(cacheRoot, "captp-cpp")
-	dir := filepath.Join(cacheRoot, "bench-"+key)
-	bin = filepath.Join(dir, "bench")
-	if fi, err := os.Stat(bin); err == nil && fi.Mode()&0o111 != 0 {
-		return bin, "", nil
-	}
-	if cachedOnly {
-		return "", "skipped: the C++ bench program is not built yet (run `make bench` or `captp bench` once)", nil
-	}
-
-	// Build privately, then rename into place: concurrent builds never
-	// see a half-built entry.
-	if err := os.MkdirAll(cacheRoot, 0o755); err != nil {
-		return "", "", err
-	}
-	tmp, err := os.MkdirTemp(cacheRoot, "build-")
-	if err != nil {
-		return "", "", err
-	}
-	defer os.RemoveAll(tmp)
-	if _, err := runTool(root, "capnp", "compile", "-I", stdDir, "-oc++:"+tmp,
-		"--src-prefix="+filepath.Dir(schema), schema); err != nil {
-		return "", "", err
-	}
-	args := append(slices.Clone(cppFlags), "-I", tmp, "test.capnp.c++", src, "-o", "bench")
-	if _, err := runTool(tmp, "g++", append(args, strings.Fields(pkgFlags)...)...); err != nil {
-		return "", "", err
-	}
-	if err := os.Rename(tmp, dir); err != nil {
-		if fi, serr := os.Stat(bin); serr != nil || fi.Mode()&0o111 == 0 {
-			return "", "", fmt.Errorf("installing the build into the cache: %w", err)
-		}
-	}
-	return bin, "", nil
+	return bins["bench"], "", nil
 }
 
 // cppSession drives the C++ bench program: one process with both sides

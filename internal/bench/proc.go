@@ -7,6 +7,8 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+
+	"github.com/captp-go/captp/internal/cppbuild"
 )
 
 // procStatus reads a kB field (VmRSS, VmHWM) of /proc/PID/status in
@@ -75,7 +77,7 @@ func machineInfo() Machine {
 	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
 		m.Kernel = strings.TrimSpace(string(b))
 	}
-	if v, err := runTool("", "pkg-config", "--modversion", "capnp-rpc"); err == nil {
+	if v, err := cppbuild.Run("", "pkg-config", "--modversion", "capnp-rpc"); err == nil {
 		m.CppLib = strings.TrimSpace(v)
 	}
 	return m
