@@ -4,10 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
 
 	"capnproto.org/go/capnp/v3"
 	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
+
+	"github.com/captp-go/captp/internal/callqueue"
 )
 
 // An importEntry is a capability the peer exported to us. refs counts the
@@ -473,30 +474,13 @@ type localPipeline struct {
 }
 
 func (p *localPipeline) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
-	return sendAsRecv(ctx, s, p.Recv)
-}
-
-// sendAsRecv implements ClientHook.Send for a hook whose logic is in
-// Recv: it places the arguments in a message of their own and collects
-// the results in a StructReturner.
-func sendAsRecv(ctx context.Context, s capnp.Send, recv func(context.Context, capnp.Recv) capnp.PipelineCaller) (*capnp.Answer, capnp.ReleaseFunc) {
-	_, seg := capnp.NewMultiSegmentMessage(nil)
-	args, err := capnp.NewRootStruct(seg, s.ArgsSize)
-	if err == nil && s.PlaceArgs != nil {
-		err = s.PlaceArgs(args)
-	}
-	if err != nil {
-		return capnp.ErrorAnswer(s.Method, err), func() {}
-	}
-	ret := new(capnp.StructReturner)
-	pcall := recv(ctx, capnp.Recv{Method: s.Method, Args: args, ReleaseArgs: args.Message().Release, Returner: ret})
-	return ret.Answer(s.Method, pcall)
+	return callqueue.SendAsRecv(ctx, s, p.Recv)
 }
 
 func (p *localPipeline) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
 	p.c.pipelineCall(p.a, ctx, p.transform, r)
 	// Pipelining on a call queued here is not supported; it fails.
-	return failedPipeline{errors.New("captp: pipelined call on a call queued behind a running call")}
+	return callqueue.Failed(errors.New("captp: pipelined call on a call queued behind a running call"))
 }
 
 func (p *localPipeline) Brand() capnp.Brand { return capnp.Brand{Value: p} }
@@ -515,127 +499,38 @@ type embargo struct {
 
 // embargoHook is the client of an embargoed capability: calls queue, in
 // order, until the embargo lifts, then go to the target; once the promise
-// resolves, new calls bypass the hook. (go-capnp's NewLocalPromise would
-// do, but frees its resolution when its first reference is released,
-// while copies may still be delivering through it.)
-type embargoHook struct {
-	queue *capnp.AnswerQueue
-
-	mu       sync.Mutex
-	results  *capnp.Message // holds the target once lifted; freed at Shutdown
-	shutdown bool
-}
+// resolves, new calls bypass the hook. Calls already queued are delivered
+// even if nobody holds the embargoed client any more: they were made, and
+// must arrive.
+type embargoHook struct{ queue callqueue.Queue }
 
 func (h *embargoHook) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
-	return h.queue.PipelineSend(ctx, nil, s)
+	return h.queue.Send(ctx, s)
 }
 
 func (h *embargoHook) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
-	return nonNil(h.queue.PipelineRecv(ctx, nil, r))
+	return h.queue.Recv(ctx, r)
 }
 
 func (h *embargoHook) Brand() capnp.Brand { return capnp.Brand{Value: h} }
 func (h *embargoHook) String() string     { return "captp embargo" }
 
 // Shutdown runs once no call can reach the hook any more, so the target
-// the queue delivers to can go.
-func (h *embargoHook) Shutdown() {
-	h.mu.Lock()
-	msg := h.results
-	h.results, h.shutdown = nil, true
-	h.mu.Unlock()
-	if msg != nil {
-		msg.Release()
-	}
-}
+// can go once the queued calls have been delivered.
+func (h *embargoHook) Shutdown() { h.queue.Drop() }
 
 // end lifts the embargo (err == nil) or breaks it, outside c.mu: queued
 // calls go to the target in order, then the promise resolves so that new
 // calls go there directly.
 func (em *embargo) end(err error) {
-	h := em.hook
 	if err != nil {
-		h.queue.Reject(err)
+		em.hook.queue.Reject(err)
 		em.resolver.Reject(err)
-		em.target.Release()
-		return
+	} else {
+		em.hook.queue.Fulfill(em.target)
+		em.resolver.Fulfill(em.target)
 	}
-	msg, seg := capnp.NewSingleSegmentMessage(nil)
-	guard := capnp.NewClient(&recvGuard{target: em.target.AddRef()})
-	iface := capnp.NewInterface(seg, msg.CapTable().Add(guard))
-	h.mu.Lock()
-	shut := h.shutdown
-	if !shut {
-		h.results = msg
-	}
-	h.mu.Unlock()
-	// Calls already queued are delivered even if nobody holds the
-	// embargoed client any more: they were made, and must arrive.
-	h.queue.Fulfill(iface.ToPtr())
-	if shut {
-		msg.Release()
-		em.target.Release()
-		return
-	}
-	em.resolver.Fulfill(em.target)
 	em.target.Release()
-}
-
-// recvGuard delivers an embargo's queued calls to a target that may be
-// any capability (an error client, a server with an unknown method) and
-// so may return a nil PipelineCaller; see nonNil.
-type recvGuard struct{ target capnp.Client }
-
-func (g *recvGuard) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
-	return g.target.SendCall(ctx, s)
-}
-
-func (g *recvGuard) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
-	return nonNil(g.target.RecvCall(ctx, r))
-}
-
-// nonNil stands in for the nil PipelineCaller of a call that returned at
-// once: go-capnp's AnswerQueue calls whatever a delivery returns, so every
-// hook of ours returns a caller (which fails pipelined calls) instead.
-func nonNil(pc capnp.PipelineCaller) capnp.PipelineCaller {
-	switch pc.(type) {
-	case nil:
-	case safeCaller, failedPipeline:
-		return pc
-	default:
-		return safeCaller{pc}
-	}
-	return failedPipeline{errors.New("captp: pipelined call on a call that already returned")}
-}
-
-func (g *recvGuard) Brand() capnp.Brand { return capnp.Brand{Value: g} }
-func (g *recvGuard) String() string     { return "captp embargo delivery" }
-func (g *recvGuard) Shutdown()          { g.target.Release() }
-
-// safeCaller passes pipelined calls to pc, never returning a nil caller
-// (see nonNil): an answer's PipelineRecv returns whatever its resolution's
-// Recv does.
-type safeCaller struct{ pc capnp.PipelineCaller }
-
-func (s safeCaller) PipelineSend(ctx context.Context, t []capnp.PipelineOp, send capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
-	return s.pc.PipelineSend(ctx, t, send)
-}
-
-func (s safeCaller) PipelineRecv(ctx context.Context, t []capnp.PipelineOp, r capnp.Recv) capnp.PipelineCaller {
-	return nonNil(s.pc.PipelineRecv(ctx, t, r))
-}
-
-// failedPipeline fails every pipelined call. PipelineRecv returns the
-// receiver, never nil, for the same reason as recvGuard.
-type failedPipeline struct{ err error }
-
-func (f failedPipeline) PipelineSend(ctx context.Context, _ []capnp.PipelineOp, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
-	return capnp.ErrorAnswer(s.Method, f.err), func() {}
-}
-
-func (f failedPipeline) PipelineRecv(ctx context.Context, _ []capnp.PipelineOp, r capnp.Recv) capnp.PipelineCaller {
-	r.Reject(f.err)
-	return f
 }
 
 // embargoLocked returns a client that queues calls for target until the
@@ -666,7 +561,7 @@ func (c *Conn) embargoLocked(target capnp.Client, writeTarget func(rpccp.Message
 		c.embargoIDs.put(em.id)
 		return capnp.Client{}, err
 	}
-	em.hook = &embargoHook{queue: capnp.NewAnswerQueue(capnp.Method{})}
+	em.hook = new(embargoHook)
 	client, resolver := capnp.NewPromisedClient(em.hook)
 	em.resolver = resolver
 	c.embargoes[em.id] = em

@@ -7,6 +7,8 @@ import (
 
 	"capnproto.org/go/capnp/v3"
 	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
+
+	"github.com/captp-go/captp/internal/callqueue"
 )
 
 // A question is a call (or Bootstrap) this side sent and whose Return it
@@ -380,7 +382,7 @@ func (c *Conn) forwardCall(ctx context.Context, t callTarget, r capnp.Recv) capn
 		r.Returner.Return()
 		r.Returner.ReleaseResults()
 	})
-	return safeCaller{ans}
+	return callqueue.NonNil(ans)
 }
 
 // watchCancelLocked arranges for q to be cancelled when ctx ends.

@@ -31,6 +31,7 @@ import (
 	"capnproto.org/go/capnp/v3"
 	"capnproto.org/go/capnp/v3/exc"
 
+	"github.com/captp-go/captp/internal/callqueue"
 	"github.com/captp-go/captp/internal/testcapnp"
 )
 
@@ -621,13 +622,13 @@ type simQueued struct {
 }
 
 func (h *simPromiseHook) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
-	return sendAsRecv(ctx, s, h.Recv)
+	return callqueue.SendAsRecv(ctx, s, h.Recv)
 }
 
 func (h *simPromiseHook) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
 	if !h.settled || h.draining {
 		h.queue = append(h.queue, simQueued{ctx, r})
-		return failedPipeline{errors.New("pipelining on a call queued on a simulated promise")}
+		return callqueue.Failed(errors.New("pipelining on a call queued on a simulated promise"))
 	}
 	return h.deliver(ctx, r)
 }
@@ -635,9 +636,9 @@ func (h *simPromiseHook) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineC
 func (h *simPromiseHook) deliver(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
 	if h.err != nil {
 		r.Reject(h.err)
-		return failedPipeline{h.err}
+		return callqueue.Failed(h.err)
 	}
-	return nonNil(h.target.RecvCall(ctx, r))
+	return callqueue.NonNil(h.target.RecvCall(ctx, r))
 }
 
 func (h *simPromiseHook) settle(target capnp.Client, err error) {
@@ -689,7 +690,7 @@ func (o *simObject) settleAll() {
 }
 
 func (o *simObject) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
-	return sendAsRecv(ctx, s, o.Recv)
+	return callqueue.SendAsRecv(ctx, s, o.Recv)
 }
 
 func (o *simObject) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
@@ -769,7 +770,7 @@ func (o *simObject) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller
 	r.Returner.ReleaseResults()
 	// Not nil: go-capnp's AnswerQueue (behind local promises) calls
 	// whatever Recv returns.
-	return failedPipeline{errors.New("pipelining on a simulated call that returned")}
+	return callqueue.Failed(errors.New("pipelining on a simulated call that returned"))
 }
 
 func (o *simObject) Brand() capnp.Brand { return capnp.Brand{Value: o} }

@@ -14,6 +14,7 @@ import (
 	"capnproto.org/go/capnp/v3/exc"
 	"go.uber.org/goleak"
 
+	"github.com/captp-go/captp/internal/callqueue"
 	"github.com/captp-go/captp/internal/testcapnp"
 )
 
@@ -185,7 +186,8 @@ func testCapsClientToServer(t *testing.T, e *env) {
 	}
 
 	// A client-hosted promise (resolved later) passed as a parameter.
-	pc, res := capnp.NewLocalPromise[testcapnp.Test]()
+	pcl, res := callqueue.NewPromise()
+	pc := testcapnp.Test(pcl)
 	f2, rel2 := e.boot.CallBack(e.ctx, func(p testcapnp.Test_callBack_Params) error {
 		if err := p.SetData([]byte("via promise")); err != nil {
 			return err
@@ -193,7 +195,7 @@ func testCapsClientToServer(t *testing.T, e *env) {
 		return p.SetCb(pc.AddRef())
 	})
 	defer rel2()
-	res.Fulfill(lc.AddRef())
+	res.Fulfill(capnp.Client(lc))
 	r2 := testcapnp.Test_callBack_Results(mustAwait(t, "callBack(local promise)", f2.Future))
 	if d, _ := r2.Data(); string(d) != "via promise" {
 		t.Errorf("callBack(local promise) returned %q", d)

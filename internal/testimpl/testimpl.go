@@ -9,6 +9,7 @@ import (
 	"capnproto.org/go/capnp/v3"
 	"capnproto.org/go/capnp/v3/exc"
 
+	"github.com/captp-go/captp/internal/callqueue"
 	"github.com/captp-go/captp/internal/testcapnp"
 )
 
@@ -84,12 +85,7 @@ type Object struct {
 	seqLog   []uint32
 	held     capnp.Client
 	promise  testcapnp.Test // our own reference to the outstanding promise
-	resolver capnp.Resolver[testcapnp.Test]
-	// settled keeps the first references of settled promises until
-	// shutdown: go-capnp's local promise frees its resolution when that
-	// reference is released, which breaks calls still being pipelined
-	// through copies of it.
-	settled []testcapnp.Test
+	resolver *callqueue.Promise
 }
 
 // New returns a new object. live may be nil.
@@ -138,13 +134,11 @@ func (o *Object) shutdown() {
 	o.servers--
 	var held capnp.Client
 	var promise testcapnp.Test
-	var resolver capnp.Resolver[testcapnp.Test]
-	var settled []testcapnp.Test
+	var resolver *callqueue.Promise
 	if o.servers == 0 {
 		held, o.held = o.held, capnp.Client{}
 		promise, o.promise = o.promise, testcapnp.Test{}
 		resolver, o.resolver = o.resolver, nil
-		settled, o.settled = o.settled, nil
 		o.weak = nil
 	}
 	o.mu.Unlock()
@@ -152,9 +146,6 @@ func (o *Object) shutdown() {
 	if resolver != nil {
 		resolver.Reject(exc.New(exc.Disconnected, "", "test object "+o.name+" shut down"))
 		promise.Release()
-	}
-	for _, p := range settled {
-		p.Release()
 	}
 	o.live.add(-1)
 }
@@ -341,7 +332,8 @@ func (s *server) Promise(ctx context.Context, call testcapnp.Test_promise) error
 	if err != nil {
 		return err
 	}
-	p, r := capnp.NewLocalPromise[testcapnp.Test]()
+	pc, r := callqueue.NewPromise()
+	p := testcapnp.Test(pc)
 	s.o.mu.Lock()
 	oldP, oldR := s.o.promise, s.o.resolver
 	s.o.promise, s.o.resolver = p, r
@@ -354,27 +346,27 @@ func (s *server) Promise(ctx context.Context, call testcapnp.Test_promise) error
 	return res.SetCap(out)
 }
 
-func (o *Object) takePromise() (capnp.Resolver[testcapnp.Test], error) {
+// takePromise hands the outstanding promise over to be settled; the
+// caller releases the returned reference once it has settled it.
+func (o *Object) takePromise() (*callqueue.Promise, testcapnp.Test, error) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	p, r := o.promise, o.resolver
 	if r == nil {
-		return nil, exc.New(exc.Failed, "", "no outstanding promise")
+		return nil, testcapnp.Test{}, exc.New(exc.Failed, "", "no outstanding promise")
 	}
 	o.promise, o.resolver = testcapnp.Test{}, nil
-	o.settled = append(o.settled, p)
-	return r, nil
+	return r, p, nil
 }
 
 // ResolvePromise fulfils the outstanding promise with the argument.
 func (s *server) ResolvePromise(ctx context.Context, call testcapnp.Test_resolvePromise) error {
-	c := call.Args().Cap().AddRef()
-	r, err := s.o.takePromise()
+	r, p, err := s.o.takePromise()
 	if err != nil {
-		c.Release()
 		return err
 	}
-	r.Fulfill(c)
+	r.Fulfill(capnp.Client(call.Args().Cap()))
+	p.Release()
 	return nil
 }
 
@@ -384,11 +376,12 @@ func (s *server) BreakPromise(ctx context.Context, call testcapnp.Test_breakProm
 	if err != nil {
 		return err
 	}
-	r, err := s.o.takePromise()
+	r, p, err := s.o.takePromise()
 	if err != nil {
 		return err
 	}
 	r.Reject(exc.New(exc.Failed, "", reason))
+	p.Release()
 	return nil
 }
 
