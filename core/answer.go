@@ -56,6 +56,13 @@ type answer struct {
 	pipelines []pendingPipeline
 
 	argsOnce sync.Once
+
+	// The call to deliver, set by handleCall under c.mu and taken by the
+	// deliver effect after the unlock, in the reader goroutine.
+	deliverTarget    capnp.Client
+	deliverTargetAns *answer
+	deliverTransform []capnp.PipelineOp
+	deliverRecv      capnp.Recv
 }
 
 // newAnswerLocked registers an answer for question id qid.
@@ -156,7 +163,9 @@ func (a *answer) Return() {
 		return
 	}
 	c.returnLocked(&fx, a)
+	out := c.claimOutputLocked()
 	c.unlock()
+	c.writeClaimed(out)
 	fx.run()
 }
 
@@ -224,7 +233,7 @@ func (c *Conn) returnLocked(fx *effects, a *answer) {
 	if a.err != nil && a.msg != nil {
 		// Nothing pipelines on an exception: keep only the table entry
 		// until Finish, not the message.
-		fx.add(a.msg.Release)
+		fx.releaseMsg(a.msg)
 		a.msg = nil
 	}
 	if a.finished {
@@ -272,7 +281,7 @@ func (c *Conn) releaseResultExportsLocked(fx *effects, a *answer) {
 // replaceMessage swaps the results message for a fresh Return built by fill.
 func (a *answer) replaceMessage(fx *effects, fill func(rpccp.Return) error) {
 	if old := a.msg; old != nil {
-		fx.add(old.Release)
+		fx.releaseMsg(old)
 	}
 	a.msg, a.results = nil, capnp.Ptr{}
 	msg, m, err := newMessage()
@@ -306,7 +315,7 @@ func (a *answer) freeLocked(fx *effects) {
 	if msg := a.msg; msg != nil {
 		a.msg = nil
 		a.results = capnp.Ptr{}
-		fx.add(msg.Release)
+		fx.releaseMsg(msg)
 	}
 }
 
@@ -376,6 +385,14 @@ type queuedCall struct {
 	ctx       context.Context
 	transform []capnp.PipelineOp
 	recv      capnp.Recv
+}
+
+// deliver is the effect that hands the peer's call to its target.
+func (a *answer) deliver() {
+	target, ta, transform, recv := a.deliverTarget, a.deliverTargetAns, a.deliverTransform, a.deliverRecv
+	a.deliverTarget, a.deliverTargetAns, a.deliverTransform, a.deliverRecv = capnp.Client{}, nil, nil, capnp.Recv{}
+	a.c.deliverCall(a, target, ta, transform, recv)
+	target.Release()
 }
 
 // deliverCall runs outside the lock, in the reader goroutine, so calls

@@ -64,7 +64,7 @@ func (h *importClient) Shutdown() {
 		}
 		delete(c.imports, h.id)
 		ie.resolvers = nil
-		fx.add(ie.resolution.Release)
+		fx.releaseClient(ie.resolution)
 		ie.resolution = capnp.Client{}
 		if !c.closing {
 			c.sendReleaseLocked(h.id, ie.refs)
@@ -164,7 +164,7 @@ func (e *export) dropLocked(fx *effects) {
 	}
 	cl := e.client
 	e.client = capnp.Client{}
-	fx.add(cl.Release)
+	fx.releaseClient(cl)
 }
 
 // releaseExportLocked gives back count references to export id.

@@ -55,11 +55,22 @@ type Conn struct {
 	exportsByHook  map[*capnp.Metadata]uint32
 	embargoes      map[uint32]*embargo
 	embargoIDs     idAllocator
+	watches        map[context.Context]*ctxWatch // see watchCancelLocked
 
-	out        []byte        // encoded frames waiting for the writer
+	// Output. Frames queue in out; one goroutine at a time writes it:
+	// the writer goroutine, or a caller writing its own Call or Return
+	// directly when nobody is writing (one hand-off fewer per message).
+	out        []byte        // encoded frames waiting to be written
+	spare      []byte        // the other buffer, reused for out while one is written
+	writing    bool          // a goroutine is writing; others only queue
+	wakeWriter bool          // frames were queued: unlock signals the writer
 	outWake    chan struct{} // capacity 1: the writer has work
-	outDrained chan struct{} // closed and replaced whenever the writer empties out
+	outDrained chan struct{} // made by waiters; closed after the next write
 	writerStop bool          // the writer exits once out is empty
+	// dispatching is set while the read loop delivers calls: writes from
+	// there go through the writer, so the reader never blocks on a full
+	// socket (the peer may be waiting for us to read before it reads).
+	dispatching atomic.Bool
 
 	// tasks are table updates requested where c.mu may already be held by
 	// the same goroutine (a hook shut down by go-capnp while we inspect a
@@ -122,7 +133,6 @@ func newConn(rwc io.ReadWriteCloser, opts *Options) *Conn {
 		exportsByHook:  make(map[*capnp.Metadata]uint32),
 		embargoes:      make(map[uint32]*embargo),
 		outWake:        make(chan struct{}, 1),
-		outDrained:     make(chan struct{}),
 		readerDone:     make(chan struct{}),
 		writerDone:     make(chan struct{}),
 		done:           make(chan struct{}),
@@ -197,7 +207,7 @@ func (h *bootstrapHook) Shutdown() {
 		cl := h.q.bootCap
 		h.q.bootCap = capnp.Client{}
 		h.q.bootDropped = true
-		fx.add(cl.Release)
+		fx.releaseClient(cl)
 	})
 }
 
@@ -281,57 +291,104 @@ func (c *Conn) readLoop() {
 }
 
 // writeLoop writes queued frames, batching everything queued since the
-// last write into one Write call.
+// last write into one Write call, until shutdown has flushed the queue.
 func (c *Conn) writeLoop() {
 	defer close(c.writerDone)
-	var buf []byte
 	for {
 		<-c.outWake
-		c.mu.Lock()
-		buf, c.out = c.out, buf[:0]
-		drained := c.outDrained
-		c.outDrained = make(chan struct{})
-		stop := c.writerStop
-		c.unlock()
-		if len(buf) > 0 {
-			if _, err := c.rwc.Write(buf); err != nil {
-				close(drained)
-				c.shutdown(fmt.Errorf("write: %w", err), false)
-				c.discardOutput()
-				return
-			}
-		}
-		close(drained)
-		if stop {
+		for {
 			c.mu.Lock()
-			empty := len(c.out) == 0
+			if c.writing || len(c.out) == 0 {
+				// A direct writer wakes us when it is done, if needed.
+				exit := c.writerStop && !c.writing
+				c.unlock()
+				if exit {
+					return
+				}
+				break
+			}
+			buf := c.takeOutputLocked()
 			c.unlock()
-			if empty {
+			if !c.write(buf) {
 				return
 			}
 		}
 	}
 }
 
-// discardOutput drops anything queued after a write error so the writer
-// can exit.
-func (c *Conn) discardOutput() {
-	c.mu.Lock()
-	c.out = nil
-	c.unlock()
+// takeOutputLocked hands the queued frames to the caller, who must write
+// them with write. The caller holds c.mu and has checked !c.writing.
+func (c *Conn) takeOutputLocked() []byte {
+	buf := c.out
+	c.out, c.spare = c.spare[:0], nil
+	c.writing = true
+	c.wakeWriter = false
+	return buf
 }
 
-// sendLocked queues msg's frame for the writer. The caller holds c.mu.
+// claimOutputLocked returns the queued frames for the calling goroutine to
+// write itself, or nil if the writer goroutine should: when another
+// goroutine is writing (it picks them up), when the read loop is
+// delivering (it must never block on the socket: the peer may be waiting
+// for us to read), or when other calls are in flight, whose frames the
+// writer will batch into fewer writes. So an idle connection gets the
+// latency of a direct write and a busy one the throughput of batching.
+func (c *Conn) claimOutputLocked() []byte {
+	if c.manual || c.writing || c.closing || len(c.out) == 0 ||
+		len(c.questions) > 1 || c.inProgress > 0 || c.dispatching.Load() {
+		return nil
+	}
+	return c.takeOutputLocked()
+}
+
+// write writes buf, taken with takeOutputLocked, and hands back the
+// writing role: frames queued meanwhile go to the writer goroutine. It
+// reports false if the connection failed.
+func (c *Conn) write(buf []byte) bool {
+	_, err := c.rwc.Write(buf)
+	c.mu.Lock()
+	c.writing = false
+	if cap(buf) <= maxSpareBuffer {
+		c.spare = buf[:0]
+	}
+	if c.outDrained != nil {
+		close(c.outDrained)
+		c.outDrained = nil
+	}
+	if err != nil {
+		c.out = nil
+	}
+	if len(c.out) > 0 || c.writerStop {
+		c.wakeWriter = true
+	}
+	c.unlock()
+	if err != nil {
+		c.shutdown(fmt.Errorf("write: %w", err), false)
+		return false
+	}
+	return true
+}
+
+// writeClaimed writes frames claimed with claimOutputLocked, if any.
+func (c *Conn) writeClaimed(buf []byte) {
+	if buf != nil {
+		c.write(buf)
+	}
+}
+
+// maxSpareBuffer bounds the output buffer kept for reuse, so one huge
+// message does not pin its size for the connection's lifetime.
+const maxSpareBuffer = 1 << 20
+
+// sendLocked queues msg's frame. The caller holds c.mu; its unlock wakes
+// the writer unless the caller claims the output to write it itself.
 func (c *Conn) sendLocked(msg *capnp.Message) error {
 	out, err := appendFrame(c.out, msg)
 	if err != nil {
 		return fmt.Errorf("encode message: %w", err)
 	}
 	c.out = out
-	select {
-	case c.outWake <- struct{}{}:
-	default:
-	}
+	c.wakeWriter = true
 	return nil
 }
 
@@ -351,6 +408,9 @@ func (c *Conn) waitQueue(ctx context.Context) error {
 		if len(c.out) <= c.lim.MaxQueuedBytes {
 			c.unlock()
 			return nil
+		}
+		if c.outDrained == nil {
+			c.outDrained = make(chan struct{})
 		}
 		drained := c.outDrained
 		c.unlock()
@@ -391,10 +451,7 @@ func (c *Conn) shutdown(reason error, sendAbort bool) bool {
 		var fx effects
 		c.clearTablesLocked(&fx, c.err)
 		c.writerStop = true
-		select {
-		case c.outWake <- struct{}{}:
-		default:
-		}
+		c.wakeWriter = true
 		c.unlock()
 		c.cancel()
 		fx.run()
@@ -449,6 +506,7 @@ func (c *Conn) newAbort(reason error) (*capnp.Message, error) {
 // clearTablesLocked empties every table at shutdown, collecting the
 // rejections and releases to run once the lock is dropped.
 func (c *Conn) clearTablesLocked(fx *effects, reason error) {
+	c.dropWatchesLocked()
 	// Sorted, so that a simulated run replays exactly.
 	for _, id := range sortedKeys(c.questions) {
 		q := c.questions[id]
@@ -465,7 +523,7 @@ func (c *Conn) clearTablesLocked(fx *effects, reason error) {
 	for _, id := range sortedKeys(c.imports) {
 		ie := c.imports[id]
 		delete(c.imports, id)
-		fx.add(ie.resolution.Release)
+		fx.releaseClient(ie.resolution)
 		ie.resolution = capnp.Client{}
 		for _, r := range ie.resolvers {
 			fx.add(func() { r.Reject(reason) })
@@ -500,16 +558,82 @@ func newMessage() (*capnp.Message, rpccp.Message, error) {
 }
 
 // effects are calls into capabilities or promises collected under c.mu and
-// run, in order, after it is released.
-type effects []func()
+// run, in order, after it is released. The first few live in the struct
+// itself (on the caller's stack), and the common kinds are fields rather
+// than closures, so the per-call path queues its effects without
+// allocating.
+type effects struct {
+	n      int
+	inline [4]effect
+	more   []effect
+}
 
-func (fx *effects) add(f func()) { *fx = append(*fx, f) }
+// An effect is one deferred step; the non-zero fields run in the order
+// below.
+type effect struct {
+	f       func()
+	deliver *answer   // deliver the peer's call to its target
+	settle  *question // resolve the caller's promise from the Return
+	retire  *question // release the clients of a retired question's promise
+	msg     *capnp.Message
+	client  capnp.Client
+}
 
-func (fx *effects) run() {
-	for i := 0; i < len(*fx); i++ {
-		(*fx)[i]()
+func (e *effect) run() {
+	if e.f != nil {
+		e.f()
 	}
-	*fx = (*fx)[:0]
+	if e.deliver != nil {
+		e.deliver.deliver()
+	}
+	if e.settle != nil {
+		e.settle.runSettle()
+	}
+	if e.retire != nil {
+		e.retire.p.ReleaseClients()
+	}
+	if e.msg != nil {
+		e.msg.Release()
+	}
+	e.client.Release()
+}
+
+func (fx *effects) push(e effect) {
+	if fx.n < len(fx.inline) {
+		fx.inline[fx.n] = e
+	} else {
+		fx.more = append(fx.more, e)
+	}
+	fx.n++
+}
+
+func (fx *effects) add(f func()) { fx.push(effect{f: f}) }
+
+// releaseMsg queues msg.Release (nil is ignored).
+func (fx *effects) releaseMsg(msg *capnp.Message) {
+	if msg != nil {
+		fx.push(effect{msg: msg})
+	}
+}
+
+// releaseClient queues cl.Release.
+func (fx *effects) releaseClient(cl capnp.Client) { fx.push(effect{client: cl}) }
+
+// run runs the effects in order, including any queued while running.
+func (fx *effects) run() {
+	for i := 0; i < fx.n; i++ {
+		var e *effect
+		if i < len(fx.inline) {
+			e = &fx.inline[i]
+		} else {
+			e = &fx.more[i-len(fx.inline)]
+		}
+		todo := *e
+		*e = effect{}
+		todo.run()
+	}
+	fx.n = 0
+	fx.more = fx.more[:0]
 }
 
 // idAllocator hands out small integer ids, reusing freed ones first so
@@ -563,6 +687,7 @@ func (c *Conn) unlock() {
 		if c.pendingTasks.Load() > 0 {
 			c.runTasksAndUnlock()
 		} else {
+			c.signalWriterLocked()
 			c.mu.Unlock()
 		}
 		if c.pendingTasks.Load() == 0 || !c.mu.TryLock() {
@@ -583,6 +708,19 @@ func (c *Conn) runTasksAndUnlock() {
 	for _, t := range tasks {
 		t(&fx)
 	}
+	c.signalWriterLocked()
 	c.mu.Unlock()
 	fx.run()
+}
+
+// signalWriterLocked wakes the writer goroutine for frames queued since
+// the last signal, unless a writer is busy (it checks again when done).
+func (c *Conn) signalWriterLocked() {
+	if c.wakeWriter && !c.writing {
+		c.wakeWriter = false
+		select {
+		case c.outWake <- struct{}{}:
+		default:
+		}
+	}
 }

@@ -24,8 +24,10 @@ func violation(format string, args ...any) error {
 // connection has ended and the reader should stop.
 func (c *Conn) handleMessage(msg *capnp.Message) bool {
 	var fx effects
+	c.dispatching.Store(true)
 	keep, err := c.dispatch(&fx, msg)
 	fx.run()
+	c.dispatching.Store(false)
 	if !keep {
 		msg.Release()
 	}
@@ -220,11 +222,8 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 	}
 	// Our own reference for the delivery (never e.client itself, which
 	// a release after delivery would drop even when it resolved to null).
-	target = target.AddRef()
-	fx.add(func() {
-		c.deliverCall(a, target, targetAns, transform, recv)
-		target.Release()
-	})
+	a.deliverTarget, a.deliverTargetAns, a.deliverTransform, a.deliverRecv = target.AddRef(), targetAns, transform, recv
+	fx.push(effect{deliver: a})
 	return true, nil
 }
 
@@ -245,7 +244,7 @@ func (c *Conn) importCapTableLocked(fx *effects, msg *capnp.Message, payload rpc
 		if err != nil {
 			// Releasing an import takes c.mu; do it after the lock.
 			for _, cl := range clients[:i] {
-				fx.add(cl.Release)
+				fx.releaseClient(cl)
 			}
 			return violation("cap table entry %d: %w", i, err)
 		}
@@ -312,9 +311,7 @@ func (c *Conn) handleReturn(fx *effects, msg *capnp.Message, m rpccp.Message) (b
 	}
 	q.paramExports = nil
 	q.returned = true
-	if q.stopCancel != nil {
-		q.stopCancel()
-	}
+	c.unwatchLocked(q)
 	if q.settled {
 		// Cancelled earlier: Finish (with releaseResultCaps) is already
 		// sent, so the callee owns any capabilities in the results.
@@ -349,27 +346,33 @@ func (c *Conn) settleLocked(fx *effects, q *question, msg *capnp.Message, conten
 	} else {
 		q.results, q.resultContent = msg, content
 	}
-	p, br := q.p, q.bootResolver
+	br := q.bootResolver
 	q.bootResolver = nil
 	if q.bootstrap && rerr == nil && !q.bootDropped {
 		q.bootCap = content.Interface().Client().AddRef()
 	}
-	bootCap := q.bootCap
-	fx.add(func() {
+	q.settleContent, q.settleErr, q.settleBoot, q.settleBootCap = content, rerr, br, q.bootCap
+	fx.push(effect{settle: q})
+}
+
+// runSettle resolves the caller's promise as settleLocked decided; it runs
+// as an effect, outside c.mu.
+func (q *question) runSettle() {
+	content, rerr, br, bootCap := q.settleContent, q.settleErr, q.settleBoot, q.settleBootCap
+	q.settleContent, q.settleErr, q.settleBoot, q.settleBootCap = capnp.Ptr{}, nil, nil, capnp.Client{}
+	if rerr != nil {
+		q.p.Reject(rerr)
+	} else {
+		q.p.Fulfill(content)
+	}
+	if br != nil {
 		if rerr != nil {
-			p.Reject(rerr)
+			br.Reject(rerr)
 		} else {
-			p.Fulfill(content)
+			br.Fulfill(bootCap)
 		}
-		if br != nil {
-			if rerr != nil {
-				br.Reject(rerr)
-			} else {
-				br.Fulfill(bootCap)
-			}
-		}
-		c.afterSettle(q)
-	})
+	}
+	q.c.afterSettle(q)
 }
 
 // takeResultsLocked settles q with a copy of the results of answer a (a
@@ -493,7 +496,7 @@ func (c *Conn) handleResolve(fx *effects, m rpccp.Message) error {
 			return violation("resolve of promise %d: %w", id, err)
 		}
 		if !pending {
-			fx.add(cl.Release) // give back the reference the peer just sent
+			fx.releaseClient(cl) // give back the reference the peer just sent
 			return nil
 		}
 		if local {
@@ -502,7 +505,7 @@ func (c *Conn) handleResolve(fx *effects, m rpccp.Message) error {
 				return nil
 			})
 			if err != nil {
-				fx.add(cl.Release)
+				fx.releaseClient(cl)
 				return err
 			}
 			cl = embargoed

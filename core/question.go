@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
 
 	"capnproto.org/go/capnp/v3"
 	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
@@ -42,7 +43,17 @@ type question struct {
 	resultContent capnp.Ptr       // its content, for calls racing the Return
 	resultErr     error           // the exception the Return carried
 	paramExports  []uint32        // exports our Call carried, released by Return.releaseParamCaps
-	stopCancel    func() bool     // stops the context watch
+	stopCancel    func() bool     // stops a context watch of this question's own
+	watch         *ctxWatch       // or the shared watch it is linked into
+	watchPrev     *question
+	watchNext     *question
+
+	// What the settle effect delivers to the caller, set under c.mu
+	// by settleLocked and taken by runSettle after the unlock.
+	settleContent capnp.Ptr
+	settleErr     error
+	settleBoot    capnp.Resolver[capnp.Client]
+	settleBootCap capnp.Client
 }
 
 // newQuestionLocked allocates a question id and its promise.
@@ -165,7 +176,9 @@ func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp
 		t.question.pipelined = append(t.question.pipelined, t.transform)
 	}
 	c.watchCancelLocked(q, ctx)
+	out := c.claimOutputLocked()
 	c.unlock()
+	c.writeClaimed(out)
 	msg.Release()
 	fx.run()
 	return q.p.Answer(), q.release
@@ -277,9 +290,7 @@ func (q *question) release() {
 		return
 	}
 	q.released = true
-	if q.stopCancel != nil {
-		q.stopCancel()
-	}
+	q.c.unwatchLocked(q)
 	if q.settled {
 		q.finishLocked(&fx)
 	}
@@ -310,21 +321,13 @@ func (q *question) retireLocked(fx *effects) {
 		c.questionIDs.put(q.id)
 	}
 	delete(c.questionsByAns, q.p.Answer())
-	p, results := q.p, q.results
+	fx.push(effect{retire: q, msg: q.results})
 	q.results, q.resultContent = nil, capnp.Ptr{}
-	fx.add(func() {
-		p.ReleaseClients()
-		if results != nil {
-			results.Release()
-		}
-	})
 }
 
 // rejectLocked settles the question with err at shutdown.
 func (q *question) rejectLocked(fx *effects, err error) {
-	if q.stopCancel != nil {
-		q.stopCancel()
-	}
+	q.c.unwatchLocked(q)
 	if !q.settled {
 		q.settled = true
 		p, br := q.p, q.bootResolver
@@ -338,7 +341,7 @@ func (q *question) rejectLocked(fx *effects, err error) {
 	}
 	if bc := q.bootCap; bc.IsValid() {
 		q.bootCap = capnp.Client{}
-		fx.add(bc.Release)
+		fx.releaseClient(bc)
 	}
 	// Results the caller has not released stay readable: its release
 	// frees them (finishLocked retires the question even when closing).
@@ -385,7 +388,9 @@ func (c *Conn) forwardCall(ctx context.Context, t callTarget, r capnp.Recv) capn
 	return callqueue.NonNil(ans)
 }
 
-// watchCancelLocked arranges for q to be cancelled when ctx ends.
+// watchCancelLocked arranges for q to be cancelled when ctx ends. Calls
+// made under the same context share one watch (one context.AfterFunc),
+// so a caller issuing many calls under one context pays for it once.
 func (c *Conn) watchCancelLocked(q *question, ctx context.Context) {
 	if ctx.Done() == nil {
 		return
@@ -395,5 +400,101 @@ func (c *Conn) watchCancelLocked(q *question, ctx context.Context) {
 		c.pending = append(c.pending, pendingWork{cancel: q})
 		return
 	}
-	q.stopCancel = context.AfterFunc(ctx, func() { q.cancel(ctx.Err()) })
+	if reflect.TypeOf(ctx).Kind() != reflect.Pointer {
+		// Only pointer contexts (all of package context's) are safe map keys.
+		q.stopCancel = context.AfterFunc(ctx, func() { q.cancel(ctx.Err()) })
+		return
+	}
+	w := c.watches[ctx]
+	if w == nil {
+		if len(c.watches) >= maxIdleWatches {
+			c.dropIdleWatchesLocked()
+		}
+		w = &ctxWatch{ctx: ctx}
+		w.stop = context.AfterFunc(ctx, func() { c.contextDone(w) })
+		if c.watches == nil {
+			c.watches = make(map[context.Context]*ctxWatch)
+		}
+		c.watches[ctx] = w
+	}
+	q.watch, q.watchNext = w, w.head
+	if w.head != nil {
+		w.head.watchPrev = q
+	}
+	w.head = q
+}
+
+// maxIdleWatches bounds the watches kept for contexts with no question in
+// flight (kept so that the next call under the same context reuses them).
+const maxIdleWatches = 8
+
+// A ctxWatch cancels the questions asked under ctx when it ends.
+type ctxWatch struct {
+	ctx  context.Context
+	stop func() bool
+	head *question // linked through watchNext/watchPrev
+}
+
+// unwatchLocked stops watching q's context.
+func (c *Conn) unwatchLocked(q *question) {
+	if q.stopCancel != nil {
+		q.stopCancel()
+		q.stopCancel = nil
+	}
+	w := q.watch
+	if w == nil {
+		return
+	}
+	if q.watchPrev != nil {
+		q.watchPrev.watchNext = q.watchNext
+	} else {
+		w.head = q.watchNext
+	}
+	if q.watchNext != nil {
+		q.watchNext.watchPrev = q.watchPrev
+	}
+	q.watch, q.watchPrev, q.watchNext = nil, nil, nil
+}
+
+// dropIdleWatchesLocked stops the watches no question uses.
+func (c *Conn) dropIdleWatchesLocked() {
+	for ctx, w := range c.watches {
+		if w.head == nil {
+			w.stop()
+			delete(c.watches, ctx)
+		}
+	}
+}
+
+// dropWatchesLocked stops every watch (at shutdown).
+func (c *Conn) dropWatchesLocked() {
+	for ctx, w := range c.watches {
+		w.stop()
+		delete(c.watches, ctx)
+		for q := w.head; q != nil; {
+			next := q.watchNext
+			q.watch, q.watchPrev, q.watchNext = nil, nil, nil
+			q = next
+		}
+	}
+}
+
+// contextDone cancels the questions still watched by w.
+func (c *Conn) contextDone(w *ctxWatch) {
+	c.mu.Lock()
+	if c.watches[w.ctx] == w {
+		delete(c.watches, w.ctx)
+	}
+	var qs []*question
+	for q := w.head; q != nil; q = q.watchNext {
+		qs = append(qs, q)
+	}
+	for _, q := range qs {
+		c.unwatchLocked(q)
+	}
+	c.unlock()
+	err := w.ctx.Err()
+	for _, q := range qs {
+		q.cancel(err)
+	}
 }
