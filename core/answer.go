@@ -14,10 +14,9 @@ import (
 // capnp.Returner: the local capability writes its results straight into
 // the outbound Return message.
 type answer struct {
-	c      *Conn
-	id     uint32
-	ctx    context.Context
-	cancel context.CancelFunc
+	c   *Conn
+	id  uint32
+	ctx callCtx // the delivered call's context
 
 	// queued holds calls pipelined on this answer before it returned, in
 	// arrival order; flushing is set while they are being delivered, so
@@ -67,8 +66,7 @@ type answer struct {
 
 // newAnswerLocked registers an answer for question id qid.
 func (c *Conn) newAnswerLocked(qid uint32) *answer {
-	ctx, cancel := context.WithCancel(c.ctx)
-	a := &answer{c: c, id: qid, ctx: ctx, cancel: cancel}
+	a := &answer{c: c, id: qid}
 	c.answers[qid] = a
 	c.inProgress++
 	return a
@@ -311,7 +309,7 @@ func (c *Conn) retireAnswerLocked(fx *effects, a *answer) {
 
 // freeLocked releases what the answer holds.
 func (a *answer) freeLocked(fx *effects) {
-	a.cancel()
+	a.ctx.cancel()
 	if msg := a.msg; msg != nil {
 		a.msg = nil
 		a.results = capnp.Ptr{}
@@ -392,17 +390,16 @@ func (a *answer) deliver() {
 	target, ta, transform, recv := a.deliverTarget, a.deliverTargetAns, a.deliverTransform, a.deliverRecv
 	a.deliverTarget, a.deliverTargetAns, a.deliverTransform, a.deliverRecv = capnp.Client{}, nil, nil, capnp.Recv{}
 	a.c.deliverCall(a, target, ta, transform, recv)
-	target.Release()
 }
 
 // deliverCall runs outside the lock, in the reader goroutine, so calls
 // reach local capabilities in the order they arrived.
 func (c *Conn) deliverCall(a *answer, target capnp.Client, targetAns *answer, transform []capnp.PipelineOp, recv capnp.Recv) {
 	if targetAns == nil {
-		target.RecvCall(a.ctx, recv)
+		target.RecvCall(&a.ctx, recv)
 		return
 	}
-	c.pipelineCall(targetAns, a.ctx, transform, recv)
+	c.pipelineCall(targetAns, &a.ctx, transform, recv)
 }
 
 // pipelineCall delivers a call made on a capability in answer ta's

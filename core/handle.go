@@ -220,9 +220,11 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 		ReleaseArgs: a.releaseArgs(msg),
 		Returner:    a,
 	}
-	// Our own reference for the delivery (never e.client itself, which
-	// a release after delivery would drop even when it resolved to null).
-	a.deliverTarget, a.deliverTargetAns, a.deliverTransform, a.deliverRecv = target.AddRef(), targetAns, transform, recv
+	// The export's own reference, not a new one (AddRef costs three
+	// allocations): releases that could drop it arrive in later messages,
+	// which this reader handles only after the delivery. A concurrent
+	// shutdown may release it first; the call then fails, as it would.
+	a.deliverTarget, a.deliverTargetAns, a.deliverTransform, a.deliverRecv = target, targetAns, transform, recv
 	fx.push(effect{deliver: a})
 	return true, nil
 }
@@ -464,7 +466,7 @@ func (c *Conn) handleFinish(fx *effects, m rpccp.Message) error {
 	}
 	a.finished = true
 	if !a.returned {
-		a.cancel() // the handler sees its context end
+		a.ctx.cancel() // the handler sees its context end
 		return nil
 	}
 	if f.ReleaseResultCaps() {
