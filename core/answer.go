@@ -231,7 +231,7 @@ func (c *Conn) returnLocked(fx *effects, a *answer) {
 	if a.err != nil && a.msg != nil {
 		// Nothing pipelines on an exception: keep only the table entry
 		// until Finish, not the message.
-		fx.releaseMsg(a.msg)
+		fx.recycleMsg(a.msg)
 		a.msg = nil
 	}
 	if a.finished {
@@ -279,7 +279,7 @@ func (c *Conn) releaseResultExportsLocked(fx *effects, a *answer) {
 // replaceMessage swaps the results message for a fresh Return built by fill.
 func (a *answer) replaceMessage(fx *effects, fill func(rpccp.Return) error) {
 	if old := a.msg; old != nil {
-		fx.releaseMsg(old)
+		fx.recycleMsg(old)
 	}
 	a.msg, a.results = nil, capnp.Ptr{}
 	msg, m, err := newMessage()
@@ -313,7 +313,7 @@ func (a *answer) freeLocked(fx *effects) {
 	if msg := a.msg; msg != nil {
 		a.msg = nil
 		a.results = capnp.Ptr{}
-		fx.releaseMsg(msg)
+		fx.recycleMsg(msg)
 	}
 }
 

@@ -543,9 +543,14 @@ func (c *Conn) clearTablesLocked(fx *effects, reason error) {
 	}
 }
 
+// messagePool keeps outbound Message structs for reuse (their arenas are
+// pooled by go-capnp already).
+var messagePool = sync.Pool{New: func() any { return new(capnp.Message) }}
+
 // newMessage allocates an outbound RPC message.
 func newMessage() (*capnp.Message, rpccp.Message, error) {
-	msg, seg, err := capnp.NewMessage(capnp.SingleSegment(nil))
+	msg := messagePool.Get().(*capnp.Message)
+	seg, err := msg.Reset(capnp.SingleSegment(nil))
 	if err != nil {
 		return nil, rpccp.Message{}, err
 	}
@@ -555,6 +560,14 @@ func newMessage() (*capnp.Message, rpccp.Message, error) {
 		return nil, rpccp.Message{}, err
 	}
 	return msg, m, nil
+}
+
+// recycleMessage releases a message from newMessage and keeps it for
+// reuse. Only for messages released exactly once, by their only owner: a
+// second release would hand the struct to two users.
+func recycleMessage(msg *capnp.Message) {
+	msg.Reset(nil)
+	messagePool.Put(msg)
 }
 
 // effects are calls into capabilities or promises collected under c.mu and
@@ -576,6 +589,7 @@ type effect struct {
 	settle  *question // resolve the caller's promise from the Return
 	retire  *question // release the clients of a retired question's promise
 	msg     *capnp.Message
+	recycle *capnp.Message // released with recycleMessage
 	client  capnp.Client
 }
 
@@ -595,6 +609,9 @@ func (e *effect) run() {
 	if e.msg != nil {
 		e.msg.Release()
 	}
+	if e.recycle != nil {
+		recycleMessage(e.recycle)
+	}
 	e.client.Release()
 }
 
@@ -613,6 +630,13 @@ func (fx *effects) add(f func()) { fx.push(effect{f: f}) }
 func (fx *effects) releaseMsg(msg *capnp.Message) {
 	if msg != nil {
 		fx.push(effect{msg: msg})
+	}
+}
+
+// recycleMsg queues recycleMessage(msg) (nil is ignored).
+func (fx *effects) recycleMsg(msg *capnp.Message) {
+	if msg != nil {
+		fx.push(effect{recycle: msg})
 	}
 }
 

@@ -179,7 +179,7 @@ func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp
 	out := c.claimOutputLocked()
 	c.unlock()
 	c.writeClaimed(out)
-	msg.Release()
+	recycleMessage(msg)
 	fx.run()
 	return q.p.Answer(), q.release
 }
@@ -352,7 +352,7 @@ func (c *Conn) sendFinishLocked(id uint32, releaseResultCaps bool) {
 	if err != nil {
 		return
 	}
-	defer msg.Release()
+	defer recycleMessage(msg)
 	f, err := m.NewFinish()
 	if err != nil {
 		return
