@@ -468,5 +468,5 @@ func (c *Conn) flushQueued(a *answer) {
 
 // releaseArgs returns a ReleaseFunc that frees the inbound message once.
 func (a *answer) releaseArgs(msg *capnp.Message) capnp.ReleaseFunc {
-	return func() { a.argsOnce.Do(msg.Release) }
+	return func() { a.argsOnce.Do(func() { recycleMessage(msg) }) }
 }

@@ -151,3 +151,7 @@ func (c *Conn) dump() string {
 	}
 	return b.String()
 }
+
+// testBeforeSettle, set only by tests, runs at the start of a question's
+// settle effect, to reproduce what may happen in that window.
+var testBeforeSettle func(q *question)

@@ -38,10 +38,24 @@ const (
 	// one Read call for several messages rather than several per message.
 	frameBufSize = 8 << 10
 
-	// frameGrowStep bounds how far a large body's buffer may run ahead of
-	// the bytes that have actually arrived, so a peer that declares a huge
-	// frame and then stalls costs little memory.
-	frameGrowStep = 64 << 10
+	// Small bodies are carved out of a shared chunk, one allocation per
+	// chunk rather than per message. The GC keeps a chunk alive while any
+	// message carved from it lives, so one retained message can pin up to
+	// frameChunkSize: 4096 calls held by handlers could pin 64 MiB if other
+	// traffic spreads them over as many chunks. That is why the chunk is
+	// small; a peer could pin more with large messages anyway. A body too
+	// big for the rest of the chunk starts a new one, wasting < 1/8 of it.
+	frameChunkSize = 16 << 10
+	frameSmallBody = frameChunkSize / 8
+
+	// A body larger than buf is read into a buffer that grows as bytes
+	// arrive: its capacity stays below frameGrowFactor × the bytes arrived
+	// + 2 × frameGrowStep, so a peer that declares a huge frame and then
+	// stalls costs little memory. Few, large steps mean little copying: a
+	// 1 MiB body takes two allocations and one 256 KiB copy.
+	frameGrowStep      = 256 << 10
+	frameGrowFactor    = 4
+	frameFastGrowLimit = 1 << 20
 
 	// maxSegmentBytes is the largest segment go-capnp can address.
 	maxSegmentBytes = 1<<32 - 8
@@ -64,6 +78,8 @@ type frameReader struct {
 	rpos, wpos int    // unread bytes are buf[rpos:wpos]
 	rerr       error  // error from r, reported once the buffered bytes run out
 
+	chunk []byte // unused rest of the chunk that small bodies are carved from
+
 	sizes []uint32 // segment sizes in words of the frame being read; reused
 	err   error    // sticky result
 }
@@ -74,8 +90,9 @@ func newFrameReader(r io.Reader, lim Limits) *frameReader {
 	return &frameReader{r: r, lim: lim.withDefaults()}
 }
 
-// readMessage returns the next message. The message owns its bytes and is
-// read-only (its arena cannot allocate).
+// readMessage returns the next message. The message owns its bytes (small
+// ones share an array with other messages, but each segment is capped at
+// its own end) and is read-only (its arena cannot allocate).
 //
 // Errors:
 //   - io.EOF itself when the stream ends cleanly at a frame boundary;
@@ -89,7 +106,7 @@ func (fr *frameReader) readMessage() (*capnp.Message, error) {
 	msg, err := fr.next()
 	if err != nil {
 		fr.err = err
-		fr.buf, fr.sizes = nil, nil // nothing more will be read
+		fr.buf, fr.chunk, fr.sizes = nil, nil, nil // nothing more will be read
 		fr.rpos, fr.wpos = 0, 0
 		return nil, err
 	}
@@ -131,7 +148,7 @@ func (fr *frameReader) next() (*capnp.Message, error) {
 		fr.rpos += int(hdrSize)
 	} else {
 		var err error
-		if hdr, err = fr.readN(int(hdrSize)); err != nil {
+		if hdr, err = fr.readLarge(int(hdrSize)); err != nil {
 			return nil, readError("frame header", err)
 		}
 	}
@@ -156,16 +173,19 @@ func (fr *frameReader) next() (*capnp.Message, error) {
 		return nil, frameErrorf("frame body of %d bytes is too large for this platform", bodySize)
 	}
 
-	// Body: one fresh allocation holding every segment, so the message
-	// stays valid while buf is reused.
-	body, err := fr.readN(int(bodySize))
+	// Body: one slice holding every segment, owned by this message alone,
+	// so the message stays valid while buf is reused.
+	body, err := fr.readBody(int(bodySize))
 	if err != nil {
 		return nil, readError("frame body", err)
 	}
 
 	var msg *capnp.Message
 	if nseg == 1 {
-		msg, _ = capnp.NewSingleSegmentMessage(body) // body is non-nil, so this cannot fail
+		// A reused Message struct (see recycleMessage); body is non-nil,
+		// so Reset cannot fail.
+		msg = messagePool.Get().(*capnp.Message)
+		_, _ = msg.Reset(capnp.SingleSegment(body))
 	} else {
 		segs := make([][]byte, nseg)
 		off := 0
@@ -178,6 +198,7 @@ func (fr *frameReader) next() (*capnp.Message, error) {
 		msg, _ = capnp.NewMultiSegmentMessage(segs)
 	}
 	msg.TraverseLimit = traverseBytes(fr.lim.TraversalLimit)
+	msg.DepthLimit = 0 // go-capnp's default
 	if fr.lim.NestingLimit > 0 {
 		msg.DepthLimit = uint(fr.lim.NestingLimit)
 	}
@@ -228,21 +249,42 @@ func (fr *frameReader) fill(n int) error {
 	return nil
 }
 
-// readN consumes exactly n bytes and returns them in a new slice with
-// len == cap == n. Memory beyond the bytes that have arrived is bounded by
-// max(arrived, frameGrowStep): a declared size alone allocates nothing big.
-func (fr *frameReader) readN(n int) ([]byte, error) {
-	if n <= frameBufSize {
-		if err := fr.fill(n); err != nil {
-			return nil, err
-		}
-		out := make([]byte, n)
-		copy(out, fr.buf[fr.rpos:])
-		fr.rpos += n
-		return out, nil
+// readBody consumes the n-byte frame body and returns it in a slice with
+// len == cap == n that shares no bytes with any other message: a capped
+// slice means an arena that appends to a segment reallocates instead of
+// writing into its neighbour.
+func (fr *frameReader) readBody(n int) ([]byte, error) {
+	if n > frameBufSize {
+		return fr.readLarge(n)
 	}
-	// Too big for buf: take what is buffered, then read straight into the
-	// result, never past the end of the frame.
+	if err := fr.fill(n); err != nil {
+		return nil, err
+	}
+	src := fr.buf[fr.rpos : fr.rpos+n]
+	fr.rpos += n
+	switch {
+	case n == 0:
+		// Non-nil (a nil segment gets a writable arena), and pins no chunk.
+		return []byte{}, nil
+	case n > frameSmallBody:
+		// append copies without zeroing first.
+		return append([]byte(nil), src...)[:n:n], nil
+	}
+	if n > len(fr.chunk) {
+		fr.chunk = make([]byte, frameChunkSize)
+	}
+	body := fr.chunk[:n:n]
+	fr.chunk = fr.chunk[n:]
+	copy(body, src)
+	return body, nil
+}
+
+// readLarge consumes n (> frameBufSize) bytes and returns them in a new
+// slice with len == cap == n. It takes what is buffered, then reads straight
+// into the result, never past the end of the frame, growing the result only
+// as bytes arrive (see frameGrowStep): a declared size alone allocates
+// little.
+func (fr *frameReader) readLarge(n int) ([]byte, error) {
 	have := fr.buffered()
 	out := make([]byte, have, growTo(have, n))
 	copy(out, fr.buf[fr.rpos:fr.wpos])
@@ -252,18 +294,48 @@ func (fr *frameReader) readN(n int) ([]byte, error) {
 			return nil, fr.rerr
 		}
 		if len(out) == cap(out) {
-			// Doubling keeps the copying linear in the frame size.
-			out = append(make([]byte, 0, growTo(len(out), n)), out...)
+			// Growing by a factor keeps the copying linear in the frame size.
+			out = grow(out, growTo(len(out), n))
 		}
-		m := fr.read(out[len(out):cap(out)])
+		// The allocator may have rounded cap up past n.
+		m := fr.read(out[len(out):min(cap(out), n)])
 		out = out[:len(out)+m]
 	}
-	return out, nil
+	return out[:n:n], nil
 }
 
-// growTo is the next capacity of a body buffer holding have of n bytes.
+// growTo is the next capacity of a buffer holding have of n bytes:
+// frameGrowFactor × have (at least frameGrowStep) up to frameFastGrowLimit,
+// doubling beyond, so a stalled peer that sent 1 MiB of a huge frame costs
+// at most about 3 MiB; and n when that would leave less than
+// frameGrowStep to go (a short tail, such as the message around a 1 MiB
+// payload, is not worth another allocation and copy).
 func growTo(have, n int) int {
-	return min(n, have+max(have, frameGrowStep))
+	if have > n/2 { // also keeps the products below from overflowing
+		return n
+	}
+	c := 2 * have
+	if have < frameFastGrowLimit {
+		c = max(frameGrowStep, min(frameGrowFactor*have, frameFastGrowLimit))
+	}
+	if c > n-frameGrowStep {
+		return n
+	}
+	return c
+}
+
+// grow returns a copy of b with capacity c > len(b), without overshooting
+// much: the array stays alive as long as the message.
+func grow(b []byte, c int) []byte {
+	if c > 2*len(b) {
+		// Exact (to a size class) for so large a step, and unlike make
+		// it does not zero the bytes that the copy overwrites.
+		return slices.Grow(b, c-len(b))
+	}
+	// slices.Grow would round a smaller step up by as much as a quarter.
+	out := make([]byte, len(b), c)
+	copy(out, b)
+	return out
 }
 
 // read makes one successful Read into p (len(p) > 0), recording any error

@@ -6,11 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"math/rand"
 	"runtime"
 	"strings"
 	"testing"
 	"testing/iotest"
+	"unsafe"
 
 	"capnproto.org/go/capnp/v3"
 )
@@ -127,6 +129,9 @@ func TestFrameRoundTrip(t *testing.T) {
 		{"single/large", false, []int{200 << 10}},
 		{"multi/small", true, []int{10}},
 		{"multi/spilled", true, []int{2000, 5000, 20000, 100 << 10}},
+		// Larger than frameGrowStep: the body buffer grows as it is read.
+		{"single/huge", false, []int{3 << 20}},
+		{"multi/huge", true, []int{10, 1 << 20, 2 << 20}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			msg := testMessage(t, tc.multi, tc.blobs...)
@@ -152,6 +157,7 @@ func TestFrameRoundTrip(t *testing.T) {
 				t.Fatalf("got %d segments, want %d", got.NumSegments(), msg.NumSegments())
 			}
 			checkTestMessage(t, got, tc.blobs...)
+			checkCapped(t, got)
 			if again := mustFrame(t, got); !bytes.Equal(again, frame) {
 				t.Fatal("re-encoding differs")
 			}
@@ -246,6 +252,7 @@ func TestFrameManyMessages(t *testing.T) {
 				if got := mustFrame(t, msg); !bytes.Equal(got, want) {
 					t.Fatalf("message %d differs", i)
 				}
+				checkCapped(t, msg)
 			}
 			for range 2 {
 				if _, err := fr.readMessage(); err != io.EOF {
@@ -308,9 +315,98 @@ func TestFrameAllocsPerSmallMessage(t *testing.T) {
 		}
 	})
 	t.Logf("%.1f allocations per small message", allocs)
-	// Body, Message and arena; the read buffer is reused.
-	if allocs > 4 {
-		t.Fatalf("%.1f allocations per small message, want <= 4", allocs)
+	// Message and arena: the read buffer is reused and bodies are carved
+	// from a shared chunk.
+	if allocs > 2 {
+		t.Fatalf("%.1f allocations per small message, want <= 2", allocs)
+	}
+}
+
+// checkCapped fails unless every segment of msg ends at its capacity, so
+// that nothing written past a segment can reach another's bytes.
+func checkCapped(t testing.TB, msg *capnp.Message) {
+	t.Helper()
+	for i := range msg.NumSegments() {
+		seg, err := msg.Segment(capnp.SegmentID(i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d := seg.Data(); d == nil || len(d) != cap(d) {
+			t.Fatalf("segment %d: len %d, cap %d, nil %t", i, len(d), cap(d), d == nil)
+		}
+	}
+}
+
+// Small messages share a chunk; none can change another through its arena,
+// its segment slices or Release.
+func TestFrameSmallMessagesIsolated(t *testing.T) {
+	var data []byte
+	const n = 4
+	for i := range n {
+		data = append(data, mustFrame(t, testMessage(t, i%2 == 1, 40+i))...)
+	}
+	fr := newFrameReader(bytes.NewReader(data), Limits{})
+	msgs := make([]*capnp.Message, n)
+	for i := range msgs {
+		var err error
+		if msgs[i], err = fr.readMessage(); err != nil {
+			t.Fatal(err)
+		}
+		checkCapped(t, msgs[i])
+	}
+	check := func(skip int) {
+		t.Helper()
+		for i, m := range msgs {
+			if i != skip {
+				checkTestMessage(t, m, 40+i)
+			}
+		}
+	}
+	seg0, err := msgs[0].Segment(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seg1, err := msgs[1].Segment(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d0, d1 := seg0.Data(), seg1.Data()
+	// The test means something only if the bodies are neighbours.
+	if end := unsafe.Add(unsafe.Pointer(unsafe.SliceData(d0)), len(d0)); end != unsafe.Pointer(unsafe.SliceData(d1)) {
+		t.Fatal("consecutive small bodies are not adjacent in one chunk")
+	}
+
+	// Allocating in a message fails rather than using a neighbour's bytes.
+	for i, m := range msgs {
+		seg, _ := m.Segment(0)
+		if _, err := capnp.NewData(seg, []byte("spill")); err == nil {
+			t.Fatalf("message %d: allocation in a read message succeeded", i)
+		}
+		if _, err := capnp.NewStruct(seg, capnp.ObjectSize{DataSize: 8}); err == nil {
+			t.Fatalf("message %d: allocation in a read message succeeded", i)
+		}
+	}
+	check(-1)
+
+	// Appending to a segment's bytes reallocates.
+	grown := append(d0, bytes.Repeat([]byte{0xee}, 64)...)
+	if unsafe.SliceData(grown) == unsafe.SliceData(d0) {
+		t.Fatal("append to a segment wrote in place")
+	}
+	check(-1)
+
+	// Overwriting a message in place stays within it.
+	for i := range d0 {
+		d0[i] = 0xff
+	}
+	check(0)
+
+	msgs[1].Release()
+	msgs[1] = nil
+	for i, m := range msgs {
+		if m != nil && i != 0 {
+			checkTestMessage(t, m, 40+i)
+		}
 	}
 }
 
@@ -445,19 +541,17 @@ func (s *stallReader) Read(p []byte) (int, error) {
 }
 
 func TestFrameStalledPeerAllocation(t *testing.T) {
-	for _, tc := range []struct {
-		name  string
-		sent  int // body bytes sent before stalling
-		bound uint64
-	}{
-		{"10 bytes", 10, 1 << 20},
-		{"2 MiB", 2 << 20, 4*(2<<20) + 1<<20},
+	for _, sent := range []int{ // body bytes sent before stalling
+		10,
+		frameBufSize,
+		frameGrowStep + 1, // just past a growth step: the worst ratio
+		2 << 20,
 	} {
-		t.Run(tc.name, func(t *testing.T) {
+		t.Run(fmt.Sprint(sent), func(t *testing.T) {
 			// Declares 64 MiB (the default limit) in one segment.
 			data := binary.LittleEndian.AppendUint32(nil, 0)
 			data = binary.LittleEndian.AppendUint32(data, (64<<20-8)/8)
-			data = append(data, make([]byte, tc.sent)...)
+			data = append(data, make([]byte, sent)...)
 
 			var before, during runtime.MemStats
 			sr := &stallReader{data: data, onStall: func() { runtime.ReadMemStats(&during) }}
@@ -472,12 +566,46 @@ func TestFrameStalledPeerAllocation(t *testing.T) {
 				t.Fatal("reader never stalled")
 			}
 			used := during.TotalAlloc - before.TotalAlloc
-			t.Logf("allocated %d bytes while stalled after %d body bytes", used, tc.sent)
-			if used > tc.bound {
+			// The last buffer is below F × sent + 2 × step and the ones
+			// before it sum to less than 1/(F-1) of it; 64 KiB covers the
+			// read buffer and small allocations.
+			const f = frameGrowFactor
+			bound := uint64(f*(f*sent+2*frameGrowStep)/(f-1) + 64<<10)
+			t.Logf("allocated %d bytes while stalled after %d body bytes (bound %d)", used, sent, bound)
+			if used > bound {
 				t.Fatalf("allocated %d bytes for a stalled 64 MiB frame after %d bytes, want < %d",
-					used, tc.sent, tc.bound)
+					used, sent, bound)
 			}
 		})
+	}
+}
+
+func TestFrameGrowTo(t *testing.T) {
+	const s, f = frameGrowStep, frameGrowFactor
+	sizes := []int{0, 1, frameBufSize, s - 1, s, s + 1, 2 * s, f*s - 1, f * s, f*s + 1, 3 << 20, 64 << 20, math.MaxInt}
+	for _, n := range sizes {
+		for _, have := range sizes {
+			if have >= n {
+				continue
+			}
+			c := growTo(have, n)
+			switch {
+			case c <= have || c > n:
+				t.Fatalf("growTo(%d, %d) = %d, want in (have, n]", have, n, c)
+			case c < n && n-c < s:
+				t.Fatalf("growTo(%d, %d) = %d leaves a tail shorter than a step", have, n, c)
+			case have < (math.MaxInt-2*s)/f && c >= f*have+2*s:
+				t.Fatalf("growTo(%d, %d) = %d, not below F × have + 2 × step", have, n, c)
+			}
+		}
+	}
+	// A 1 MiB payload with some message around it: one step, then the rest.
+	n := 1<<20 + 128
+	if c := growTo(frameBufSize, n); c != s {
+		t.Fatalf("first buffer %d, want %d", c, s)
+	}
+	if c := growTo(s, n); c != n {
+		t.Fatalf("second buffer %d, want %d", c, n)
 	}
 }
 

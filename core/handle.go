@@ -29,7 +29,7 @@ func (c *Conn) handleMessage(msg *capnp.Message) bool {
 	fx.run()
 	c.dispatching.Store(false)
 	if !keep {
-		msg.Release()
+		recycleMessage(msg)
 	}
 	if err != nil {
 		var ab peerAbort
@@ -354,12 +354,16 @@ func (c *Conn) settleLocked(fx *effects, q *question, msg *capnp.Message, conten
 		q.bootCap = content.Interface().Client().AddRef()
 	}
 	q.settleContent, q.settleErr, q.settleBoot, q.settleBootCap = content, rerr, br, q.bootCap
+	q.settling = true
 	fx.push(effect{settle: q})
 }
 
 // runSettle resolves the caller's promise as settleLocked decided; it runs
 // as an effect, outside c.mu.
 func (q *question) runSettle() {
+	if testBeforeSettle != nil {
+		testBeforeSettle(q)
+	}
 	content, rerr, br, bootCap := q.settleContent, q.settleErr, q.settleBoot, q.settleBootCap
 	q.settleContent, q.settleErr, q.settleBoot, q.settleBootCap = capnp.Ptr{}, nil, nil, capnp.Client{}
 	if rerr != nil {
@@ -414,17 +418,17 @@ func (c *Conn) takeResultsLocked(fx *effects, q *question, a *answer) {
 // afterSettle finishes a question whose caller already released it (or a
 // bootstrap question, whose answer only serves its capability).
 func (c *Conn) afterSettle(q *question) {
-	if q.bootstrap {
-		q.release()
-		return
-	}
 	var fx effects
 	c.mu.Lock()
-	if q.released {
+	q.settling = false
+	if q.released && !q.bootstrap {
 		q.finishLocked(&fx)
 	}
 	c.unlock()
 	fx.run()
+	if q.bootstrap {
+		q.release()
+	}
 }
 
 // returnEmbargo embargoes capabilities in q's results that name our own

@@ -29,6 +29,7 @@ type question struct {
 	returned  bool // Return received
 	finished  bool // Finish sent
 	settled   bool // p resolved (by Return, cancellation or disconnect)
+	settling  bool // settled by a Return whose settle effect has not run yet
 	released  bool // the caller released the answer
 	bootstrap bool
 
@@ -291,7 +292,10 @@ func (q *question) release() {
 	}
 	q.released = true
 	q.c.unwatchLocked(q)
-	if q.settled {
+	if q.settled && !q.settling {
+		// (While settling, afterSettle finishes: the results must stay
+		// until the promise has them, or a call racing the release
+		// would find neither the promise resolved nor the results.)
 		q.finishLocked(&fx)
 	}
 	c.unlock()
@@ -321,7 +325,7 @@ func (q *question) retireLocked(fx *effects) {
 		c.questionIDs.put(q.id)
 	}
 	delete(c.questionsByAns, q.p.Answer())
-	fx.push(effect{retire: q, msg: q.results})
+	fx.push(effect{retire: q, recycle: q.results})
 	q.results, q.resultContent = nil, capnp.Ptr{}
 }
 

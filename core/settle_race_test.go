@@ -1,0 +1,92 @@
+package core
+
+import (
+	"context"
+	"io"
+	"sync"
+	"testing"
+	"time"
+
+	"capnproto.org/go/capnp/v3"
+
+	"github.com/captp-go/captp/internal/testcapnp"
+	"github.com/captp-go/captp/internal/testimpl"
+)
+
+type rwPipe struct {
+	*io.PipeReader
+	*io.PipeWriter
+	once sync.Once
+}
+
+func (p *rwPipe) Close() error {
+	p.once.Do(func() { p.PipeReader.Close(); p.PipeWriter.Close() })
+	return nil
+}
+
+// A caller that releases an answer while its Return is being settled must
+// still be able to call a capability it took from the answer's pipeline:
+// the results stay until the promise has them. (Found by the C++ interop
+// test: "pipelined call on a finished question".)
+func TestReleaseDuringSettleKeepsPipelinedCapability(t *testing.T) {
+	ar, bw := io.Pipe()
+	br, aw := io.Pipe()
+	server := NewConn(&rwPipe{PipeReader: br, PipeWriter: bw}, &Options{BootstrapClient: capnp.Client(testimpl.New("root", nil).Client())})
+	client := NewConn(&rwPipe{PipeReader: ar, PipeWriter: aw}, nil)
+	defer func() {
+		client.Close()
+		server.Close()
+		<-client.Done()
+		<-server.Done()
+	}()
+	ctx := context.Background()
+	boot := testcapnp.Test(client.Bootstrap(ctx))
+	defer boot.Release()
+
+	// The caller's release races the reader's settle effect, and the
+	// caller calls the pipelined capability before the promise has the
+	// results: both happen here, while the reader is about to fulfil it.
+	var child testcapnp.Test
+	var nameFuture testcapnp.Test_name_Results_Future
+	var nameRelease capnp.ReleaseFunc
+	var once sync.Once
+	childReady := make(chan struct{})
+	testBeforeSettle = func(q *question) {
+		if q.method.MethodID != 3 { // child
+			return
+		}
+		once.Do(func() {
+			<-childReady
+			done := make(chan struct{})
+			go func() { q.release(); close(done) }()
+			select {
+			case <-done:
+			case <-time.After(time.Second):
+				// The release waits for the promise this goroutine is
+				// about to fulfil.
+			}
+			nameFuture, nameRelease = child.Name(ctx, nil)
+		})
+	}
+	defer func() { testBeforeSettle = nil }()
+
+	f, rel := boot.Child(ctx, func(p testcapnp.Test_child_Params) error { return p.SetName("kid") })
+	child = f.Child().AddRef()
+	defer child.Release()
+	close(childReady)
+	if _, err := f.Struct(); err != nil {
+		t.Fatalf("child: %v", err)
+	}
+	rel() // already released by the hook; harmless
+	if nameRelease == nil {
+		t.Fatal("the settle hook did not run")
+	}
+	defer nameRelease()
+	res, err := nameFuture.Struct()
+	if err != nil {
+		t.Fatalf("name() on the child of an answer released while settling: %v", err)
+	}
+	if n, _ := res.Name(); n != "kid" {
+		t.Errorf("name() = %q, want kid", n)
+	}
+}
