@@ -56,6 +56,11 @@ type answer struct {
 
 	argsOnce sync.Once
 
+	// pins counts queued writes reading msg's segments in place (large
+	// Returns); freeLocked leaves msg to the last one, in freeAfterWrite.
+	pins           int
+	freeAfterWrite *capnp.Message
+
 	// The call to deliver, set by handleCall under c.mu and taken by the
 	// deliver effect after the unlock, in the reader goroutine.
 	deliverTarget    capnp.Client
@@ -225,7 +230,7 @@ func (c *Conn) returnLocked(fx *effects, a *answer) {
 	}
 	if a.msg == nil {
 		c.log.Error("captp: could not build return", "answer", a.id)
-	} else if err := c.sendLocked(a.msg); err != nil {
+	} else if _, err := c.sendByRefLocked(a.msg, a); err != nil {
 		c.log.Error("captp: queue return", "answer", a.id, "err", err)
 	}
 	if a.err != nil && a.msg != nil {
@@ -313,7 +318,27 @@ func (a *answer) freeLocked(fx *effects) {
 	if msg := a.msg; msg != nil {
 		a.msg = nil
 		a.results = capnp.Ptr{}
-		fx.recycleMsg(msg)
+		if a.pins > 0 {
+			a.freeAfterWrite = msg // the writer still reads it
+		} else {
+			fx.recycleMsg(msg)
+		}
+	}
+}
+
+// unpin runs once the writer has written (or dropped) the Return it
+// wrote from a.msg, and frees the message if the answer is done with it.
+func (a *answer) unpin() {
+	c := a.c
+	c.mu.Lock()
+	a.pins--
+	var msg *capnp.Message
+	if a.pins == 0 {
+		msg, a.freeAfterWrite = a.freeAfterWrite, nil
+	}
+	c.unlock()
+	if msg != nil {
+		recycleMessage(msg)
 	}
 }
 

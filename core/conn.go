@@ -61,6 +61,8 @@ type Conn struct {
 	// the writer goroutine, or a caller writing its own Call or Return
 	// directly when nobody is writing (one hand-off fewer per message).
 	out        []byte        // encoded frames waiting to be written
+	outLarge   []largeFrame  // segments of large frames, written from their messages
+	largeBytes int           // bytes in outLarge
 	spare      []byte        // the other buffer, reused for out while one is written
 	writing    bool          // a goroutine is writing; others only queue
 	wakeWriter bool          // frames were queued: unlock signals the writer
@@ -298,7 +300,7 @@ func (c *Conn) writeLoop() {
 		<-c.outWake
 		for {
 			c.mu.Lock()
-			if c.writing || len(c.out) == 0 {
+			if c.writing || c.queuedLocked() == 0 {
 				// A direct writer wakes us when it is done, if needed.
 				exit := c.writerStop && !c.writing
 				c.unlock()
@@ -316,14 +318,49 @@ func (c *Conn) writeLoop() {
 	}
 }
 
+// output is a batch of frames taken for writing: the bytes of small
+// frames and headers, and the segments of large frames to write at their
+// offsets in between.
+type output struct {
+	buf   []byte
+	large []largeFrame
+}
+
+// A largeFrame's segments are written straight from its message, not
+// copied into the output buffer, so the message must stay intact until
+// they are written (or dropped): then it is recycled, or, for a Return
+// its answer keeps, unpinned.
+type largeFrame struct {
+	at    int // offset in buf where the segments go
+	segs  [][]byte
+	size  int
+	msg   *capnp.Message
+	owner *answer
+}
+
+func (lf *largeFrame) release() {
+	if lf.owner != nil {
+		lf.owner.unpin()
+	} else {
+		recycleMessage(lf.msg)
+	}
+}
+
+// largeFrameBytes is the frame size from which Calls and Returns are
+// written from their messages instead of being copied.
+const largeFrameBytes = 64 << 10
+
+func (c *Conn) queuedLocked() int { return len(c.out) + c.largeBytes }
+
 // takeOutputLocked hands the queued frames to the caller, who must write
 // them with write. The caller holds c.mu and has checked !c.writing.
-func (c *Conn) takeOutputLocked() []byte {
-	buf := c.out
+func (c *Conn) takeOutputLocked() output {
+	o := output{buf: c.out, large: c.outLarge}
 	c.out, c.spare = c.spare[:0], nil
+	c.outLarge, c.largeBytes = nil, 0
 	c.writing = true
 	c.wakeWriter = false
-	return buf
+	return o
 }
 
 // claimOutputLocked returns the queued frames for the calling goroutine to
@@ -333,10 +370,10 @@ func (c *Conn) takeOutputLocked() []byte {
 // for us to read), or when other calls are in flight, whose frames the
 // writer will batch into fewer writes. So an idle connection gets the
 // latency of a direct write and a busy one the throughput of batching.
-func (c *Conn) claimOutputLocked() []byte {
-	if c.manual || c.writing || c.closing || len(c.out) == 0 ||
-		len(c.questions) > 1 || c.inProgress > 0 || c.dispatching.Load() {
-		return nil
+func (c *Conn) claimOutputLocked() output {
+	if c.manual || c.writing || c.closing || c.queuedLocked() == 0 || c.dispatching.Load() ||
+		(len(c.questions) > 1 || c.inProgress > 0) && c.largeBytes == 0 {
+		return output{}
 	}
 	return c.takeOutputLocked()
 }
@@ -344,24 +381,32 @@ func (c *Conn) claimOutputLocked() []byte {
 // write writes buf, taken with takeOutputLocked, and hands back the
 // writing role: frames queued meanwhile go to the writer goroutine. It
 // reports false if the connection failed.
-func (c *Conn) write(buf []byte) bool {
-	_, err := c.rwc.Write(buf)
+func (c *Conn) write(o output) bool {
+	err := c.writeOutput(o)
+	for _, lf := range o.large {
+		lf.release()
+	}
 	c.mu.Lock()
 	c.writing = false
-	if cap(buf) <= maxSpareBuffer {
-		c.spare = buf[:0]
+	if cap(o.buf) <= maxSpareBuffer {
+		c.spare = o.buf[:0]
 	}
 	if c.outDrained != nil {
 		close(c.outDrained)
 		c.outDrained = nil
 	}
+	var dropped []largeFrame
 	if err != nil {
 		c.out = nil
+		dropped, c.outLarge, c.largeBytes = c.outLarge, nil, 0
 	}
-	if len(c.out) > 0 || c.writerStop {
+	if c.queuedLocked() > 0 || c.writerStop {
 		c.wakeWriter = true
 	}
 	c.unlock()
+	for _, lf := range dropped {
+		lf.release()
+	}
 	if err != nil {
 		c.shutdown(fmt.Errorf("write: %w", err), false)
 		return false
@@ -369,10 +414,34 @@ func (c *Conn) write(buf []byte) bool {
 	return true
 }
 
+// writeOutput writes a batch: one Write when it has no large frames, else
+// the pieces in order.
+func (c *Conn) writeOutput(o output) error {
+	off := 0
+	for _, lf := range o.large {
+		if lf.at > off {
+			if _, err := c.rwc.Write(o.buf[off:lf.at]); err != nil {
+				return err
+			}
+		}
+		for _, seg := range lf.segs {
+			if _, err := c.rwc.Write(seg); err != nil {
+				return err
+			}
+		}
+		off = lf.at
+	}
+	if off < len(o.buf) {
+		_, err := c.rwc.Write(o.buf[off:])
+		return err
+	}
+	return nil
+}
+
 // writeClaimed writes frames claimed with claimOutputLocked, if any.
-func (c *Conn) writeClaimed(buf []byte) {
-	if buf != nil {
-		c.write(buf)
+func (c *Conn) writeClaimed(o output) {
+	if o.buf != nil || o.large != nil {
+		c.write(o)
 	}
 }
 
@@ -392,6 +461,43 @@ func (c *Conn) sendLocked(msg *capnp.Message) error {
 	return nil
 }
 
+// sendByRefLocked queues msg like sendLocked, but a frame of at least
+// largeFrameBytes only by reference, and reports whether it did. Then the
+// message is no longer the caller's: once written it is recycled, or, if
+// owner is set (a Return the answer keeps for pipelining), the answer is
+// unpinned and frees it when it no longer needs it.
+func (c *Conn) sendByRefLocked(msg *capnp.Message, owner *answer) (bool, error) {
+	if c.manual || msg.NumSegments() > 8 {
+		return false, c.sendLocked(msg)
+	}
+	var segs [8][]byte
+	size := 0
+	n := int(msg.NumSegments())
+	for i := range n {
+		seg, err := msg.Segment(capnp.SegmentID(i))
+		if err != nil {
+			return false, fmt.Errorf("encode message: %w", err)
+		}
+		segs[i] = seg.Data()
+		size += len(segs[i])
+	}
+	if size < largeFrameBytes {
+		return false, c.sendLocked(msg)
+	}
+	out, err := appendFrameHeader(c.out, segs[:n])
+	if err != nil {
+		return false, fmt.Errorf("encode message: %w", err)
+	}
+	c.out = out
+	c.outLarge = append(c.outLarge, largeFrame{at: len(out), segs: slices.Clone(segs[:n]), size: size, msg: msg, owner: owner})
+	if owner != nil {
+		owner.pins++
+	}
+	c.largeBytes += size
+	c.wakeWriter = true
+	return true, nil
+}
+
 // waitQueue blocks while the outbound queue exceeds its bound, so a caller
 // producing calls faster than the peer reads them slows down instead of
 // growing memory without bound.
@@ -405,7 +511,7 @@ func (c *Conn) waitQueue(ctx context.Context) error {
 			c.unlock()
 			return nil // the call itself reports the disconnect
 		}
-		if len(c.out) <= c.lim.MaxQueuedBytes {
+		if c.queuedLocked() <= c.lim.MaxQueuedBytes {
 			c.unlock()
 			return nil
 		}

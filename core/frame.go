@@ -401,3 +401,22 @@ func appendFrame(buf []byte, msg *capnp.Message) ([]byte, error) {
 	}
 	return out, nil
 }
+
+// appendFrameHeader appends the segment table of a frame with segments
+// segs (whose bytes the caller writes after it).
+func appendFrameHeader(buf []byte, segs [][]byte) ([]byte, error) {
+	if len(segs) < 1 {
+		return buf, errors.New("encode frame: message has no segments")
+	}
+	out := binary.LittleEndian.AppendUint32(buf, uint32(len(segs)-1))
+	for i, seg := range segs {
+		if len(seg)%8 != 0 || uint64(len(seg)) > maxSegmentBytes {
+			return buf, fmt.Errorf("encode frame: segment %d has invalid size %d bytes", i, len(seg))
+		}
+		out = binary.LittleEndian.AppendUint32(out, uint32(len(seg)/8))
+	}
+	if len(segs)%2 == 0 {
+		out = append(out, 0, 0, 0, 0)
+	}
+	return out, nil
+}

@@ -163,8 +163,9 @@ func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp
 	if err == nil {
 		q.paramExports, err = c.fillCapTableLocked(&fx, params, msg.CapTable())
 	}
+	var byRef bool
 	if err == nil {
-		err = c.sendLocked(msg)
+		byRef, err = c.sendByRefLocked(msg, nil)
 	}
 	if err != nil {
 		c.dropQuestionLocked(&fx, q)
@@ -180,7 +181,9 @@ func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp
 	out := c.claimOutputLocked()
 	c.unlock()
 	c.writeClaimed(out)
-	recycleMessage(msg)
+	if !byRef {
+		recycleMessage(msg)
+	}
 	fx.run()
 	return q.p.Answer(), q.release
 }
