@@ -15,6 +15,7 @@ import (
 	"unsafe"
 
 	"capnproto.org/go/capnp/v3"
+	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
 )
 
 // testMessage builds a message whose root struct holds a list of Data
@@ -698,3 +699,38 @@ func FuzzFrameDecode(f *testing.F) {
 		}
 	})
 }
+
+// The Finish frames copied from a template decode to the Finish that
+// building the message would give.
+func TestFinishTemplate(t *testing.T) {
+	for _, rrc := range []bool{false, true} {
+		for _, id := range []uint32{0, 1, 0x12345678, 0xffffffff} {
+			c := newConn(nopRWC{}, nil)
+			c.mu.Lock()
+			c.sendFinishLocked(id, rrc)
+			out := c.out
+			c.mu.Unlock()
+			msg, err := newFrameReader(bytes.NewReader(out), Limits{}).readMessage()
+			if err != nil {
+				t.Fatal(err)
+			}
+			m, err := rpccp.ReadRootMessage(msg)
+			if err != nil || m.Which() != rpccp.Message_Which_finish {
+				t.Fatalf("not a Finish: %v %v", m.Which(), err)
+			}
+			f, err := m.Finish()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if f.QuestionId() != id || f.ReleaseResultCaps() != rrc {
+				t.Errorf("Finish(%d, %v) decodes as Finish(%d, %v)", id, rrc, f.QuestionId(), f.ReleaseResultCaps())
+			}
+		}
+	}
+}
+
+type nopRWC struct{}
+
+func (nopRWC) Read([]byte) (int, error)    { return 0, io.EOF }
+func (nopRWC) Write(p []byte) (int, error) { return len(p), nil }
+func (nopRWC) Close() error                { return nil }

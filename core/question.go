@@ -1,7 +1,9 @@
 package core
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"reflect"
@@ -355,18 +357,71 @@ func (q *question) rejectLocked(fx *effects, err error) {
 }
 
 func (c *Conn) sendFinishLocked(id uint32, releaseResultCaps bool) {
-	msg, m, err := newMessage()
-	if err != nil {
+	t := &finishTemplates[0]
+	if releaseResultCaps {
+		t = &finishTemplates[1]
+	}
+	if t.frame == nil {
+		c.log.Error("captp: no Finish template", "err", t.err)
 		return
 	}
-	defer recycleMessage(msg)
-	f, err := m.NewFinish()
-	if err != nil {
-		return
+	// The frame is fixed but for the question id: copy it, patch the id.
+	n := len(c.out)
+	c.out = append(c.out, t.frame...)
+	binary.LittleEndian.PutUint32(c.out[n+t.idAt:], id)
+	c.wakeWriter = true
+}
+
+// finishTemplates are the encoded Finish frames (releaseResultCaps false,
+// true) with question id 0, and where the id goes: a Finish per call is
+// cheaper copied than built as a message.
+var finishTemplates = [2]finishTemplate{newFinishTemplate(false), newFinishTemplate(true)}
+
+type finishTemplate struct {
+	frame []byte
+	idAt  int
+	err   error
+}
+
+func newFinishTemplate(releaseResultCaps bool) finishTemplate {
+	encode := func(id uint32) ([]byte, error) {
+		msg, seg, err := capnp.NewMessage(capnp.SingleSegment(nil))
+		if err != nil {
+			return nil, err
+		}
+		defer msg.Release()
+		m, err := rpccp.NewRootMessage(seg)
+		if err != nil {
+			return nil, err
+		}
+		f, err := m.NewFinish()
+		if err != nil {
+			return nil, err
+		}
+		f.SetQuestionId(id)
+		f.SetReleaseResultCaps(releaseResultCaps)
+		return appendFrame(nil, msg)
 	}
-	f.SetQuestionId(id)
-	f.SetReleaseResultCaps(releaseResultCaps)
-	_ = c.sendLocked(msg)
+	// Encode with two ids; the id is the only 4 bytes that differ.
+	a, err := encode(0)
+	if err != nil {
+		return finishTemplate{err: err}
+	}
+	b, err := encode(0xffffffff)
+	if err != nil || len(a) != len(b) {
+		return finishTemplate{err: fmt.Errorf("finish template: %v", err)}
+	}
+	at := -1
+	for i := range a {
+		if a[i] != b[i] {
+			at = i
+			break
+		}
+	}
+	if at < 0 || at+4 > len(a) || !bytes.Equal(a[at+4:], b[at+4:]) {
+		return finishTemplate{err: errors.New("finish template: question id not found")}
+	}
+	return finishTemplate{frame: a, idAt: at}
 }
 
 // forwardCall sends a call that arrived as a Recv (from another
