@@ -717,6 +717,15 @@ func (o *simObject) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller
 		o.held = capnp.Client(c).AddRef()
 		old.Release()
 	case 8: // getHeld
+		if !simReturnable(o.held) {
+			// The held capability may be the pipelined result of this
+			// very call (held while the call waited on a promise), or
+			// depend on it: returning it would resolve the answer to
+			// itself, a cycle go-capnp's resolution chases forever. So
+			// simulated objects return only what cannot lead back.
+			err = exc.New(exc.Failed, "", "will not return an unsettled capability")
+			break
+		}
 		result = o.held.AddRef()
 	case 9: // promise
 		hook := &simPromiseHook{}
@@ -771,6 +780,22 @@ func (o *simObject) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller
 	// Not nil: go-capnp's AnswerQueue (behind local promises) calls
 	// whatever Recv returns.
 	return callqueue.Failed(errors.New("pipelining on a simulated call that returned"))
+}
+
+// simReturnable reports whether a simulated object may return c as a
+// result without risking a promise cycle: c is settled, or is an object's
+// unresolved promise (those resolve only to settled capabilities, see
+// resolvePromise). Any other promise (a pipelined answer, an import of a
+// remote promise) might resolve, directly or not, to the very answer it
+// would be returned in.
+func simReturnable(c capnp.Client) bool {
+	snap := c.Snapshot()
+	defer snap.Release()
+	if !snap.IsPromise() {
+		return true
+	}
+	h, ok := snap.Brand().Value.(*simPromiseHook)
+	return ok && !h.settled
 }
 
 func (o *simObject) Brand() capnp.Brand { return capnp.Brand{Value: o} }
