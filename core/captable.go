@@ -8,6 +8,7 @@ import (
 	"capnproto.org/go/capnp/v3"
 	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
 
+	"github.com/captp-go/captp/core/flow"
 	"github.com/captp-go/captp/internal/callqueue"
 )
 
@@ -36,6 +37,9 @@ type importEntry struct {
 type importClient struct {
 	c  *Conn
 	id uint32
+	// lim is the object's flow control, shared by every client handed
+	// out for it; nil when flow control is off.
+	lim *flow.Limiter
 }
 
 func (h *importClient) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
@@ -44,6 +48,14 @@ func (h *importClient) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, c
 
 func (h *importClient) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
 	return h.c.forwardCall(ctx, callTarget{importID: h.id}, r)
+}
+
+// limit makes cl's calls wait for the object's flow-control window
+// (go-capnp keeps the limiter per client value, not per hook).
+func (h *importClient) limit(cl capnp.Client) {
+	if h.lim != nil {
+		cl.SetFlowLimiter(h.lim)
+	}
 }
 
 func (h *importClient) Brand() capnp.Brand { return capnp.Brand{Value: h} }
@@ -95,7 +107,7 @@ func (c *Conn) addImportLocked(id uint32, promise bool) (capnp.Client, error) {
 		if len(c.imports) >= c.lim.MaxImports {
 			return capnp.Client{}, fmt.Errorf("import limit reached (%d capabilities)", c.lim.MaxImports)
 		}
-		ie = &importEntry{id: id, hook: &importClient{c: c, id: id}, promise: promise}
+		ie = &importEntry{id: id, hook: &importClient{c: c, id: id, lim: c.flowPool().NewLimiter()}, promise: promise}
 		c.imports[id] = ie
 	}
 	ie.refs++
@@ -106,6 +118,7 @@ func (c *Conn) addImportLocked(id uint32, promise bool) (capnp.Client, error) {
 	}
 	if ie.clients > 0 {
 		if cl, ok := ie.weak.AddRef(); ok {
+			ie.hook.limit(cl)
 			return cl, nil
 		}
 	}
@@ -118,6 +131,7 @@ func (c *Conn) addImportLocked(id uint32, promise bool) (capnp.Client, error) {
 	} else {
 		cl = capnp.NewClient(ie.hook)
 	}
+	ie.hook.limit(cl)
 	ie.weak = cl.WeakRef()
 	return cl, nil
 }

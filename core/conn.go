@@ -14,6 +14,8 @@ import (
 	"capnproto.org/go/capnp/v3"
 	"capnproto.org/go/capnp/v3/exc"
 	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
+
+	"github.com/captp-go/captp/core/flow"
 )
 
 // Conn is one Cap'n Proto RPC connection over a byte stream.
@@ -56,6 +58,7 @@ type Conn struct {
 	embargoes      map[uint32]*embargo
 	embargoIDs     idAllocator
 	watches        map[context.Context]*ctxWatch // see watchCancelLocked
+	flow           *flow.Pool                    // flow control shared by the imports
 
 	// Output. Frames queue in out; one goroutine at a time writes it:
 	// the writer goroutine, or a caller writing its own Call or Return
@@ -69,10 +72,16 @@ type Conn struct {
 	outWake    chan struct{} // capacity 1: the writer has work
 	outDrained chan struct{} // made by waiters; closed after the next write
 	writerStop bool          // the writer exits once out is empty
+	abortSent  bool          // shutdown queued an Abort: linger before closing
 	// dispatching is set while the read loop delivers calls: writes from
 	// there go through the writer, so the reader never blocks on a full
 	// socket (the peer may be waiting for us to read before it reads).
 	dispatching atomic.Bool
+	// inboundBusy is set while more input is already buffered: the peer
+	// is sending faster than we handle it, and a handler that wrote
+	// directly could block on a full socket instead of taking the next
+	// call, so the writer goroutine writes.
+	inboundBusy atomic.Bool
 
 	// tasks are table updates requested where c.mu may already be held by
 	// the same goroutine (a hook shut down by go-capnp while we inspect a
@@ -146,6 +155,7 @@ func newConn(rwc io.ReadWriteCloser, opts *Options) *Conn {
 		c.abortTimeout = time.Second
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
+	c.flow = flow.NewPool(c.lim.Flow)
 	return c
 }
 
@@ -274,6 +284,7 @@ func (c *Conn) readLoop() {
 		// replies stops being read once they fill the outbound queue.
 		c.waitQueue(context.Background())
 		msg, err := fr.readMessage()
+		c.inboundBusy.Store(fr.buffered() > 0)
 		if err != nil {
 			var fe *FrameError
 			switch {
@@ -371,7 +382,7 @@ func (c *Conn) takeOutputLocked() output {
 // writer will batch into fewer writes. So an idle connection gets the
 // latency of a direct write and a busy one the throughput of batching.
 func (c *Conn) claimOutputLocked() output {
-	if c.manual || c.writing || c.closing || c.queuedLocked() == 0 || c.dispatching.Load() ||
+	if c.manual || c.writing || c.closing || c.queuedLocked() == 0 || c.dispatching.Load() || c.inboundBusy.Load() ||
 		(len(c.questions) > 1 || c.inProgress > 0) && c.largeBytes == 0 {
 		return output{}
 	}
@@ -388,7 +399,9 @@ func (c *Conn) write(o output) bool {
 	}
 	c.mu.Lock()
 	c.writing = false
-	if cap(o.buf) <= maxSpareBuffer {
+	if cap(o.buf) <= max(maxSpareBuffer, c.lim.MaxQueuedBytes) {
+		// Kept even when large: under sustained load the queue refills
+		// to the same size, and regrowing it is garbage for the GC.
 		c.spare = o.buf[:0]
 	}
 	if c.outDrained != nil {
@@ -445,8 +458,9 @@ func (c *Conn) writeClaimed(o output) {
 	}
 }
 
-// maxSpareBuffer bounds the output buffer kept for reuse, so one huge
-// message does not pin its size for the connection's lifetime.
+// maxSpareBuffer is the output buffer size always kept for reuse; larger
+// ones are kept up to MaxQueuedBytes (large messages are written from
+// their own memory, so only many small frames make the buffer big).
 const maxSpareBuffer = 1 << 20
 
 // sendLocked queues msg's frame. The caller holds c.mu; its unlock wakes
@@ -548,10 +562,17 @@ func (c *Conn) shutdown(reason error, sendAbort bool) bool {
 		c.mu.Lock()
 		c.closing = true
 		c.err = disconnected(reason)
+		var dropped []largeFrame
 		if sendAbort {
+			// Output not yet written is moot once we abort, and the
+			// Abort must not wait behind it (up to MaxQueuedBytes for a
+			// peer that reads slowly): it goes next.
+			c.out = c.out[:0]
+			dropped, c.outLarge, c.largeBytes = c.outLarge, nil, 0
 			if msg, err := c.newAbort(reason); err == nil {
 				_ = c.sendLocked(msg)
 				msg.Release()
+				c.abortSent = true
 			}
 		}
 		var fx effects
@@ -559,6 +580,9 @@ func (c *Conn) shutdown(reason error, sendAbort bool) bool {
 		c.writerStop = true
 		c.wakeWriter = true
 		c.unlock()
+		for _, lf := range dropped {
+			lf.release()
+		}
 		c.cancel()
 		fx.run()
 		if c.manual {
@@ -573,13 +597,27 @@ func (c *Conn) shutdown(reason error, sendAbort bool) bool {
 // finishShutdown waits for the writer to flush (bounded by abortTimeout),
 // closes the stream and waits for the reader.
 func (c *Conn) finishShutdown() {
+	drained := c.drainAfterAbort()
 	timer := time.NewTimer(c.abortTimeout)
+	defer timer.Stop()
 	select {
 	case <-c.writerDone:
+		if c.abortSent {
+			// Our output ends with the Abort: say so, and give the peer
+			// time to read it before closing (see drainAfterAbort).
+			if cw, ok := c.rwc.(interface{ CloseWrite() error }); ok {
+				_ = cw.CloseWrite()
+			}
+			timer.Reset(c.abortTimeout)
+			select {
+			case <-drained:
+			case <-timer.C:
+			}
+		}
 	case <-timer.C:
 	}
-	timer.Stop()
 	_ = c.rwc.Close()
+	<-drained
 	<-c.writerDone
 	<-c.readerDone
 	// Releasing the bootstrap capability may call user code; do it last,
@@ -590,6 +628,39 @@ func (c *Conn) finishShutdown() {
 	c.unlock()
 	boot.Release()
 	close(c.done)
+}
+
+// drainAfterAbort reads and discards input once we have aborted, until the
+// peer closes or the stream is closed; the returned channel closes then.
+// Closing a socket with unread input makes the kernel reset the
+// connection, and over TCP the reset discards what the peer has not read
+// yet: a peer busy writing (a flood) would lose our Abort. Draining lets
+// its writes finish so that it reads the Abort; a peer that never stops
+// is cut off when finishShutdown's timer (abortTimeout) ends the wait.
+func (c *Conn) drainAfterAbort() <-chan struct{} {
+	done := make(chan struct{})
+	if !c.abortSent {
+		close(done)
+		return done
+	}
+	timer := time.NewTimer(c.abortTimeout)
+	defer timer.Stop()
+	select {
+	case <-c.readerDone: // it stops after the violation it reported
+	case <-timer.C:
+		close(done) // still reading; Close stops it
+		return done
+	}
+	go func() {
+		defer close(done)
+		buf := make([]byte, 16<<10)
+		for {
+			if _, err := c.rwc.Read(buf); err != nil {
+				return
+			}
+		}
+	}()
+	return done
 }
 
 func (c *Conn) newAbort(reason error) (*capnp.Message, error) {
@@ -673,6 +744,7 @@ func newMessage() (*capnp.Message, rpccp.Message, error) {
 // second release would hand the struct to two users.
 func recycleMessage(msg *capnp.Message) {
 	msg.Reset(nil)
+	largeBodies.giveBack(msg)
 	messagePool.Put(msg)
 }
 

@@ -15,6 +15,8 @@ import (
 	"io"
 	"math"
 	"slices"
+	"sync"
+	"sync/atomic"
 
 	"capnproto.org/go/capnp/v3"
 )
@@ -79,6 +81,7 @@ type frameReader struct {
 	rerr       error  // error from r, reported once the buffered bytes run out
 
 	chunk []byte // unused rest of the chunk that small bodies are carved from
+	large []byte // the whole buffer of the large body just read, to lend out
 
 	sizes []uint32 // segment sizes in words of the frame being read; reused
 	err   error    // sticky result
@@ -151,6 +154,7 @@ func (fr *frameReader) next() (*capnp.Message, error) {
 		if hdr, err = fr.readLarge(int(hdrSize)); err != nil {
 			return nil, readError("frame header", err)
 		}
+		fr.large = nil // copied out below; not the message's
 	}
 
 	// Sizes. hdr may alias buf, so copy them out before reading the body.
@@ -196,6 +200,10 @@ func (fr *frameReader) next() (*capnp.Message, error) {
 			off = end
 		}
 		msg, _ = capnp.NewMultiSegmentMessage(segs)
+	}
+	if fr.large != nil {
+		largeBodies.lend(msg, fr.large)
+		fr.large = nil
 	}
 	msg.TraverseLimit = traverseBytes(fr.lim.TraversalLimit)
 	msg.DepthLimit = 0 // go-capnp's default
@@ -286,7 +294,14 @@ func (fr *frameReader) readBody(n int) ([]byte, error) {
 // little.
 func (fr *frameReader) readLarge(n int) ([]byte, error) {
 	have := fr.buffered()
-	out := make([]byte, have, growTo(have, n))
+	var out []byte
+	if b := largeBodies.get(n); b != nil {
+		// A body recycled with its message: no allocation, no zeroing,
+		// and no memory that the peer's bytes have not earned already.
+		out = b[:have]
+	} else {
+		out = make([]byte, have, growTo(have, n))
+	}
 	copy(out, fr.buf[fr.rpos:fr.wpos])
 	fr.rpos, fr.wpos = 0, 0
 	for len(out) < n {
@@ -301,6 +316,7 @@ func (fr *frameReader) readLarge(n int) ([]byte, error) {
 		m := fr.read(out[len(out):min(cap(out), n)])
 		out = out[:len(out)+m]
 	}
+	fr.large = out[:cap(out)]
 	return out[:n:n], nil
 }
 
@@ -419,4 +435,84 @@ func appendFrameHeader(buf []byte, segs [][]byte) ([]byte, error) {
 		out = append(out, 0, 0, 0, 0)
 	}
 	return out, nil
+}
+
+// largeBodies keeps the buffers of large inbound frame bodies for reuse:
+// each is lent with its message and comes back when recycleMessage
+// releases that message. Streams and big calls then read into memory that
+// is already there instead of fresh, zeroed allocations that the garbage
+// collector must chase. Bounded: at most maxLentBodies (and maxLentBytes)
+// are tracked and maxFreeBodyBytes kept free, process-wide; a message
+// released some other way just never gives its buffer back.
+var largeBodies bodyPool
+
+const (
+	maxLentBodies    = 1024
+	maxLentBytes     = 64 << 20
+	maxFreeBodyBytes = 16 << 20
+)
+
+type bodyPool struct {
+	mu        sync.Mutex
+	lent      map[*capnp.Message][]byte
+	lentBytes int
+	free      [][]byte
+	freeBytes int
+	nlent     atomic.Int32 // len(lent), checked without the lock
+}
+
+// get returns a free buffer (len 0) that holds n bytes without wasting
+// more than n, or nil.
+func (p *bodyPool) get(n int) []byte {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	best := -1
+	for i, b := range p.free {
+		if cap(b) >= n && cap(b) <= 2*n && (best < 0 || cap(b) < cap(p.free[best])) {
+			best = i
+		}
+	}
+	if best < 0 {
+		return nil
+	}
+	b := p.free[best]
+	p.free[best] = p.free[len(p.free)-1]
+	p.free = p.free[:len(p.free)-1]
+	p.freeBytes -= cap(b)
+	return b[:0]
+}
+
+// lend records that msg's body is buf.
+func (p *bodyPool) lend(msg *capnp.Message, buf []byte) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.lent) >= maxLentBodies || p.lentBytes+cap(buf) > maxLentBytes {
+		return
+	}
+	if p.lent == nil {
+		p.lent = make(map[*capnp.Message][]byte)
+	}
+	p.lent[msg] = buf
+	p.lentBytes += cap(buf)
+	p.nlent.Store(int32(len(p.lent)))
+}
+
+// giveBack takes back the body lent with msg, which has been released.
+func (p *bodyPool) giveBack(msg *capnp.Message) {
+	if p.nlent.Load() == 0 {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	buf, ok := p.lent[msg]
+	if !ok {
+		return
+	}
+	delete(p.lent, msg)
+	p.lentBytes -= cap(buf)
+	p.nlent.Store(int32(len(p.lent)))
+	if p.freeBytes+cap(buf) <= maxFreeBodyBytes {
+		p.free = append(p.free, buf[:0])
+		p.freeBytes += cap(buf)
+	}
 }

@@ -734,3 +734,67 @@ type nopRWC struct{}
 func (nopRWC) Read([]byte) (int, error)    { return 0, io.EOF }
 func (nopRWC) Write(p []byte) (int, error) { return len(p), nil }
 func (nopRWC) Close() error                { return nil }
+
+// Large bodies come back for reuse only once their message is recycled:
+// a live message never shares its body with a newer one.
+func TestFrameLargeBodyReuse(t *testing.T) {
+	frame := func(fill byte) []byte {
+		msg, seg := capnp.NewSingleSegmentMessage(nil)
+		defer msg.Release()
+		d := make([]byte, 300<<10)
+		for i := range d {
+			d[i] = fill
+		}
+		data, err := capnp.NewData(seg, d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := msg.SetRoot(data.ToPtr()); err != nil {
+			t.Fatal(err)
+		}
+		b, err := appendFrame(nil, msg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	var stream []byte
+	for i := range 4 {
+		stream = append(stream, frame(byte(i+1))...)
+	}
+	fr := newFrameReader(bytes.NewReader(stream), Limits{})
+	read := func(want byte) (*capnp.Message, *byte) {
+		t.Helper()
+		msg, err := fr.readMessage()
+		if err != nil {
+			t.Fatal(err)
+		}
+		root, err := msg.Root()
+		if err != nil {
+			t.Fatal(err)
+		}
+		d := root.Data()
+		if len(d) != 300<<10 || d[0] != want || d[len(d)-1] != want {
+			t.Fatalf("message %d: wrong body", want)
+		}
+		seg, _ := msg.Segment(0)
+		return msg, &seg.Data()[0]
+	}
+	a, pa := read(1)
+	b, pb := read(2)
+	if pa == pb {
+		t.Fatal("two live messages share a body")
+	}
+	recycleMessage(a)
+	c, pc := read(3)
+	if pc == pb {
+		t.Fatal("a live message's body was lent again")
+	}
+	if pc != pa {
+		t.Error("the recycled body was not reused for the next large frame")
+	}
+	recycleMessage(b)
+	recycleMessage(c)
+	d, _ := read(4)
+	recycleMessage(d)
+}

@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"capnproto.org/go/capnp/v3"
+
+	"github.com/captp-go/captp/core/flow"
 )
 
 // Options configures a Conn. The zero value (or a nil *Options) is valid:
@@ -52,6 +54,14 @@ type Limits struct {
 	// stops reading the peer, which is the backpressure to a peer that
 	// does not read its replies.
 	MaxQueuedBytes int
+	// Flow is the flow control of our calls to the peer's objects: each
+	// imported capability gets a window of bytes in flight (calls sent
+	// whose Return has not arrived), adaptive by default, and all of them
+	// together at most Flow.ConnWindow. A caller that fills a window waits
+	// (respecting its context), so a slow receiver slows the sender; see
+	// package flow. Unlike the other limits it bounds this side, not the
+	// peer. Zero fields take flow.Defaults.
+	Flow flow.Config
 }
 
 // DefaultLimits are used for every zero field of Options.Limits.
@@ -93,5 +103,6 @@ func (l Limits) withDefaults() Limits {
 	if l.MaxQueuedBytes == 0 {
 		l.MaxQueuedBytes = d.MaxQueuedBytes
 	}
+	l.Flow = l.Flow.WithDefaults()
 	return l
 }

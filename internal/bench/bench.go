@@ -40,6 +40,8 @@ import (
 	"os/exec"
 	"slices"
 	"time"
+
+	"github.com/captp-go/captp/core/bytestream"
 )
 
 // Impl names an RPC implementation under test.
@@ -94,6 +96,10 @@ type Counts struct {
 	Big        int // 1 MiB echoes per run
 	BigSize    int // bytes per big echo (1 MiB)
 	Flood      int // calls in the flood
+	// StreamBytes are streamed one way per run (raw and captp, Unix
+	// socket); zero skips the stream. StreamChunk is the write size.
+	StreamBytes int64
+	StreamChunk int
 	// FloodQuiet is how long the flooder's writes may make no progress
 	// before the server counts as having stopped reading.
 	FloodQuiet time.Duration
@@ -102,12 +108,16 @@ type Counts struct {
 	FloodLimit time.Duration
 }
 
+// streamChunk is the write size of the streaming workload.
+const streamChunk = bytestream.DefaultChunkSize
+
 // FullCounts are the counts of `make bench`.
 func FullCounts() Counts {
 	return Counts{
 		Reps: 5, Warmup: 2000,
 		Lat: 10000, Flight1: 10000, Flight64: 64000, Flight1024: 102400,
 		Pipe2: 3000, Big: 100, BigSize: 1 << 20,
+		StreamBytes: 1 << 30, StreamChunk: streamChunk,
 		Flood: 200000, FloodQuiet: time.Second, FloodLimit: 60 * time.Second,
 	}
 }
@@ -119,6 +129,7 @@ func ShortCounts() Counts {
 		Reps: 3, Warmup: 300,
 		Lat: 1000, Flight1: 1000, Flight64: 6400, Flight1024: 8192,
 		Pipe2: 300, Big: 10, BigSize: 1 << 20,
+		StreamBytes: 256 << 20, StreamChunk: streamChunk,
 		Flood: 30000, FloodQuiet: 300 * time.Millisecond, FloodLimit: 10 * time.Second,
 	}
 }
@@ -129,6 +140,7 @@ func TinyCounts() Counts {
 		Reps: 1, Warmup: 5,
 		Lat: 20, Flight1: 20, Flight64: 128, Flight1024: 1024,
 		Pipe2: 10, Big: 1, BigSize: 1 << 20,
+		StreamBytes: 8 << 20, StreamChunk: streamChunk,
 		Flood: 500, FloodQuiet: 300 * time.Millisecond, FloodLimit: 5 * time.Second,
 	}
 }
@@ -270,6 +282,13 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 			}
 			cfg.progress("%s/%s: closed", tr, im)
 		}
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+	}
+
+	if cfg.Counts.StreamBytes > 0 && slices.Contains(transports, Unix) {
+		runStreams(ctx, &cfg, rep, impls)
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}

@@ -69,6 +69,19 @@ func TestHarness(t *testing.T) {
 			t.Errorf("%s: captp's latency has no ratio to the floor or go-capnp: %+v", tr, res)
 		}
 	}
+	for _, im := range []Impl{Raw, Captp} {
+		for _, m := range []string{mStreamRate, mStreamHeap} {
+			if res := rep.Find(Unix, im, m); res == nil || len(res.Runs) != cfg.Counts.Reps {
+				t.Errorf("stream/%s: metric %s missing: %+v", im, m, res)
+			}
+		}
+	}
+	if res := rep.Find(Unix, Captp, mStreamRate); res != nil && res.VsRaw == nil {
+		t.Errorf("the stream has no ratio to the raw floor: %+v", res)
+	}
+	if !strings.Contains(table.String(), "ByteStream ≥ 0.5× raw") {
+		t.Errorf("the table lacks the stream target")
+	}
 	if rep.Find(Unix2P, Captp, mAllocs64Server) == nil {
 		t.Error("two processes: no server-side allocation count")
 	}

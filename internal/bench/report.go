@@ -31,6 +31,10 @@ const (
 	mCPU64          = "cpu_us_per_call_64"
 	mCPU64Client    = "cpu_us_per_call_64_client"
 	mCPU64Server    = "cpu_us_per_call_64_server"
+	mStreamRate     = "stream_mb_per_s"
+	mStreamHeap     = "stream_heap_peak_mb"
+	mStreamAlloc    = "stream_alloc_bytes_per_byte"
+	mStreamInFlight = "stream_in_flight_peak_mb"
 )
 
 // metricDef describes a metric for the table.
@@ -58,6 +62,10 @@ var metricDefs = []metricDef{
 	{key: mCPU64, title: "CPU/call, 64 in flight, both sides", unit: "µs"},
 	{key: mCPU64Client, title: "CPU/call, 64 in flight, client", unit: "µs"},
 	{key: mCPU64Server, title: "CPU/call, 64 in flight, server", unit: "µs"},
+	{key: mStreamRate, title: "stream one way (ByteStream)", unit: "MB/s", higher: true},
+	{key: mStreamHeap, title: "stream: peak heap growth, both sides", unit: "MB", noRaw: true},
+	{key: mStreamAlloc, title: "stream: bytes allocated per byte streamed", unit: "B", noRaw: true},
+	{key: mStreamInFlight, title: "stream: peak bytes in flight (flow window)", unit: "MB", noRaw: true},
 }
 
 func defOf(key string) metricDef {
@@ -218,6 +226,13 @@ func (r *Report) targets() {
 				Transport: tr, Measured: fmt.Sprintf("%.1f together", both.Median), Met: both.Median <= 12})
 		}
 		check("1 MiB echo ≥ 0.5× the raw floor's MB/s", ours(mEcho1MiB), Raw, func(v float64) bool { return v >= 0.5 })
+		check(fmt.Sprintf("stream: %s ByteStream ≥ 0.5× raw", size(r.Counts.StreamBytes)), ours(mStreamRate), Raw, func(v float64) bool { return v >= 0.5 })
+		if h := ours(mStreamHeap); h != nil {
+			// Bounded: the flow window and a few chunk buffers, not the
+			// bytes streamed.
+			r.Targets = append(r.Targets, Target{Goal: "stream: peak heap growth (both sides) ≤ 64 MB", Transport: tr,
+				Measured: fmt.Sprintf("%.1f MB (max %.1f MB) for %s streamed", h.Median, h.Max, size(r.Counts.StreamBytes)), Met: h.Max <= 64})
+		}
 		if p := ours(mPipe2Ratio); p != nil {
 			r.Targets = append(r.Targets, Target{Goal: "2-hop pipelined call ≤ 1.2× one round trip", Transport: tr,
 				Measured: fmt.Sprintf("%.2f×", p.Median), Met: p.Median <= 1.2})
@@ -249,6 +264,17 @@ func (r *Report) targets() {
 		}
 		r.Targets = append(r.Targets, Target{Goal: goal, Transport: Unix2P, Measured: what, Met: met})
 	}
+}
+
+// size formats a byte count in binary units.
+func size(n int64) string {
+	switch {
+	case n >= 1<<30 && n%(1<<30) == 0:
+		return fmt.Sprintf("%d GiB", n>>30)
+	case n >= 1<<20 && n%(1<<20) == 0:
+		return fmt.Sprintf("%d MiB", n>>20)
+	}
+	return fmt.Sprintf("%d B", n)
 }
 
 func mb(n int64) string { return fmt.Sprintf("%.1f MB", float64(n)/1e6) }
@@ -319,6 +345,10 @@ func (r *Report) WriteTable(w io.Writer) error {
 	fmt.Fprintf(w, "\n%d runs of every measurement: min, median, max; ×raw and ×go-capnp are medians divided by theirs on the same transport.\n", r.Counts.Reps)
 	fmt.Fprintf(w, "Per run: %d sequential calls; %d, %d and %d calls at 1, 64 and 1024 in flight; %d pipelined 2-hop calls; %d echoes of %d bytes.\n",
 		r.Counts.Lat, r.Counts.Flight1, r.Counts.Flight64, r.Counts.Flight1024, r.Counts.Pipe2, r.Counts.Big, r.Counts.BigSize)
+	if r.Counts.StreamBytes > 0 {
+		fmt.Fprintf(w, "Stream: %s one way over a Unix socket in one process, in %d-byte writes (raw: plain socket writes, read and dropped).\n",
+			size(r.Counts.StreamBytes), r.Counts.StreamChunk)
+	}
 
 	var transports []Transport
 	for _, res := range r.Results {

@@ -242,8 +242,12 @@ func TestFloodIsBounded(t *testing.T) {
 				t.Errorf("answer %d: %d Returns", id, n)
 			}
 		}
-		if werr := <-written; werr == nil {
-			t.Errorf("the server read the whole flood (%d bytes) before aborting", len(flood))
+		// After its Abort the server reads and discards our writes for a
+		// while (so that a flooder gets to read the Abort), so the write
+		// may well complete; what it processed is bounded.
+		<-written
+		if limit := 4 * lim.MaxAnswers; len(r.byID) > limit {
+			t.Errorf("the server answered %d calls; it keeps at most %d unfinished", len(r.byID), limit)
 		}
 		runtime.KeepAlive(flood) // measured as live in both samples
 	})
