@@ -193,6 +193,11 @@ func (c *Conn) Bootstrap(ctx context.Context) capnp.Client {
 	// still reach the capability after the question is finished.
 	client, resolver := capnp.NewPromisedClient(&bootstrapHook{q: q})
 	q.bootResolver = resolver
+	// go-capnp keeps flow control per client value: this one gets its own
+	// window, drawing on the connection's budget like every import's.
+	if l := c.flow.NewLimiter(); l != nil {
+		client.SetFlowLimiter(l)
+	}
 	c.watchCancelLocked(q, ctx)
 	c.unlock()
 	return client

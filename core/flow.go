@@ -19,10 +19,10 @@ func (c *Conn) FlowStats() flow.PoolStats { return c.flowPool().Stats() }
 // captp connection or flow control is off. Resolve a promise first.
 //
 // Capabilities a Conn hands out (in results and parameters) already use
-// their object's limiter. A copy made with AddRef, or a promise such as
-// Bootstrap's, does not: go-capnp keeps the limiter per client value, so
-// set it on such a client with SetFlowLimiter to share the object's
-// window.
+// their object's limiter, and Bootstrap's client has a window of its own.
+// A copy made with AddRef or a pipelined promise does not: go-capnp keeps
+// the limiter per client value, so set it on such a client with
+// SetFlowLimiter to share the object's window.
 func FlowLimiterOf(client capnp.Client) *flow.Limiter {
 	snap := client.Snapshot()
 	defer snap.Release()
