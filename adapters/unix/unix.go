@@ -18,15 +18,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
-	"log/slog"
 	"net"
 	"os"
-	"sync"
 	"syscall"
 	"time"
 
 	"github.com/captp-go/captp/core"
+	"github.com/captp-go/captp/internal/serve"
 )
 
 // Dial connects to addr (see ParseAddr) and starts a Cap'n Proto RPC
@@ -133,76 +133,12 @@ func removeStaleSocket(path string) error {
 // every accepted socket (see WithFrameTimeout).
 func Serve(ctx context.Context, lis net.Listener, opts *core.Options, options ...Option) error {
 	cfg := newConfig(options)
-	var base core.Options
-	if opts != nil {
-		base = *opts
-	}
-	bootstrap := base.BootstrapClient
-	defer bootstrap.Release()
-	log := base.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	log = log.With("listener", lis.Addr().String())
-
-	// Closing lis is how ctx interrupts a blocked Accept.
-	stopClosing := context.AfterFunc(ctx, func() { lis.Close() })
-	defer stopClosing()
-
-	var (
-		wg       sync.WaitGroup
-		shutdown = make(chan struct{}) // closed when Serve starts closing connections
-	)
-	defer func() {
-		close(shutdown)
-		wg.Wait()
-	}()
-
-	var delay time.Duration // backoff after temporary accept errors
-	for {
-		c, err := lis.Accept()
-		if err != nil {
-			if ctx.Err() != nil {
-				log.Debug("serve: context ended; closing connections", "reason", context.Cause(ctx))
-				lis.Close()
-				return ctx.Err()
-			}
-			if isTemporary(err) {
-				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-				log.Warn("serve: temporary accept error; retrying", "err", err, "delay", delay)
-				t := time.NewTimer(delay)
-				select {
-				case <-t.C:
-					continue
-				case <-ctx.Done():
-					t.Stop()
-					lis.Close()
-					return ctx.Err()
-				}
-			}
-			lis.Close()
-			log.Error("serve: accept failed; closing connections", "err", err)
-			return fmt.Errorf("unix: serve: accept on %s: %w", lis.Addr(), err)
-		}
-		delay = 0
-
-		o := base
-		o.BootstrapClient = bootstrap.AddRef()
-		conn := core.NewConn(cfg.wrap(c), &o)
-		peer := c.RemoteAddr().String()
-		log.Debug("serve: connection accepted", "peer", peer)
-		wg.Go(func() {
-			select {
-			case <-conn.Done():
-			case <-shutdown:
-				if err := conn.Close(); err != nil {
-					log.Debug("serve: closing connection", "peer", peer, "err", err)
-				}
-				<-conn.Done()
-			}
-			log.Debug("serve: connection ended", "peer", peer, "err", conn.Err())
-		})
-	}
+	return serve.Serve(ctx, lis, opts, serve.Config{
+		Name:       "unix",
+		FormatAddr: func(a net.Addr) string { return a.String() },
+		Wrap:       func(c net.Conn) io.ReadWriteCloser { return cfg.wrap(c) },
+		Temporary:  isTemporary,
+	})
 }
 
 // isTemporary reports whether an accept error is worth retrying: running
