@@ -18,7 +18,8 @@ func setupBench(fs *flag.FlagSet) func(ctx context.Context, args []string, stdou
 	out := fs.String("o", "", "also write the JSON report to `file`")
 	reps := fs.Int("reps", 0, "repetitions of every measurement (default 5; 3 with -short)")
 	impls := fs.String("impl", "", "comma-separated `list` of implementations: raw,captp,go-capnp,c++ (default all)")
-	transports := fs.String("transport", "", "comma-separated `list` of transports: pipe,unix,unix-2proc (default all)")
+	transports := fs.String("transport", "", "comma-separated `list` of transports: pipe,unix,unix-2proc,tcp,netstack (default all;\n"+
+		"tcp and netstack make up the netstack section: kernel loopback TCP next to gVisor's userspace stack, raw and captp only)")
 	noFlood := fs.Bool("noflood", false, "skip the flood of unread calls")
 	profile := fs.String("profile", "", "write pprof CPU and allocation profiles of captp to `dir`")
 	quiet := fs.Bool("q", false, "print no progress lines on stderr")

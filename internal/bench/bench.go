@@ -25,10 +25,15 @@
 //   - unix-2proc: a Unix socket between two processes; the server is a
 //     child process (`captp bench-server`, or the C++ program), so its
 //     allocations and CPU time are measured on their own.
+//   - tcp and netstack: the netstack section (issue 7). Kernel loopback
+//     TCP and gVisor's userspace TCP/IP stack (adapters/netstack: two
+//     stacks on one in-process Network), client and server in one
+//     process, measured side by side in the same run: round trip and
+//     bulk ByteStream throughput, raw and captp only (see netstack.go).
 //
 // Every measurement is repeated (Counts.Reps) and reported as min, median
 // and max over the repetitions, with the median compared to the raw floor
-// and to go-capnp on the same transport.
+// and to go-capnp on the same transport, and on netstack to kernel TCP.
 package bench
 
 import (
@@ -66,10 +71,14 @@ const (
 	Pipe   Transport = "pipe"
 	Unix   Transport = "unix"
 	Unix2P Transport = "unix-2proc"
+	// TCP and Netstack make up the netstack section: round trip and bulk
+	// throughput only, for raw and captp.
+	TCP      Transport = "tcp"
+	Netstack Transport = "netstack"
 )
 
 // AllTransports is every transport, in report order.
-var AllTransports = []Transport{Pipe, Unix, Unix2P}
+var AllTransports = []Transport{Pipe, Unix, Unix2P, TCP, Netstack}
 
 // Describe says what a transport is.
 func (t Transport) Describe() string {
@@ -80,6 +89,10 @@ func (t Transport) Describe() string {
 		return "Unix socket, client and server in one process (C++: a socketpair on one event loop)"
 	case Unix2P:
 		return "Unix socket between two processes (the server is a child process)"
+	case TCP:
+		return "kernel loopback TCP (127.0.0.1), client and server in one process"
+	case Netstack:
+		return "gVisor userspace TCP/IP: two stacks on one in-process netstack.Network, MTU 65,535"
 	}
 	return string(t)
 }
@@ -100,6 +113,11 @@ type Counts struct {
 	// socket); zero skips the stream. StreamChunk is the write size.
 	StreamBytes int64
 	StreamChunk int
+	// StreamBytes1500 are streamed by captp per run over a netstack
+	// Network with MTU 1,500, for reference next to the default MTU
+	// (the netstack section's other bulk runs send StreamBytes); zero
+	// skips it.
+	StreamBytes1500 int64
 	// FloodQuiet is how long the flooder's writes may make no progress
 	// before the server counts as having stopped reading.
 	FloodQuiet time.Duration
@@ -117,7 +135,7 @@ func FullCounts() Counts {
 		Reps: 5, Warmup: 2000,
 		Lat: 10000, Flight1: 10000, Flight64: 64000, Flight1024: 102400,
 		Pipe2: 3000, Big: 100, BigSize: 1 << 20,
-		StreamBytes: 1 << 30, StreamChunk: streamChunk,
+		StreamBytes: 1 << 30, StreamChunk: streamChunk, StreamBytes1500: 128 << 20,
 		Flood: 200000, FloodQuiet: time.Second, FloodLimit: 60 * time.Second,
 	}
 }
@@ -129,7 +147,7 @@ func ShortCounts() Counts {
 		Reps: 3, Warmup: 300,
 		Lat: 1000, Flight1: 1000, Flight64: 6400, Flight1024: 8192,
 		Pipe2: 300, Big: 10, BigSize: 1 << 20,
-		StreamBytes: 256 << 20, StreamChunk: streamChunk,
+		StreamBytes: 256 << 20, StreamChunk: streamChunk, StreamBytes1500: 32 << 20,
 		Flood: 30000, FloodQuiet: 300 * time.Millisecond, FloodLimit: 10 * time.Second,
 	}
 }
@@ -140,7 +158,7 @@ func TinyCounts() Counts {
 		Reps: 1, Warmup: 5,
 		Lat: 20, Flight1: 20, Flight64: 128, Flight1024: 1024,
 		Pipe2: 10, Big: 1, BigSize: 1 << 20,
-		StreamBytes: 8 << 20, StreamChunk: streamChunk,
+		StreamBytes: 8 << 20, StreamChunk: streamChunk, StreamBytes1500: 1 << 20,
 		Flood: 500, FloodQuiet: 300 * time.Millisecond, FloodLimit: 5 * time.Second,
 	}
 }
@@ -238,6 +256,9 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 
 	for _, tr := range transports {
+		if netTransport(tr) {
+			continue // the netstack section, below
+		}
 		sessions := map[Impl]session{}
 		var order []Impl
 		for _, im := range impls {
@@ -289,6 +310,13 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 
 	if cfg.Counts.StreamBytes > 0 && slices.Contains(transports, Unix) {
 		runStreams(ctx, &cfg, rep, impls)
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+	}
+
+	if slices.ContainsFunc(transports, netTransport) {
+		runNetstack(ctx, &cfg, rep, transports, impls)
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}

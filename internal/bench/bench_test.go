@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"go.uber.org/goleak"
 )
 
 // TestMain runs the bench server when the harness re-executes this test
@@ -32,7 +34,8 @@ func TestHarness(t *testing.T) {
 	transports := AllTransports
 	if raceEnabled {
 		// The in-memory pipe adds nothing the Unix socket does not
-		// cover, and the race detector makes every run slow.
+		// cover, and the race detector makes every run slow. The
+		// netstack section has a test of its own.
 		transports = []Transport{Unix, Unix2P}
 		cfg.Transports = transports
 	}
@@ -54,6 +57,9 @@ func TestHarness(t *testing.T) {
 		}
 	}
 	for _, tr := range transports {
+		if netTransport(tr) {
+			continue // checked by checkNetstack
+		}
 		for _, im := range []Impl{Raw, Captp, GoCapnp} {
 			for _, m := range []string{mSeqMedian, mRate64, mRate1024, mEcho1MiB, mAllocs64, mCPU64} {
 				res := rep.Find(tr, im, m)
@@ -82,6 +88,9 @@ func TestHarness(t *testing.T) {
 	if !strings.Contains(table.String(), "ByteStream ≥ 0.5× raw") {
 		t.Errorf("the table lacks the stream target")
 	}
+	if !raceEnabled {
+		checkNetstack(t, cfg, rep, table.String())
+	}
 	if rep.Find(Unix2P, Captp, mAllocs64Server) == nil {
 		t.Error("two processes: no server-side allocation count")
 	}
@@ -107,5 +116,95 @@ func TestHarness(t *testing.T) {
 	}
 	if len(back.Results) != len(rep.Results) {
 		t.Errorf("JSON has %d results; want %d", len(back.Results), len(rep.Results))
+	}
+}
+
+// TestNetstackSection runs only the netstack section (kernel loopback TCP
+// and netstack), with tiny counts, and checks that it leaves no goroutine
+// behind: every connection and Network is closed.
+func TestNetstackSection(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	var progress bytes.Buffer
+	// go-capnp is selected but does not run on these transports.
+	cfg := Config{Counts: TinyCounts(), Transports: []Transport{TCP, Netstack}, Impls: []Impl{Raw, Captp, GoCapnp},
+		NoFlood: true, Progress: &progress}
+	defer func() { t.Logf("progress:\n%s", progress.String()) }()
+	start := time.Now()
+	rep, err := Run(ctx, cfg)
+	if err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	t.Logf("section ran in %v", time.Since(start).Round(time.Millisecond))
+	var table bytes.Buffer
+	if err := rep.WriteTable(&table); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("table:\n%s", table.String())
+	for _, s := range rep.Skipped {
+		t.Errorf("%s on %q did not run: %s", s.Impl, s.Transport, s.Reason)
+	}
+	checkNetstack(t, cfg, rep, table.String())
+	for _, res := range rep.Results {
+		if !netTransport(res.Transport) || res.Impl == GoCapnp {
+			t.Errorf("only the netstack section's raw and captp should have run: %+v", res)
+		}
+	}
+	if strings.Contains(table.String(), "pipelined") {
+		t.Errorf("the table describes the workload matrix, which did not run")
+	}
+
+	var js bytes.Buffer
+	if err := rep.WriteJSON(&js); err != nil {
+		t.Fatal(err)
+	}
+	var back Report
+	if err := json.Unmarshal(js.Bytes(), &back); err != nil {
+		t.Fatalf("JSON does not read back: %v", err)
+	}
+	if len(back.Targets) != len(rep.Targets) || !strings.Contains(js.String(), `"vs_tcp"`) {
+		t.Errorf("JSON lacks the netstack targets or ratios:\n%s", js.String())
+	}
+}
+
+// checkNetstack checks the netstack section of a report: round trip and
+// bulk figures for raw and captp over kernel TCP and netstack, netstack's
+// ratios to TCP, and both issue 7 targets in the report and its table.
+func checkNetstack(t *testing.T, cfg Config, rep *Report, table string) {
+	t.Helper()
+	for _, tr := range []Transport{TCP, Netstack} {
+		for _, im := range []Impl{Raw, Captp} {
+			for _, m := range []string{mSeqMedian, mSeqP99, mStreamRate} {
+				res := rep.Find(tr, im, m)
+				if res == nil || len(res.Runs) != cfg.Counts.Reps || res.Median <= 0 {
+					t.Errorf("%s/%s: metric %s missing or empty: %+v", tr, im, m, res)
+					continue
+				}
+				if tr == Netstack && res.VsTCP == nil {
+					t.Errorf("%s/%s: %s has no ratio to kernel TCP", tr, im, m)
+				}
+			}
+		}
+	}
+	if res := rep.Find(Netstack, Captp, mStreamRate1500); res == nil || len(res.Runs) != cfg.Counts.Reps {
+		t.Errorf("netstack: no bulk figure at MTU 1,500: %+v", res)
+	}
+	if rep.Find(TCP, GoCapnp, mSeqMedian) != nil {
+		t.Error("go-capnp ran in the netstack section")
+	}
+	goals := map[string]bool{}
+	for _, tg := range rep.Targets {
+		if tg.Transport == Netstack {
+			goals[tg.Goal] = true
+		}
+	}
+	for _, goal := range []string{"netstack round trip ≤ 3× kernel TCP", "netstack bulk ≥ 1 GB/s at MTU 65,535"} {
+		if !goals[goal] || !strings.Contains(table, goal) {
+			t.Errorf("target %q missing from the report or its table", goal)
+		}
+	}
+	if !strings.Contains(table, "== netstack:") || !strings.Contains(table, "×tcp") {
+		t.Errorf("the table lacks the netstack section")
 	}
 }

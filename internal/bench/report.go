@@ -35,6 +35,7 @@ const (
 	mStreamHeap     = "stream_heap_peak_mb"
 	mStreamAlloc    = "stream_alloc_bytes_per_byte"
 	mStreamInFlight = "stream_in_flight_peak_mb"
+	mStreamRate1500 = "stream_mtu1500_mb_per_s"
 )
 
 // metricDef describes a metric for the table.
@@ -66,6 +67,7 @@ var metricDefs = []metricDef{
 	{key: mStreamHeap, title: "stream: peak heap growth, both sides", unit: "MB", noRaw: true},
 	{key: mStreamAlloc, title: "stream: bytes allocated per byte streamed", unit: "B", noRaw: true},
 	{key: mStreamInFlight, title: "stream: peak bytes in flight (flow window)", unit: "MB", noRaw: true},
+	{key: mStreamRate1500, title: "stream one way (ByteStream), MTU 1,500", unit: "MB/s", higher: true, noRaw: true},
 }
 
 func defOf(key string) metricDef {
@@ -110,6 +112,10 @@ type Result struct {
 	// go-capnp's median on the same transport, where both exist.
 	VsRaw     *float64 `json:"vs_raw,omitempty"`
 	VsGoCapnp *float64 `json:"vs_go_capnp,omitempty"`
+	// VsTCP, on the netstack transport, is Median divided by the same
+	// implementation's median over kernel loopback TCP (for the MTU 1,500
+	// stream: by the TCP stream's).
+	VsTCP *float64 `json:"vs_tcp,omitempty"`
 }
 
 // Skip records an implementation that did not run, and why.
@@ -119,7 +125,7 @@ type Skip struct {
 	Reason    string `json:"reason"`
 }
 
-// Target is one of the goals of issue 5, checked against this run.
+// Target is one of the goals of issues 5 and 7, checked against this run.
 type Target struct {
 	Goal      string    `json:"goal"`
 	Transport Transport `json:"transport,omitempty"`
@@ -189,6 +195,16 @@ func (r *Report) finish() {
 			res.VsRaw = ratio(res, Raw)
 		}
 		res.VsGoCapnp = ratio(res, GoCapnp)
+		if res.Transport == Netstack {
+			ref := res.Metric
+			if ref == mStreamRate1500 {
+				ref = mStreamRate
+			}
+			if o := r.find(TCP, res.Impl, ref); o != nil && o.Median != 0 {
+				v := res.Median / o.Median
+				res.VsTCP = &v
+			}
+		}
 	}
 	r.targets()
 }
@@ -201,6 +217,9 @@ func (r *Report) targets() {
 		}
 	}
 	for _, tr := range transports {
+		if netTransport(tr) {
+			continue // netTargets
+		}
 		ours := func(m string) *Result { return r.find(tr, Captp, m) }
 		check := func(goal string, res *Result, vs Impl, ok func(float64) bool) {
 			if res == nil {
@@ -238,6 +257,7 @@ func (r *Report) targets() {
 				Measured: fmt.Sprintf("%.2f×", p.Median), Met: p.Median <= 1.2})
 		}
 	}
+	r.netTargets()
 	for _, f := range r.Floods {
 		if f.Impl != Captp {
 			continue
@@ -263,6 +283,26 @@ func (r *Report) targets() {
 			goal = "flood (calls never finished): server memory bounded (< 64 MB), accepted calls answered or an Abort says why"
 		}
 		r.Targets = append(r.Targets, Target{Goal: goal, Transport: Unix2P, Measured: what, Met: met})
+	}
+}
+
+// netTargets checks the netstack section's goals (issue 7): captp's round
+// trip over netstack within 3× kernel loopback TCP's, and its bulk
+// ByteStream throughput at MTU 65,535 at least 1 GB/s.
+func (r *Report) netTargets() {
+	ns, tcp := r.find(Netstack, Captp, mSeqMedian), r.find(TCP, Captp, mSeqMedian)
+	if ns != nil && tcp != nil && tcp.Median > 0 {
+		v := ns.Median / tcp.Median
+		r.Targets = append(r.Targets, Target{Goal: "netstack round trip ≤ 3× kernel TCP", Transport: Netstack,
+			Measured: fmt.Sprintf("%.2f× (median %s µs vs %s µs)", v, num(ns.Median), num(tcp.Median)), Met: v <= 3})
+	}
+	if bulk := r.find(Netstack, Captp, mStreamRate); bulk != nil {
+		what := fmt.Sprintf("%s MB/s", num(bulk.Median))
+		if tcp := r.find(TCP, Captp, mStreamRate); tcp != nil {
+			what += fmt.Sprintf(" (kernel TCP %s MB/s)", num(tcp.Median))
+		}
+		r.Targets = append(r.Targets, Target{Goal: "netstack bulk ≥ 1 GB/s at MTU 65,535", Transport: Netstack,
+			Measured: what, Met: bulk.Median >= 1000})
 	}
 }
 
@@ -343,9 +383,12 @@ func (r *Report) WriteTable(w io.Writer) error {
 		fmt.Fprintf(w, "\nload average (1, 5, 15 min): %s at the start, %s at the end", m.LoadStart, m.LoadEnd)
 	}
 	fmt.Fprintf(w, "\n%d runs of every measurement: min, median, max; ×raw and ×go-capnp are medians divided by theirs on the same transport.\n", r.Counts.Reps)
-	fmt.Fprintf(w, "Per run: %d sequential calls; %d, %d and %d calls at 1, 64 and 1024 in flight; %d pipelined 2-hop calls; %d echoes of %d bytes.\n",
-		r.Counts.Lat, r.Counts.Flight1, r.Counts.Flight64, r.Counts.Flight1024, r.Counts.Pipe2, r.Counts.Big, r.Counts.BigSize)
-	if r.Counts.StreamBytes > 0 {
+	matrix := slices.ContainsFunc(r.Results, func(res *Result) bool { return !netTransport(res.Transport) })
+	if matrix {
+		fmt.Fprintf(w, "Per run: %d sequential calls; %d, %d and %d calls at 1, 64 and 1024 in flight; %d pipelined 2-hop calls; %d echoes of %d bytes.\n",
+			r.Counts.Lat, r.Counts.Flight1, r.Counts.Flight64, r.Counts.Flight1024, r.Counts.Pipe2, r.Counts.Big, r.Counts.BigSize)
+	}
+	if r.Counts.StreamBytes > 0 && matrix {
 		fmt.Fprintf(w, "Stream: %s one way over a Unix socket in one process, in %d-byte writes (raw: plain socket writes, read and dropped).\n",
 			size(r.Counts.StreamBytes), r.Counts.StreamChunk)
 	}
@@ -356,7 +399,12 @@ func (r *Report) WriteTable(w io.Writer) error {
 			transports = append(transports, res.Transport)
 		}
 	}
+	var netTrs []Transport
 	for _, tr := range transports {
+		if netTransport(tr) {
+			netTrs = append(netTrs, tr)
+			continue
+		}
 		fmt.Fprintf(w, "\n== %s: %s ==\n", tr, tr.Describe())
 		var rows [][]string
 		for _, d := range metricDefs {
@@ -386,6 +434,10 @@ func (r *Report) WriteTable(w io.Writer) error {
 		case Unix2P:
 			fmt.Fprintln(w, "(two processes: client figures are the benchmark process, server figures the child's own counters.)")
 		}
+	}
+
+	if len(netTrs) > 0 {
+		r.writeNetstack(w, netTrs)
 	}
 
 	if len(r.Floods) > 0 {
@@ -429,7 +481,7 @@ func (r *Report) WriteTable(w io.Writer) error {
 	}
 
 	if len(r.Targets) > 0 {
-		fmt.Fprintf(w, "\n== targets (issue 5) ==\n")
+		fmt.Fprintf(w, "\n== targets (issues 5 and 7) ==\n")
 		for _, t := range r.Targets {
 			box := "[ ]"
 			if t.Met {
@@ -456,4 +508,51 @@ func (r *Report) WriteTable(w io.Writer) error {
 	}
 	fmt.Fprintf(w, "\ntotal time %.1fs\n", float64(r.Duration))
 	return nil
+}
+
+// netstackMetrics are the netstack section's rows, in order.
+var netstackMetrics = []string{mSeqMedian, mSeqP99, mCPUSeq, mStreamRate, mStreamRate1500}
+
+// writeNetstack writes the netstack section: kernel loopback TCP and
+// netstack side by side, with netstack's ratio to TCP.
+func (r *Report) writeNetstack(w io.Writer, transports []Transport) {
+	c := r.Counts
+	fmt.Fprintf(w, "\n== netstack: captp over gVisor's userspace TCP/IP stack next to kernel loopback TCP, client and server in one process ==\n")
+	for _, tr := range transports {
+		fmt.Fprintf(w, "%-8s %s\n", tr, tr.Describe())
+	}
+	fmt.Fprintf(w, "Per run: %d sequential 16 B calls", c.Lat)
+	if c.StreamBytes > 0 {
+		fmt.Fprintf(w, "; %s one way in %d-byte writes (captp: a ByteStream; raw: plain writes)", size(c.StreamBytes), c.StreamChunk)
+		if c.StreamBytes1500 > 0 {
+			fmt.Fprintf(w, "; captp: %s over a netstack Network with MTU 1,500", size(c.StreamBytes1500))
+		}
+	}
+	fmt.Fprintf(w, ". ×tcp: netstack's median divided by kernel TCP's.\n")
+	var rows [][]string
+	for _, key := range netstackMetrics {
+		d := defOf(key)
+		first := true
+		for _, tr := range transports {
+			for _, im := range AllImpls {
+				res := r.find(tr, im, key)
+				if res == nil {
+					continue
+				}
+				label := ""
+				if first {
+					dir := "lower is better"
+					if d.higher {
+						dir = "higher is better"
+					}
+					label = fmt.Sprintf("%s (%s, %s)", d.title, d.unit, dir)
+					first = false
+				}
+				rows = append(rows, []string{label, string(tr), string(im), num(res.Min), num(res.Median), num(res.Max),
+					ratioText(res.VsRaw), ratioText(res.VsTCP)})
+			}
+		}
+	}
+	writeColumns(w, []string{"metric", "transport", "impl", "min", "median", "max", "×raw", "×tcp"}, rows, 3)
+	fmt.Fprintln(w, "(one process: CPU is client and server together, gVisor's goroutines included, and includes the harness.)")
 }

@@ -133,8 +133,8 @@ func openSession(ctx context.Context, cfg *Config, cpp *cppProgram, im Impl, tr 
 		cleanup func()
 	)
 	switch tr {
-	case Pipe, Unix:
-		c, s, clean, err := connPair(tr)
+	case Pipe, Unix, TCP, Netstack:
+		c, s, clean, err := connPair(ctx, tr)
 		if err != nil {
 			return nil, err
 		}
@@ -161,11 +161,18 @@ func openSession(ctx context.Context, cfg *Config, cpp *cppProgram, im Impl, tr 
 	return &rpcSession{boot: boot, m: m, cleanup: func() { boot.Release(); closeConn(); cleanup() }}, nil
 }
 
-// connPair returns both ends of an in-process connection.
-func connPair(tr Transport) (client, server net.Conn, cleanup func(), err error) {
-	if tr == Pipe {
+// connPair returns both ends of an in-process connection, and a cleanup
+// to call once both are closed.
+func connPair(ctx context.Context, tr Transport) (client, server net.Conn, cleanup func(), err error) {
+	switch tr {
+	case Pipe:
 		c, s := net.Pipe()
 		return c, s, func() {}, nil
+	case TCP, Netstack:
+		return netPair(tr)(ctx)
+	case Unix:
+	default:
+		return nil, nil, nil, fmt.Errorf("no in-process connection pair for transport %q", tr)
 	}
 	dir, err := os.MkdirTemp("", "captp-bench-")
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"runtime"
 	"runtime/metrics"
 	"slices"
@@ -98,9 +99,19 @@ func measureStream(fn func() (int, error)) (streamRun, error) {
 	return r, err
 }
 
+// unixPair is a pairFunc for Unix sockets.
+func unixPair(ctx context.Context) (client, server net.Conn, cleanup func(), err error) {
+	return connPair(ctx, Unix)
+}
+
 // rawStream sends total bytes over a fresh Unix socket pair.
 func rawStream(ctx context.Context, total int64, chunk int) (streamRun, error) {
-	cli, srv, clean, err := connPair(Unix)
+	return rawStreamOver(ctx, unixPair, total, chunk)
+}
+
+// rawStreamOver sends total bytes over a fresh connection from pair.
+func rawStreamOver(ctx context.Context, pair pairFunc, total int64, chunk int) (streamRun, error) {
+	cli, srv, clean, err := pair(ctx)
 	if err != nil {
 		return streamRun{}, err
 	}
@@ -143,11 +154,17 @@ func (c *countWriter) Write(p []byte) (int, error) { c.n.Add(int64(len(p))); ret
 // captpStream sends total bytes through a ByteStream over a fresh Unix
 // socket pair.
 func captpStream(ctx context.Context, total int64, chunk int) (streamRun, error) {
-	return captpStreamWith(ctx, total, chunk, core.Limits{})
+	return captpStreamOver(ctx, unixPair, total, chunk)
 }
 
-func captpStreamWith(ctx context.Context, total int64, chunk int, lim core.Limits) (streamRun, error) {
-	cli, srv, clean, err := connPair(Unix)
+// captpStreamOver sends total bytes through a ByteStream over a fresh
+// connection from pair.
+func captpStreamOver(ctx context.Context, pair pairFunc, total int64, chunk int) (streamRun, error) {
+	return captpStreamWith(ctx, pair, total, chunk, core.Limits{})
+}
+
+func captpStreamWith(ctx context.Context, pair pairFunc, total int64, chunk int, lim core.Limits) (streamRun, error) {
+	cli, srv, clean, err := pair(ctx)
 	if err != nil {
 		return streamRun{}, err
 	}
@@ -160,7 +177,7 @@ func captpStreamWith(ctx context.Context, total int64, chunk int, lim core.Limit
 	bs := bytestream.ByteStream(client.Bootstrap(ctx))
 	defer bs.Release()
 	if err := bs.Resolve(ctx); err != nil {
-		return streamRun{}, err
+		return streamRun{}, fmt.Errorf("bootstrapping the ByteStream: %w", err)
 	}
 	r, err := measureStream(func() (int, error) {
 		w := bytestream.NewWriter(ctx, bs, &bytestream.WriterOptions{ChunkSize: chunk})
