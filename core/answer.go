@@ -56,6 +56,10 @@ type answer struct {
 
 	argsOnce sync.Once
 
+	// argsBytes is the size of the call's message, counted in
+	// Conn.inboundHeld until the arguments are released.
+	argsBytes int64
+
 	// pins counts queued writes reading msg's segments in place (large
 	// Returns); freeLocked leaves msg to the last one, in freeAfterWrite.
 	pins           int
@@ -493,5 +497,10 @@ func (c *Conn) flushQueued(a *answer) {
 
 // releaseArgs returns a ReleaseFunc that frees the inbound message once.
 func (a *answer) releaseArgs(msg *capnp.Message) capnp.ReleaseFunc {
-	return func() { a.argsOnce.Do(func() { recycleMessage(msg) }) }
+	return func() {
+		a.argsOnce.Do(func() {
+			a.c.inboundHeld.Add(-a.argsBytes)
+			recycleMessage(msg)
+		})
+	}
 }

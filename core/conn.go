@@ -82,6 +82,9 @@ type Conn struct {
 	// directly could block on a full socket instead of taking the next
 	// call, so the writer goroutine writes.
 	inboundBusy atomic.Bool
+	// inboundHeld counts the bytes of the peer's calls whose arguments
+	// are held (see Limits.MaxInboundBytes).
+	inboundHeld atomic.Int64
 
 	// tasks are table updates requested where c.mu may already be held by
 	// the same goroutine (a hook shut down by go-capnp while we inspect a
@@ -742,6 +745,17 @@ func newMessage() (*capnp.Message, rpccp.Message, error) {
 		return nil, rpccp.Message{}, err
 	}
 	return msg, m, nil
+}
+
+// messageBytes is the size of msg's segments.
+func messageBytes(msg *capnp.Message) int64 {
+	var n int64
+	for i := int64(0); i < msg.NumSegments(); i++ {
+		if seg, err := msg.Segment(capnp.SegmentID(i)); err == nil {
+			n += int64(len(seg.Data()))
+		}
+	}
+	return n
 }
 
 // recycleMessage releases a message from newMessage and keeps it for

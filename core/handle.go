@@ -205,15 +205,26 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 		return false, err
 	}
 	method := capnp.Method{InterfaceID: call.InterfaceId(), MethodID: call.MethodId()}
-	if c.inProgress >= c.lim.MaxAnswers {
+	size := messageBytes(msg)
+	held := c.inboundHeld.Load()
+	var overloaded string
+	switch {
+	case c.inProgress >= c.lim.MaxAnswers:
+		overloaded = fmt.Sprintf("too many calls in progress (limit %d)", c.lim.MaxAnswers)
+	case held > 0 && held+size > int64(c.lim.MaxInboundBytes):
+		overloaded = fmt.Sprintf("too many bytes of calls held (limit %d)", c.lim.MaxInboundBytes)
+	}
+	if overloaded != "" {
 		a := c.newAnswerLocked(qid)
 		a.sendElsewhere = sendElsewhere // the peer may take these (error) results
-		a.outErr = exc.New(exc.Overloaded, "captp", fmt.Sprintf("too many calls in progress (limit %d)", c.lim.MaxAnswers))
+		a.outErr = exc.New(exc.Overloaded, "captp", overloaded)
 		c.returnLocked(fx, a)
 		return false, nil
 	}
 	a := c.newAnswerLocked(qid)
 	a.sendElsewhere = sendElsewhere
+	a.argsBytes = size
+	c.inboundHeld.Add(size)
 	recv := capnp.Recv{
 		Method:      method,
 		Args:        content.Struct(),

@@ -54,6 +54,13 @@ type Limits struct {
 	// stops reading the peer, which is the backpressure to a peer that
 	// does not read its replies.
 	MaxQueuedBytes int
+	// MaxInboundBytes bounds the bytes of the peer's calls held here:
+	// calls delivered or queued whose arguments have not been released
+	// yet (a handler releases them when it returns). A call that would go
+	// beyond it is answered overloaded at once, so the receiving side of
+	// a stream or a flood holds a bounded amount whatever the sender
+	// does. One call is always accepted when nothing else is held.
+	MaxInboundBytes int
 	// Flow is the flow control of our calls to the peer's objects: each
 	// imported capability gets a window of bytes in flight (calls sent
 	// whose Return has not arrived), adaptive by default, and all of them
@@ -66,14 +73,15 @@ type Limits struct {
 
 // DefaultLimits are used for every zero field of Options.Limits.
 var DefaultLimits = Limits{
-	MaxMessageSize: 64 << 20,
-	MaxSegments:    512,
-	TraversalLimit: 64 << 20 / 8 * 2,
-	NestingLimit:   64,
-	MaxAnswers:     4096, // 4× this unfinished is ~30 MB at worst
-	MaxExports:     65536,
-	MaxImports:     65536,
-	MaxQueuedBytes: 16 << 20,
+	MaxMessageSize:  64 << 20,
+	MaxSegments:     512,
+	TraversalLimit:  64 << 20 / 8 * 2,
+	NestingLimit:    64,
+	MaxAnswers:      4096, // 4× this unfinished is ~30 MB at worst
+	MaxExports:      65536,
+	MaxImports:      65536,
+	MaxQueuedBytes:  16 << 20,
+	MaxInboundBytes: 64 << 20,
 }
 
 // withDefaults returns l with every zero field set from DefaultLimits.
@@ -102,6 +110,9 @@ func (l Limits) withDefaults() Limits {
 	}
 	if l.MaxQueuedBytes == 0 {
 		l.MaxQueuedBytes = d.MaxQueuedBytes
+	}
+	if l.MaxInboundBytes == 0 {
+		l.MaxInboundBytes = d.MaxInboundBytes
 	}
 	l.Flow = l.Flow.WithDefaults()
 	return l
