@@ -782,10 +782,9 @@ type effects struct {
 // below.
 type effect struct {
 	f       func()
-	deliver *answer   // deliver the peer's call to its target
-	settle  *question // resolve the caller's promise from the Return
-	retire  *question // release the clients of a retired question's promise
-	msg     *capnp.Message
+	deliver *answer        // deliver the peer's call to its target
+	settle  *question      // resolve the caller's promise from the Return
+	retire  *question      // release the clients of a retired question's promise
 	recycle *capnp.Message // released with recycleMessage
 	client  capnp.Client
 }
@@ -803,9 +802,6 @@ func (e *effect) run() {
 	if e.retire != nil {
 		e.retire.p.ReleaseClients()
 	}
-	if e.msg != nil {
-		e.msg.Release()
-	}
 	if e.recycle != nil {
 		recycleMessage(e.recycle)
 	}
@@ -822,13 +818,6 @@ func (fx *effects) push(e effect) {
 }
 
 func (fx *effects) add(f func()) { fx.push(effect{f: f}) }
-
-// releaseMsg queues msg.Release (nil is ignored).
-func (fx *effects) releaseMsg(msg *capnp.Message) {
-	if msg != nil {
-		fx.push(effect{msg: msg})
-	}
-}
 
 // recycleMsg queues recycleMessage(msg) (nil is ignored).
 func (fx *effects) recycleMsg(msg *capnp.Message) {

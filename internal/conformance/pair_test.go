@@ -269,6 +269,3 @@ func mustAwait(t *testing.T, what string, f *capnp.Future) capnp.Struct {
 	}
 	return s
 }
-
-// defer release at cleanup.
-func keep(t *testing.T, r capnp.ReleaseFunc) { t.Cleanup(r) }
