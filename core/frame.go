@@ -82,6 +82,7 @@ type frameReader struct {
 
 	chunk []byte // unused rest of the chunk that small bodies are carved from
 	large []byte // the whole buffer of the large body just read, to lend out
+	bodies *bodyPool // where large bodies are lent from: largeBodies but in tests
 
 	sizes []uint32 // segment sizes in words of the frame being read; reused
 	err   error    // sticky result
@@ -90,7 +91,7 @@ type frameReader struct {
 // newFrameReader returns a frameReader reading from r. Zero fields of lim
 // take their defaults.
 func newFrameReader(r io.Reader, lim Limits) *frameReader {
-	return &frameReader{r: r, lim: lim.withDefaults()}
+	return &frameReader{r: r, lim: lim.withDefaults(), bodies: &largeBodies}
 }
 
 // readMessage returns the next message. The message owns its bytes (small
@@ -202,7 +203,7 @@ func (fr *frameReader) next() (*capnp.Message, error) {
 		msg, _ = capnp.NewMultiSegmentMessage(segs)
 	}
 	if fr.large != nil {
-		largeBodies.lend(msg, fr.large)
+		fr.bodies.lend(msg, fr.large)
 		fr.large = nil
 	}
 	msg.TraverseLimit = traverseBytes(fr.lim.TraversalLimit)
@@ -295,7 +296,7 @@ func (fr *frameReader) readBody(n int) ([]byte, error) {
 func (fr *frameReader) readLarge(n int) ([]byte, error) {
 	have := fr.buffered()
 	var out []byte
-	if b := largeBodies.get(n); b != nil {
+	if b := fr.bodies.get(n); b != nil {
 		// A body recycled with its message: no allocation, no zeroing,
 		// and no memory that the peer's bytes have not earned already.
 		out = b[:have]

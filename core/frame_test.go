@@ -763,6 +763,11 @@ func TestFrameLargeBodyReuse(t *testing.T) {
 		stream = append(stream, frame(byte(i+1))...)
 	}
 	fr := newFrameReader(bytes.NewReader(stream), Limits{})
+	fr.bodies = new(bodyPool) // not shared with other tests' connections
+	recycleMessage := func(msg *capnp.Message) {
+		msg.Reset(nil)
+		fr.bodies.giveBack(msg)
+	}
 	read := func(want byte) (*capnp.Message, *byte) {
 		t.Helper()
 		msg, err := fr.readMessage()

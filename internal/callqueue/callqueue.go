@@ -152,7 +152,14 @@ func deliverQueued(c queued, target capnp.Client, err error) {
 // pipeline caller its delivery returns.
 func deliverWatched(p *pipe, r capnp.Recv, send func(capnp.Recv) capnp.PipelineCaller) {
 	r.Returner = &watchReturner{inner: r.Returner, pipe: p}
-	if pc := send(r); pc != nil {
+	pc := send(r)
+	if _, aq := pc.(*capnp.AnswerQueue); aq {
+		// go-capnp's own queue (server.Server, local promises) crashes
+		// when a call it holds completes at once; pipelined calls wait
+		// for the results instead, which the returner gives us.
+		return
+	}
+	if pc != nil {
 		p.settle(modeCaller, NonNil(pc), capnp.Struct{}, nil)
 	} else {
 		// Returned at once, so the returner has settled p, unless the

@@ -12,6 +12,8 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/captp-go/captp/internal/callqueue"
+	"github.com/captp-go/captp/internal/testcapnp"
+	"github.com/captp-go/captp/internal/testimpl"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -243,3 +245,36 @@ func (r rejectRecorder) AllocResults(capnp.ObjectSize) (capnp.Struct, error) {
 func (r rejectRecorder) PrepareReturn(err error) { *r.err = err }
 func (r rejectRecorder) Return()                 {}
 func (r rejectRecorder) ReleaseResults()         {}
+
+// A call pipelined on a queued call delivered to a generated server waits
+// for that call's results instead of going into go-capnp's server queue,
+// which dereferences the nil caller of a delivery that completes at once
+// (the recorder's, like go-capnp's own imports').
+func TestPipelineOnServerCallWhoseResultReturnsAtOnce(t *testing.T) {
+	ctx := context.Background()
+	w := new(world)
+	rec := newRecorder("r", w)
+	obj := testimpl.New("holder", nil)
+	srv := capnp.Client(obj.Client())
+	defer srv.Release()
+	hf, hrel := testcapnp.Test(srv).Hold(ctx, func(p testcapnp.Test_hold_Params) error {
+		return p.SetCap(testcapnp.Test(rec.AddRef()))
+	})
+	if _, err := hf.Struct(); err != nil {
+		t.Fatal(err)
+	}
+	hrel()
+	rec.Release()
+
+	p, res := callqueue.NewPromise()
+	defer p.Release()
+	gf, grel := testcapnp.Test(p).GetHeld(ctx, nil)
+	defer grel()
+	a, rel := call(ctx, capnp.Client(gf.Cap()), 5)
+	defer rel()
+	res.Fulfill(srv)
+	await(t, a)
+	if log, _ := w.snapshot(); !slices.Equal(log, []string{"r:5"}) {
+		t.Errorf("log %v, want [r:5]", log)
+	}
+}
