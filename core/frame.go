@@ -80,8 +80,8 @@ type frameReader struct {
 	rpos, wpos int    // unread bytes are buf[rpos:wpos]
 	rerr       error  // error from r, reported once the buffered bytes run out
 
-	chunk []byte // unused rest of the chunk that small bodies are carved from
-	large []byte // the whole buffer of the large body just read, to lend out
+	chunk  []byte    // unused rest of the chunk that small bodies are carved from
+	large  []byte    // the whole buffer of the large body just read, to lend out
 	bodies *bodyPool // where large bodies are lent from: largeBodies but in tests
 
 	sizes []uint32 // segment sizes in words of the frame being read; reused
