@@ -59,6 +59,10 @@ type Conn struct {
 	embargoIDs     idAllocator
 	watches        map[context.Context]*ctxWatch // see watchCancelLocked
 	flow           *flow.Pool                    // flow control shared by the imports
+	// Results of retired questions kept for resultsGrace (see buryLocked).
+	graveNew, graveOld []*question
+	graveTimer         *time.Timer
+	graveArmed         bool
 
 	// Output. Frames queue in out; one goroutine at a time writes it:
 	// the writer goroutine, or a caller writing its own Call or Return
@@ -692,6 +696,7 @@ func (c *Conn) newAbort(reason error) (*capnp.Message, error) {
 // rejections and releases to run once the lock is dropped.
 func (c *Conn) clearTablesLocked(fx *effects, reason error) {
 	c.dropWatchesLocked()
+	c.dropGravesLocked(fx)
 	// Sorted, so that a simulated run replays exactly.
 	for _, id := range sortedKeys(c.questions) {
 		q := c.questions[id]

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"time"
 
 	"capnproto.org/go/capnp/v3"
 	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
@@ -330,8 +331,84 @@ func (q *question) retireLocked(fx *effects) {
 		c.questionIDs.put(q.id)
 	}
 	delete(c.questionsByAns, q.p.Answer())
-	fx.push(effect{retire: q, recycle: q.results})
-	q.results, q.resultContent = nil, capnp.Ptr{}
+	fx.push(effect{retire: q})
+	if q.results == nil {
+		return
+	}
+	if c.manual || c.closing {
+		fx.recycleMsg(q.results)
+		q.results, q.resultContent = nil, capnp.Ptr{}
+		return
+	}
+	c.buryLocked(q)
+}
+
+// resultsGrace is how long a retired question keeps its results. A call
+// on a capability taken from an answer's pipeline can pass go-capnp's
+// "not resolved yet" check, then reach us only after the caller released
+// the answer and we retired the question; with the results still here it
+// goes to the capability (redirectLocked) instead of failing with
+// "pipelined call on a finished question".
+const resultsGrace = 10 * time.Millisecond
+
+// buryLocked keeps q's results for at least resultsGrace (two timer
+// generations: a question buried just before a sweep survives it).
+func (c *Conn) buryLocked(q *question) {
+	c.graveNew = append(c.graveNew, q)
+	if c.graveArmed {
+		return
+	}
+	c.graveArmed = true
+	if c.graveTimer == nil {
+		c.graveTimer = time.AfterFunc(resultsGrace, c.sweepGraves)
+	} else {
+		c.graveTimer.Reset(resultsGrace)
+	}
+}
+
+// sweepGraves frees the results of questions buried before the last sweep.
+func (c *Conn) sweepGraves() {
+	c.mu.Lock()
+	dead := c.graveOld
+	c.graveOld, c.graveNew = c.graveNew, dead[:0]
+	msgs := c.unburyLocked(dead)
+	if len(c.graveOld) > 0 && !c.closing {
+		c.graveTimer.Reset(resultsGrace)
+	} else {
+		c.graveArmed = false
+	}
+	c.unlock()
+	for _, m := range msgs {
+		recycleMessage(m)
+	}
+}
+
+// unburyLocked takes the results of qs for recycling.
+func (c *Conn) unburyLocked(qs []*question) []*capnp.Message {
+	var msgs []*capnp.Message
+	for i, q := range qs {
+		if q.results != nil {
+			msgs = append(msgs, q.results)
+		}
+		q.results, q.resultContent = nil, capnp.Ptr{}
+		qs[i] = nil
+	}
+	return msgs
+}
+
+// dropGravesLocked frees every buried result now (at shutdown).
+func (c *Conn) dropGravesLocked(fx *effects) {
+	for _, m := range c.unburyLocked(c.graveOld) {
+		fx.recycleMsg(m)
+	}
+	for _, m := range c.unburyLocked(c.graveNew) {
+		fx.recycleMsg(m)
+	}
+	c.graveOld, c.graveNew = nil, nil
+	if c.graveTimer != nil {
+		c.graveTimer.Stop()
+	}
+	c.graveArmed = false
 }
 
 // rejectLocked settles the question with err at shutdown.
