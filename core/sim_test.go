@@ -436,8 +436,7 @@ func (s *sim) settleCall(v *simVat) {
 // localPromise makes a vat-local promise, hands it out as a handle and
 // resolves it at once to another handle (or breaks it).
 func (s *sim) localPromise(v *simVat) {
-	p := simPromise{hook: &simPromiseHook{}}
-	p.first, p.resolver = capnp.NewPromisedClient(p.hook)
+	p := newSimPromise()
 	h := s.addHandle(v, p.first.AddRef(), "local promise")
 	if o := s.pickHandle(v); o != nil && o != h && s.rng.Intn(3) > 0 {
 		s.logf("vat %d: resolve local promise h%d to h%d", v.id, h.id, o.id)
@@ -587,82 +586,22 @@ type simObject struct {
 }
 
 type simPromise struct {
-	first    capnp.Client // the object's own reference, until settled
-	resolver capnp.Resolver[capnp.Client]
-	hook     *simPromiseHook
+	first capnp.Client // the object's own reference, until settled
+	p     *callqueue.Promise
 }
 
-// settle resolves (err == nil) or breaks the promise: queued calls go to
-// target in order, then the client switches over to it.
+func newSimPromise() simPromise {
+	first, p := callqueue.NewPromise()
+	return simPromise{first: first, p: p}
+}
+
 func (p simPromise) settle(target capnp.Client, err error) {
-	p.hook.settle(target, err)
 	if err != nil {
-		p.resolver.Reject(err)
+		p.p.Reject(err)
 	} else {
-		p.resolver.Fulfill(target)
+		p.p.Fulfill(target)
 	}
 	p.first.Release()
-}
-
-// simPromiseHook queues calls on an unresolved promise of a simulated
-// object. (go-capnp's NewLocalPromise is not used: its queue calls a nil
-// PipelineCaller for calls that return at once, and frees its resolution
-// under copies still in use.)
-type simPromiseHook struct {
-	queue    []simQueued
-	settled  bool
-	draining bool
-	target   capnp.Client
-	err      error
-}
-
-type simQueued struct {
-	ctx context.Context
-	r   capnp.Recv
-}
-
-func (h *simPromiseHook) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
-	return callqueue.SendAsRecv(ctx, s, h.Recv)
-}
-
-func (h *simPromiseHook) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
-	if !h.settled || h.draining {
-		h.queue = append(h.queue, simQueued{ctx, r})
-		return callqueue.Failed(errors.New("pipelining on a call queued on a simulated promise"))
-	}
-	return h.deliver(ctx, r)
-}
-
-func (h *simPromiseHook) deliver(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
-	if h.err != nil {
-		r.Reject(h.err)
-		return callqueue.Failed(h.err)
-	}
-	return callqueue.NonNil(h.target.RecvCall(ctx, r))
-}
-
-func (h *simPromiseHook) settle(target capnp.Client, err error) {
-	h.settled, h.target, h.err = true, target.AddRef(), err
-	h.draining = true
-	for len(h.queue) > 0 {
-		q := h.queue[0]
-		h.queue = h.queue[1:]
-		h.deliver(q.ctx, q.r)
-	}
-	h.draining = false
-}
-
-func (h *simPromiseHook) Brand() capnp.Brand { return capnp.Brand{Value: h} }
-func (h *simPromiseHook) String() string     { return "simulated promise" }
-func (h *simPromiseHook) Shutdown() {
-	queue := h.queue
-	h.queue = nil
-	for _, q := range queue {
-		q.r.Reject(errors.New("promise dropped"))
-	}
-	t := h.target
-	h.target = capnp.Client{}
-	t.Release()
 }
 
 func (s *sim) newObject(vat int, name string) capnp.Client {
@@ -728,10 +667,9 @@ func (o *simObject) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller
 		}
 		result = o.held.AddRef()
 	case 9: // promise
-		hook := &simPromiseHook{}
-		p, res := capnp.NewPromisedClient(hook)
-		o.promises = append(o.promises, simPromise{first: p, resolver: res, hook: hook})
-		result = p.AddRef()
+		p := newSimPromise()
+		o.promises = append(o.promises, p)
+		result = p.first.AddRef()
 	case 10: // resolvePromise
 		if len(o.promises) == 0 {
 			err = exc.New(exc.Failed, "", "no promise to resolve")
@@ -794,8 +732,7 @@ func simReturnable(c capnp.Client) bool {
 	if !snap.IsPromise() {
 		return true
 	}
-	h, ok := snap.Brand().Value.(*simPromiseHook)
-	return ok && !h.settled
+	return callqueue.Unsettled(snap.Brand())
 }
 
 func (o *simObject) Brand() capnp.Brand { return capnp.Brand{Value: o} }

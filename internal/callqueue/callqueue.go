@@ -62,7 +62,7 @@ func (q *Queue) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.Re
 }
 
 // Fulfill delivers every queued call to target, in order, and later calls
-// directly. The queue keeps its own reference to target until Close.
+// directly. The queue keeps its own reference to target until Drop.
 func (q *Queue) Fulfill(target capnp.Client) { q.settle(target.AddRef(), nil) }
 
 // Reject fails every queued call, and later ones, with err.
@@ -119,21 +119,6 @@ func (q *Queue) Drop() {
 	q.mu.Lock()
 	q.dropTarget = true
 	q.releaseIfDroppedLocked()
-}
-
-// Close drops the queue's reference to its target. Calls still queued
-// are rejected with err; calls arriving later fail with err as well.
-func (q *Queue) Close(err error) {
-	q.mu.Lock()
-	calls, target := q.calls, q.target
-	q.calls, q.target = nil, capnp.Client{}
-	q.settled, q.err = true, err
-	q.mu.Unlock()
-	for _, c := range calls {
-		c.r.Reject(err)
-		c.pipe.settle(modeFailed, nil, capnp.Struct{}, err)
-	}
-	target.Release()
 }
 
 // deliverQueued delivers a call that waited in the queue; calls pipelined
@@ -438,6 +423,13 @@ func (p *Promise) Reject(err error) {
 }
 
 type promiseHook struct{ q *Queue }
+
+// Unsettled reports whether b is the brand of a promise from NewPromise
+// that has not been fulfilled or rejected yet.
+func Unsettled(b capnp.Brand) bool {
+	h, ok := b.Value.(*promiseHook)
+	return ok && !h.q.Settled()
+}
 
 func (h *promiseHook) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
 	return h.q.Send(ctx, s)
