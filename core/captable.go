@@ -107,7 +107,7 @@ func (c *Conn) addImportLocked(id uint32, promise bool) (capnp.Client, error) {
 		if len(c.imports) >= c.lim.MaxImports {
 			return capnp.Client{}, fmt.Errorf("import limit reached (%d capabilities)", c.lim.MaxImports)
 		}
-		ie = &importEntry{id: id, hook: &importClient{c: c, id: id, lim: c.flowPool().NewLimiter()}, promise: promise}
+		ie = &importEntry{id: id, hook: &importClient{c: c, id: id, lim: c.flow.NewLimiter()}, promise: promise}
 		c.imports[id] = ie
 	}
 	ie.refs++

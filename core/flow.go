@@ -6,13 +6,9 @@ import (
 	"github.com/captp-go/captp/core/flow"
 )
 
-// flowPool returns the Conn's flow-control pool: the byte budget its
-// imports' limiters share.
-func (c *Conn) flowPool() *flow.Pool { return c.flow }
-
 // FlowStats returns the connection's flow-control figures: bytes in
 // flight to the peer's objects together, and their peak.
-func (c *Conn) FlowStats() flow.PoolStats { return c.flowPool().Stats() }
+func (c *Conn) FlowStats() flow.PoolStats { return c.flow.Stats() }
 
 // FlowLimiterOf returns the flow limiter of the peer object that client
 // refers to, or nil if client is not (yet) a capability imported by a

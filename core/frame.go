@@ -443,13 +443,14 @@ func appendFrameHeader(buf []byte, segs [][]byte) ([]byte, error) {
 // releases that message. Streams and big calls then read into memory that
 // is already there instead of fresh, zeroed allocations that the garbage
 // collector must chase. Bounded: at most maxLentBodies (and maxLentBytes)
-// are tracked and maxFreeBodyBytes kept free, process-wide; a message
+// are tracked and maxFreeBodies (maxFreeBodyBytes) kept free, process-wide; a message
 // released some other way just never gives its buffer back.
 var largeBodies bodyPool
 
 const (
 	maxLentBodies    = 1024
 	maxLentBytes     = 64 << 20
+	maxFreeBodies    = 64 // get scans the free list; keep the scan short
 	maxFreeBodyBytes = 16 << 20
 )
 
@@ -512,7 +513,7 @@ func (p *bodyPool) giveBack(msg *capnp.Message) {
 	delete(p.lent, msg)
 	p.lentBytes -= cap(buf)
 	p.nlent.Store(int32(len(p.lent)))
-	if p.freeBytes+cap(buf) <= maxFreeBodyBytes {
+	if len(p.free) < maxFreeBodies && p.freeBytes+cap(buf) <= maxFreeBodyBytes {
 		p.free = append(p.free, buf[:0])
 		p.freeBytes += cap(buf)
 	}

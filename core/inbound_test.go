@@ -2,7 +2,6 @@ package core
 
 import (
 	"context"
-	"io"
 	"sync"
 	"testing"
 	"time"
@@ -54,22 +53,12 @@ func (h *holder) Shutdown()          {}
 // MaxInboundBytes; beyond it a call is answered overloaded at once, and
 // once the held calls are released new ones are accepted again.
 func TestMaxInboundBytesAnswersOverloaded(t *testing.T) {
-	ar, bw := io.Pipe()
-	br, aw := io.Pipe()
 	h := &holder{got: make(chan struct{}, 16)}
-	server := NewConn(&rwPipe{PipeReader: br, PipeWriter: bw}, &Options{
-		BootstrapClient: capnp.NewClient(h),
-		Limits:          Limits{MaxInboundBytes: 1 << 20},
-	})
 	// No flow control on the client: it would hold the calls back itself.
-	client := NewConn(&rwPipe{PipeReader: ar, PipeWriter: aw}, &Options{Limits: Limits{Flow: flow.Config{Mode: flow.Off}}})
-	defer func() {
-		h.letGo()
-		client.Close()
-		server.Close()
-		<-client.Done()
-		<-server.Done()
-	}()
+	client, server := pipeConns(t,
+		&Options{BootstrapClient: capnp.NewClient(h), Limits: Limits{MaxInboundBytes: 1 << 20}},
+		&Options{Limits: Limits{Flow: flow.Config{Mode: flow.Off}}})
+	defer h.letGo() // before the connections close (cleanup)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	boot := client.Bootstrap(ctx)

@@ -24,21 +24,29 @@ func (p *rwPipe) Close() error {
 	return nil
 }
 
+// pipeConns connects a client and a server Conn over in-memory pipes;
+// cleanup closes both and waits for them.
+func pipeConns(t *testing.T, serverOpts, clientOpts *Options) (client, server *Conn) {
+	t.Helper()
+	ar, bw := io.Pipe()
+	br, aw := io.Pipe()
+	server = NewConn(&rwPipe{PipeReader: br, PipeWriter: bw}, serverOpts)
+	client = NewConn(&rwPipe{PipeReader: ar, PipeWriter: aw}, clientOpts)
+	t.Cleanup(func() {
+		client.Close()
+		server.Close()
+		<-client.Done()
+		<-server.Done()
+	})
+	return client, server
+}
+
 // A caller that releases an answer while its Return is being settled must
 // still be able to call a capability it took from the answer's pipeline:
 // the results stay until the promise has them. (Found by the C++ interop
 // test: "pipelined call on a finished question".)
 func TestReleaseDuringSettleKeepsPipelinedCapability(t *testing.T) {
-	ar, bw := io.Pipe()
-	br, aw := io.Pipe()
-	server := NewConn(&rwPipe{PipeReader: br, PipeWriter: bw}, &Options{BootstrapClient: capnp.Client(testimpl.New("root", nil).Client())})
-	client := NewConn(&rwPipe{PipeReader: ar, PipeWriter: aw}, nil)
-	defer func() {
-		client.Close()
-		server.Close()
-		<-client.Done()
-		<-server.Done()
-	}()
+	client, _ := pipeConns(t, &Options{BootstrapClient: capnp.Client(testimpl.New("root", nil).Client())}, nil)
 	ctx := context.Background()
 	boot := testcapnp.Test(client.Bootstrap(ctx))
 	defer boot.Release()
@@ -97,16 +105,7 @@ func TestReleaseDuringSettleKeepsPipelinedCapability(t *testing.T) {
 // results. (Seen in the C++ interop test: "pipelined call on a finished
 // question".)
 func TestPipelineSendAfterRetireIsRedirected(t *testing.T) {
-	ar, bw := io.Pipe()
-	br, aw := io.Pipe()
-	server := NewConn(&rwPipe{PipeReader: br, PipeWriter: bw}, &Options{BootstrapClient: capnp.Client(testimpl.New("root", nil).Client())})
-	client := NewConn(&rwPipe{PipeReader: ar, PipeWriter: aw}, nil)
-	defer func() {
-		client.Close()
-		server.Close()
-		<-client.Done()
-		<-server.Done()
-	}()
+	client, _ := pipeConns(t, &Options{BootstrapClient: capnp.Client(testimpl.New("root", nil).Client())}, nil)
 	ctx := context.Background()
 	boot := testcapnp.Test(client.Bootstrap(ctx))
 	defer boot.Release()
