@@ -75,29 +75,16 @@ func (s *rawSession) read(size int) error {
 
 func (s *rawSession) lat(ctx context.Context, n, size int) (result, error) {
 	out := frame(size)
-	samples := make([]time.Duration, n)
 	s.in = make([]byte, 4+size)
-	r := result{calls: n}
-	k, err := s.m.start()
+	r, err := s.m.timedCalls(n, func() error {
+		if _, err := s.c.Write(out); err != nil {
+			return err
+		}
+		return s.read(size)
+	})
 	if err != nil {
 		return r, err
 	}
-	start := time.Now()
-	for i := range n {
-		t := time.Now()
-		if _, err := s.c.Write(out); err != nil {
-			return r, err
-		}
-		if err := s.read(size); err != nil {
-			return r, err
-		}
-		samples[i] = time.Since(t)
-	}
-	r.elapsed = time.Since(start)
-	if err := s.m.stop(k, &r); err != nil {
-		return r, err
-	}
-	summarize(&r, samples)
 	return r, ctx.Err()
 }
 

@@ -112,6 +112,31 @@ func (m meter) stop(k mark, r *result) error {
 	return nil
 }
 
+// timedCalls runs one n times between the meter's marks, timing each run,
+// and summarizes the samples into the result.
+func (m meter) timedCalls(n int, one func() error) (result, error) {
+	samples := make([]time.Duration, n)
+	r := result{calls: n}
+	k, err := m.start()
+	if err != nil {
+		return r, err
+	}
+	start := time.Now()
+	for i := range n {
+		t := time.Now()
+		if err := one(); err != nil {
+			return r, err
+		}
+		samples[i] = time.Since(t)
+	}
+	r.elapsed = time.Since(start)
+	if err := m.stop(k, &r); err != nil {
+		return r, err
+	}
+	summarize(&r, samples)
+	return r, nil
+}
+
 // summarize sets r's median and p99 from samples (sorted in place).
 func summarize(r *result, samples []time.Duration) {
 	if len(samples) == 0 {
@@ -273,29 +298,11 @@ func checkEcho(f testcapnp.Test_echo_Results_Future, size int) error {
 func (s *rpcSession) lat(ctx context.Context, n, size int) (result, error) {
 	data := payload(size)
 	set := func(p testcapnp.Test_echo_Params) error { return p.SetData(data) }
-	samples := make([]time.Duration, n)
-	r := result{calls: n}
-	k, err := s.m.start()
-	if err != nil {
-		return r, err
-	}
-	start := time.Now()
-	for i := range n {
-		t := time.Now()
+	return s.m.timedCalls(n, func() error {
 		f, release := s.boot.Echo(ctx, set)
-		err := checkEcho(f, size)
-		release()
-		if err != nil {
-			return r, err
-		}
-		samples[i] = time.Since(t)
-	}
-	r.elapsed = time.Since(start)
-	if err := s.m.stop(k, &r); err != nil {
-		return r, err
-	}
-	summarize(&r, samples)
-	return r, nil
+		defer release()
+		return checkEcho(f, size)
+	})
 }
 
 func (s *rpcSession) flight(ctx context.Context, n, k, size int) (result, error) {
@@ -341,29 +348,11 @@ func (s *rpcSession) pipe2(ctx context.Context, n int) (result, error) {
 	data := payload(16)
 	set := func(p testcapnp.Test_echo_Params) error { return p.SetData(data) }
 	setName := func(p testcapnp.Test_child_Params) error { return p.SetName("x") }
-	samples := make([]time.Duration, n)
-	r := result{calls: n}
-	k, err := s.m.start()
-	if err != nil {
-		return r, err
-	}
-	start := time.Now()
-	for i := range n {
-		t := time.Now()
+	return s.m.timedCalls(n, func() error {
 		child, releaseChild := s.boot.Child(ctx, setName)
+		defer releaseChild()
 		f, release := child.Child().Echo(ctx, set)
-		err := checkEcho(f, 16)
-		release()
-		releaseChild()
-		if err != nil {
-			return r, err
-		}
-		samples[i] = time.Since(t)
-	}
-	r.elapsed = time.Since(start)
-	if err := s.m.stop(k, &r); err != nil {
-		return r, err
-	}
-	summarize(&r, samples)
-	return r, nil
+		defer release()
+		return checkEcho(f, 16)
+	})
 }
