@@ -126,3 +126,19 @@ func TestMaxInboundBytesAnswersOverloaded(t *testing.T) {
 		t.Errorf("call after the release: %v", err)
 	}
 }
+
+// Bootstrap's client gets a flow-control window of its own (go-capnp
+// keeps limiters per client value, so it would otherwise have none), and
+// none when flow control is off.
+func TestBootstrapClientHasFlowWindow(t *testing.T) {
+	for _, mode := range []flow.Mode{flow.Adaptive, flow.Off} {
+		client, _ := pipeConns(t, &Options{BootstrapClient: capnp.NewClient(&holder{got: make(chan struct{}, 1)})},
+			&Options{Limits: Limits{Flow: flow.Config{Mode: mode}}})
+		boot := client.Bootstrap(context.Background())
+		lim := boot.GetFlowLimiter()
+		boot.Release()
+		if _, limited := lim.(*flow.Limiter); limited != (mode != flow.Off) {
+			t.Errorf("flow mode %v: Bootstrap's client has limiter %T", mode, lim)
+		}
+	}
+}
