@@ -359,9 +359,15 @@ type largeFrame struct {
 	size  int
 	msg   *capnp.Message
 	owner *answer
+	// written, if set, is closed once the frame is written or dropped:
+	// its sender waits for it because the frame points into its data.
+	written chan struct{}
 }
 
 func (lf *largeFrame) release() {
+	if lf.written != nil {
+		close(lf.written)
+	}
 	if lf.owner != nil {
 		lf.owner.unpin()
 	} else {

@@ -118,11 +118,22 @@ func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp
 	if err := c.waitQueue(ctx); err != nil {
 		return capnp.ErrorAnswer(s.Method, err), func() {}
 	}
-	msg, m, err := newMessage()
+	ref := takeDataRef(ctx, c.manual)
+	var (
+		msg  *capnp.Message
+		m    rpccp.Message
+		data capnp.List
+		err  error
+	)
+	if ref != nil {
+		msg, m, data, err = newRefMessage(ref.data)
+	} else {
+		msg, m, err = newMessage()
+	}
 	if err != nil {
 		return capnp.ErrorAnswer(s.Method, fmt.Errorf("build call: %w", err)), func() {}
 	}
-	call, params, err := buildCall(m, s)
+	call, params, err := buildCall(m, s, ref, data)
 	if err != nil {
 		msg.Release()
 		return capnp.ErrorAnswer(s.Method, err), func() {}
@@ -167,8 +178,13 @@ func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp
 		q.paramExports, err = c.fillCapTableLocked(&fx, params, msg.CapTable())
 	}
 	var byRef bool
+	var written chan struct{}
 	if err == nil {
 		byRef, err = c.sendByRefLocked(msg, nil)
+		if byRef && ref != nil {
+			written = make(chan struct{})
+			c.outLarge[len(c.outLarge)-1].written = written
+		}
 	}
 	if err != nil {
 		c.dropQuestionLocked(&fx, q)
@@ -188,6 +204,11 @@ func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp
 		recycleMessage(msg)
 	}
 	fx.run()
+	if written != nil {
+		// The frame points into the caller's data: hold the caller until
+		// it is in the transport (or dropped with the connection).
+		<-written
+	}
 	return q.p.Answer(), q.release
 }
 
@@ -221,7 +242,7 @@ func (c *Conn) redirectLocked(t callTarget) (capnp.Client, bool) {
 	return capnp.Client{}, false
 }
 
-func buildCall(m rpccp.Message, s capnp.Send) (rpccp.Call, rpccp.Payload, error) {
+func buildCall(m rpccp.Message, s capnp.Send, ref *dataRef, data capnp.List) (rpccp.Call, rpccp.Payload, error) {
 	call, err := m.NewCall()
 	if err != nil {
 		return call, rpccp.Payload{}, fmt.Errorf("build call: %w", err)
@@ -238,6 +259,11 @@ func buildCall(m rpccp.Message, s capnp.Send) (rpccp.Call, rpccp.Payload, error)
 	}
 	if err := params.SetContent(args.ToPtr()); err != nil {
 		return call, params, fmt.Errorf("build call: %w", err)
+	}
+	if ref != nil {
+		if err := args.SetPtr(ref.field, data.ToPtr()); err != nil {
+			return call, params, fmt.Errorf("build call: reference data: %w", err)
+		}
 	}
 	if s.PlaceArgs != nil {
 		if err := s.PlaceArgs(args); err != nil {

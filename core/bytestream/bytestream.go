@@ -145,14 +145,23 @@ func (w *Writer) Flush() error {
 	return err
 }
 
-// send makes one write call; the bytes are copied into the call's message
-// before it returns, so b may be reused.
+// send makes one write call; b may be reused when it returns (the bytes
+// are copied into the call's message, or already written to the
+// transport).
 func (w *Writer) send(b []byte) error {
 	if err := w.start(); err != nil {
 		w.err = err
 		return err
 	}
-	err := w.own.Write(w.ctx, func(p ByteStream_write_Params) error { return p.SetBytes(b) })
+	// Over a captp connection the call is written straight from b (the
+	// core sets the field and returns once b is in the transport).
+	ctx := core.WithDataReference(w.ctx, 0, b)
+	err := w.own.Write(ctx, func(p ByteStream_write_Params) error {
+		if p.HasBytes() {
+			return nil
+		}
+		return p.SetBytes(b)
+	})
 	if err != nil {
 		w.err = fmt.Errorf("bytestream: write: %w", err)
 	}
