@@ -69,6 +69,7 @@ type Conn struct {
 	// directly when nobody is writing (one hand-off fewer per message).
 	out        []byte        // encoded frames waiting to be written
 	outLarge   []largeFrame  // segments of large frames, written from their messages
+	vec        [][]byte      // reused by writeBuffers; only the writing goroutine uses it
 	largeBytes int           // bytes in outLarge
 	spare      []byte        // the other buffer, reused for out while one is written
 	writing    bool          // a goroutine is writing; others only queue
@@ -445,9 +446,21 @@ func (c *Conn) write(o output) bool {
 	return true
 }
 
+// BuffersWriter is an optional interface of a connection's transport: it
+// writes bufs in order with as few system calls as it can (writev), as
+// net.Buffers does for sockets. The core writes a batch holding large
+// frames with one WriteBuffers instead of a Write per piece; the adapters'
+// connections implement it.
+type BuffersWriter interface {
+	WriteBuffers(bufs [][]byte) (int64, error)
+}
+
 // writeOutput writes a batch: one Write when it has no large frames, else
-// the pieces in order.
+// the pieces in order, in one WriteBuffers if the transport has it.
 func (c *Conn) writeOutput(o output) error {
+	if bw, ok := c.rwc.(BuffersWriter); ok && len(o.large) > 0 {
+		return c.writeBuffers(bw, o)
+	}
 	off := 0
 	for _, lf := range o.large {
 		if lf.at > off {
@@ -467,6 +480,27 @@ func (c *Conn) writeOutput(o output) error {
 		return err
 	}
 	return nil
+}
+
+// writeBuffers writes a batch with large frames as one vector: the
+// output buffer's pieces with each large frame's segments in between.
+func (c *Conn) writeBuffers(bw BuffersWriter, o output) error {
+	vec := c.vec[:0]
+	off := 0
+	for _, lf := range o.large {
+		if lf.at > off {
+			vec = append(vec, o.buf[off:lf.at])
+		}
+		vec = append(vec, lf.segs...)
+		off = lf.at
+	}
+	if off < len(o.buf) {
+		vec = append(vec, o.buf[off:])
+	}
+	_, err := bw.WriteBuffers(vec)
+	clear(vec) // drop the references to written messages
+	c.vec = vec[:0]
+	return err
 }
 
 // writeClaimed writes frames claimed with claimOutputLocked, if any.

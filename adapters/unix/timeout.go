@@ -79,9 +79,30 @@ func (e *StallError) Timeout() bool { return true }
 // wrap applies the config to c.
 func (cf config) wrap(c net.Conn) net.Conn {
 	if cf.frameTimeout <= 0 && cf.idleTimeout <= 0 {
-		return c
+		return vectorConn{c}
 	}
 	return &deadlineConn{Conn: c, frame: cf.frameTimeout, idle: cf.idleTimeout}
+}
+
+// vectorConn gives a socket the core's optional core.BuffersWriter, so that
+// a frame written from several buffers (a large message's segments, the
+// small frames around it) costs one writev, and keeps the socket's
+// half-close, which the core uses after an Abort.
+type vectorConn struct{ net.Conn }
+
+func (c vectorConn) WriteBuffers(bufs [][]byte) (int64, error) { return writeBuffers(c.Conn, bufs) }
+func (c vectorConn) CloseWrite() error                         { return closeWrite(c.Conn) }
+
+func writeBuffers(c net.Conn, bufs [][]byte) (int64, error) {
+	nb := net.Buffers(bufs)
+	return nb.WriteTo(c)
+}
+
+func closeWrite(c net.Conn) error {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return errors.ErrUnsupported
 }
 
 // deadlineConn sets a read deadline before each Read from what it has
@@ -93,6 +114,9 @@ type deadlineConn struct {
 	fs          frameScanner
 	armed       bool // a read deadline is set
 }
+
+func (c *deadlineConn) WriteBuffers(bufs [][]byte) (int64, error) { return writeBuffers(c.Conn, bufs) }
+func (c *deadlineConn) CloseWrite() error                         { return closeWrite(c.Conn) }
 
 func (c *deadlineConn) Read(p []byte) (int, error) {
 	d := c.idle

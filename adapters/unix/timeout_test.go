@@ -269,8 +269,8 @@ func TestTimeoutsOff(t *testing.T) {
 	a, b := net.Pipe()
 	defer a.Close()
 	defer b.Close()
-	if got := newConfig(nil).wrap(a); got != a {
-		t.Errorf("wrap without options returned %T; want the conn itself", got)
+	if got := newConfig(nil).wrap(a); got != (vectorConn{a}) {
+		t.Errorf("wrap without options returned %T; want the conn with writev only", got)
 	}
 	if got := newConfig([]Option{WithFrameTimeout(time.Second)}).wrap(a); got == a {
 		t.Error("wrap with a frame timeout returned the conn itself")

@@ -50,6 +50,15 @@ func Dial(ctx context.Context, addr string, opts *core.Options, options ...Optio
 	return core.NewConn(newConfig(options).wrap(c), opts), nil
 }
 
+// NewConn starts a Cap'n Proto RPC connection over c, a socket made
+// elsewhere (a socketpair, an inherited descriptor, a custom dialer), with
+// what Dial and Serve add to their sockets: vectored writes and options.
+// Like core.NewConn, the Conn owns c and takes ownership of
+// opts.BootstrapClient.
+func NewConn(c net.Conn, opts *core.Options, options ...Option) *core.Conn {
+	return core.NewConn(newConfig(options).wrap(c), opts)
+}
+
 func releaseBootstrap(opts *core.Options) {
 	if opts != nil {
 		opts.BootstrapClient.Release()

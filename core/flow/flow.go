@@ -84,9 +84,13 @@ type Config struct {
 
 // Defaults are used for every zero field of a Config.
 var Defaults = Config{
-	Mode:       Adaptive,
-	Window:     512 << 10,
-	MinWindow:  256 << 10, // at least a few typical messages, so small calls never wait
+	Mode:   Adaptive,
+	Window: 1 << 20,
+	// At least four 256 KiB stream chunks: go-capnp starts a message's
+	// clock only after the message is written, so the measured RTT
+	// misses the sender's own write time and the bandwidth-delay
+	// product comes out low; below this a stream's pipeline runs dry.
+	MinWindow:  1 << 20,
 	MaxWindow:  8 << 20,
 	ConnWindow: 16 << 20,
 }

@@ -6,7 +6,8 @@
 //
 //   - raw: a plain length-prefixed ping-pong over the same transport, no
 //     RPC. This is the floor: what the transport costs on its own.
-//   - captp: this project's core (core.NewConn).
+//   - captp: this project's core (adapters/unix.NewConn on kernel sockets,
+//     core.NewConn on pipes and netstack).
 //   - go-capnp: capnproto.org/go/capnp/v3/rpc with rpc.NewStreamTransport.
 //   - c++: the Cap'n Proto C++ reference (libcapnp), both client and
 //     server, in interop/cpp/bench.c++, built on first use and cached by

@@ -14,6 +14,7 @@ import (
 	"capnproto.org/go/capnp/v3"
 	"capnproto.org/go/capnp/v3/rpc"
 
+	"github.com/captp-go/captp/adapters/unix"
 	"github.com/captp-go/captp/core"
 	"github.com/captp-go/captp/internal/testcapnp"
 	"github.com/captp-go/captp/internal/testimpl"
@@ -238,13 +239,26 @@ func serveGo(im Impl, c net.Conn) (stop func()) {
 		go func() { defer close(done); serveRaw(c) }()
 		return func() { c.Close(); <-done }
 	case Captp:
-		conn := core.NewConn(c, &core.Options{BootstrapClient: benchObject()})
+		conn := newCaptpConn(c, &core.Options{BootstrapClient: benchObject()})
 		return func() { conn.Close() }
 	case GoCapnp:
 		conn := rpc.NewConn(rpc.NewStreamTransport(c), &rpc.Options{BootstrapClient: benchObject()})
 		return func() { conn.Close() }
 	}
 	panic("serveGo: unknown implementation " + string(im))
+}
+
+// newCaptpConn starts captp on c the way a user would: a kernel socket
+// through adapters/unix (which adds vectored writes), anything else (an
+// in-memory pipe, a netstack connection) with core.NewConn.
+func newCaptpConn(c io.ReadWriteCloser, opts *core.Options) *core.Conn {
+	switch sock := c.(type) {
+	case *net.UnixConn:
+		return unix.NewConn(sock, opts)
+	case *net.TCPConn:
+		return unix.NewConn(sock, opts)
+	}
+	return core.NewConn(c, opts)
 }
 
 // benchObject is the capability the Go servers offer.
@@ -254,7 +268,7 @@ func benchObject() capnp.Client { return capnp.Client(testimpl.New("server", nil
 func dialGo(ctx context.Context, im Impl, c io.ReadWriteCloser) (testcapnp.Test, func()) {
 	switch im {
 	case Captp:
-		conn := core.NewConn(c, nil)
+		conn := newCaptpConn(c, nil)
 		return testcapnp.Test(conn.Bootstrap(ctx)), func() { conn.Close() }
 	case GoCapnp:
 		conn := rpc.NewConn(rpc.NewStreamTransport(c), nil)

@@ -24,7 +24,7 @@ import (
 //   - raw: the floor; plain Writes of a chunk each, read into a
 //     chunk-sized buffer and dropped.
 //   - captp: a bytestream.Writer on a ByteStream capability whose server
-//     writes to io.Discard, both ends core.NewConn with default options
+//     writes to io.Discard, both ends adapters/unix.NewConn with default options
 //     (adaptive flow control).
 //
 // Alongside MB/s it reports the process's peak heap growth during the run
@@ -170,9 +170,9 @@ func captpStreamWith(ctx context.Context, pair pairFunc, total int64, chunk int,
 	}
 	defer clean()
 	var sink countWriter
-	server := core.NewConn(srv, &core.Options{BootstrapClient: capnp.Client(bytestream.NewServer(&sink, nil)), Limits: lim})
+	server := newCaptpConn(srv, &core.Options{BootstrapClient: capnp.Client(bytestream.NewServer(&sink, nil)), Limits: lim})
 	defer server.Close()
-	client := core.NewConn(cli, &core.Options{Limits: lim})
+	client := newCaptpConn(cli, &core.Options{Limits: lim})
 	defer client.Close()
 	bs := bytestream.ByteStream(client.Bootstrap(ctx))
 	defer bs.Release()

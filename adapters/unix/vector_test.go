@@ -1,0 +1,95 @@
+package unix
+
+import (
+	"bytes"
+	"math/rand/v2"
+	"net"
+	"os"
+	"syscall"
+	"testing"
+
+	"capnproto.org/go/capnp/v3"
+
+	"github.com/captp-go/captp/core"
+	"github.com/captp-go/captp/internal/testcapnp"
+	"github.com/captp-go/captp/internal/testimpl"
+)
+
+func socketPair(t *testing.T) (net.Conn, net.Conn) {
+	t.Helper()
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatalf("socketpair: %v", err)
+	}
+	var conns [2]net.Conn
+	for i, fd := range fds {
+		f := os.NewFile(uintptr(fd), "socketpair")
+		conns[i], err = net.FileConn(f)
+		f.Close()
+		if err != nil {
+			t.Fatalf("FileConn: %v", err)
+		}
+	}
+	return conns[0], conns[1]
+}
+
+// The adapter's sockets offer the core writev and half-close, with or
+// without timeouts.
+func TestWrappedConnInterfaces(t *testing.T) {
+	a, b := socketPair(t)
+	defer a.Close()
+	defer b.Close()
+	for _, cf := range []config{{}, {frameTimeout: 1}} {
+		c := cf.wrap(a)
+		if _, ok := c.(core.BuffersWriter); !ok {
+			t.Errorf("wrap(%+v) = %T: no core.BuffersWriter", cf, c)
+		}
+		if _, ok := c.(interface{ CloseWrite() error }); !ok {
+			t.Errorf("wrap(%+v) = %T: no CloseWrite", cf, c)
+		}
+	}
+}
+
+// Large messages go out as vectors of the output buffer and the message's
+// own segments: echo payloads around the large-frame threshold and well
+// above it, several in flight, and check every byte.
+func TestNewConnLargeMessages(t *testing.T) {
+	verifyNoLeaks(t)
+	ctx := testCtx(t)
+	a, b := socketPair(t)
+	server := NewConn(b, &core.Options{BootstrapClient: capnp.Client(testimpl.New("server", nil).Client())})
+	client := NewConn(a, nil)
+	defer func() {
+		closeConn(t, client)
+		<-server.Done() // the client's close ends it
+	}()
+	boot := testcapnp.Test(client.Bootstrap(ctx))
+	defer boot.Release()
+
+	sizes := []int{16, 64<<10 - 100, 64 << 10, 256<<10 + 3, 1 << 20, 3<<20 + 5}
+	type call struct {
+		want []byte
+		f    testcapnp.Test_echo_Results_Future
+		rel  capnp.ReleaseFunc
+	}
+	var calls []call
+	for _, n := range sizes {
+		data := make([]byte, n)
+		for i := range data {
+			data[i] = byte(rand.IntN(256))
+		}
+		f, rel := boot.Echo(ctx, func(p testcapnp.Test_echo_Params) error { return p.SetData(data) })
+		calls = append(calls, call{data, f, rel})
+	}
+	for _, c := range calls {
+		res, err := c.f.Struct()
+		if err != nil {
+			t.Fatalf("echo %d bytes: %v", len(c.want), err)
+		}
+		got, _ := res.Data()
+		if !bytes.Equal(got, c.want) {
+			t.Fatalf("echo of %d bytes returned %d bytes that differ", len(c.want), len(got))
+		}
+		c.rel()
+	}
+}
