@@ -71,6 +71,11 @@ type answer struct {
 	deliverTargetAns *answer
 	deliverTransform []capnp.PipelineOp
 	deliverRecv      capnp.Recv
+
+	// Level 3 (thirdparty.go): the capability a Provide answer holds for
+	// a third party, or the wait of an Accept answer not yet returned.
+	provision *provision
+	accept    *acceptWait
 }
 
 // newAnswerLocked registers an answer for question id qid.

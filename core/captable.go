@@ -147,6 +147,8 @@ type export struct {
 	stopWatch context.CancelFunc // stops waiting for the promise to settle
 	resolved  bool               // Resolve sent
 	loopback  *loopbackTarget    // the promise settled on a capability of the peer
+
+	vine *vine // a three-party handoff's vine (thirdparty.go)
 }
 
 // loopbackTarget names, in the peer's terms, a capability of the peer that
@@ -191,6 +193,7 @@ func (c *Conn) releaseExportLocked(fx *effects, id, count uint32) error {
 		return fmt.Errorf("release of %d references to export %d, which has %d", count, id, e.refs)
 	}
 	e.refs -= count
+	c.vineUsedLocked(fx, e)
 	if e.refs == 0 {
 		delete(c.exports, id)
 		if c.exportsByHook[e.meta] == id {
@@ -244,6 +247,9 @@ func (c *Conn) describeCapLocked(fx *effects, d rpccp.CapDescriptor, client capn
 		if h.c == c {
 			d.SetReceiverHosted(h.id)
 			return 0, false, nil
+		}
+		if id, ok, err := c.introduceLocked(fx, d, client, h); ok || err != nil {
+			return id, ok, err
 		}
 	case capnp.PipelineClient:
 		if q := c.questionsByAns[h.Answer()]; q != nil && q.c == c && !q.finished {
@@ -393,7 +399,8 @@ func loopbackOf(d rpccp.CapDescriptor) *loopbackTarget {
 
 // importCapLocked decodes a descriptor the peer sent. local reports that
 // it names one of our own capabilities (so E-order may need an embargo).
-func (c *Conn) importCapLocked(d rpccp.CapDescriptor) (cl capnp.Client, local bool, err error) {
+// inResolve reports that d resolves one of our imported promises.
+func (c *Conn) importCapLocked(fx *effects, d rpccp.CapDescriptor, inResolve bool) (cl capnp.Client, local bool, err error) {
 	switch d.Which() {
 	case rpccp.CapDescriptor_Which_none:
 		return capnp.Client{}, false, nil
@@ -404,13 +411,14 @@ func (c *Conn) importCapLocked(d rpccp.CapDescriptor) (cl capnp.Client, local bo
 		cl, err = c.addImportLocked(d.SenderPromise(), true)
 		return cl, false, err
 	case rpccp.CapDescriptor_Which_thirdPartyHosted:
-		// Without Level 3 support, use the vine: a capability the sender
-		// hosts that proxies to the third party.
+		// Picked up from the third party with a Vat (Level 3), else used
+		// through the vine: a capability the sender hosts that proxies
+		// to the third party.
 		tp, err := d.ThirdPartyHosted()
 		if err != nil {
 			return capnp.Client{}, false, fmt.Errorf("decode thirdPartyHosted: %w", err)
 		}
-		cl, err = c.addImportLocked(tp.VineId(), false)
+		cl, err = c.handoffLocked(fx, tp, inResolve)
 		return cl, false, err
 	case rpccp.CapDescriptor_Which_receiverHosted:
 		e := c.exports[d.ReceiverHosted()]
@@ -460,6 +468,9 @@ func (c *Conn) promisedAnswerLocked(pa rpccp.PromisedAnswer) (*answer, []capnp.P
 	a := c.answers[pa.QuestionId()]
 	if a == nil {
 		return nil, nil, fmt.Errorf("unknown question %d", pa.QuestionId())
+	}
+	if a.provision != nil {
+		return nil, nil, fmt.Errorf("question %d is a Provide, which has no results", pa.QuestionId())
 	}
 	ops, err := pa.Transform()
 	if err != nil {

@@ -39,6 +39,8 @@ type Conn struct {
 	closing   bool       // shutdown has begun: nothing new is queued but the Abort
 	err       error      // why the connection ended; nil for a clean local Close
 	bootstrap capnp.Client
+	restorer  Restorer // answers Bootstraps naming a service (restore.go)
+	vat       *Vat     // three-party handoff (thirdparty.go); nil: Level 1/2 only
 
 	// manual is set for a Conn driven by hand, one step at a time, with no
 	// goroutines of its own (the deterministic simulation). Work that
@@ -56,6 +58,7 @@ type Conn struct {
 	exportIDs      idAllocator
 	exportsByHook  map[*capnp.Metadata]uint32
 	embargoes      map[uint32]*embargo
+	provides       map[uint32]*vine // our Provides by question id (not in questions: they get no Return)
 	embargoIDs     idAllocator
 	watches        map[context.Context]*ctxWatch // see watchCancelLocked
 	flow           *flow.Pool                    // flow control shared by the imports
@@ -144,6 +147,9 @@ func newConn(rwc io.ReadWriteCloser, opts *Options) *Conn {
 		lim:            opts.Limits.withDefaults(),
 		abortTimeout:   opts.AbortTimeout,
 		bootstrap:      opts.BootstrapClient,
+		restorer:       opts.Restorer,
+		vat:            opts.Vat,
+		provides:       make(map[uint32]*vine),
 		questions:      make(map[uint32]*question),
 		questionsByAns: make(map[*capnp.Answer]*question),
 		answers:        make(map[uint32]*answer),
@@ -170,16 +176,33 @@ func newConn(rwc io.ReadWriteCloser, opts *Options) *Conn {
 // Bootstrap asks the peer for its bootstrap capability. The result is a
 // promise: calls on it are pipelined until the peer answers. ctx bounds
 // the request only, not the capability's lifetime.
-func (c *Conn) Bootstrap(ctx context.Context) capnp.Client {
+func (c *Conn) Bootstrap(ctx context.Context) capnp.Client { return c.sendBootstrap(ctx, nil) }
+
+// sendBootstrap sends a Bootstrap message; a non-nil objectID names a service
+// (see Restore).
+func (c *Conn) sendBootstrap(ctx context.Context, objectID []byte) capnp.Client {
+	return c.requestCap(ctx, "bootstrap", func(m rpccp.Message, qid uint32) error {
+		b, err := m.NewBootstrap()
+		if err != nil {
+			return err
+		}
+		b.SetQuestionId(qid)
+		if objectID != nil {
+			return setObjectID(b, objectID)
+		}
+		return nil
+	})
+}
+
+// requestCap sends a question whose answer is a capability (a Bootstrap,
+// or a Level 3 Accept), built by build with the question's id, and
+// returns that capability as a promise.
+func (c *Conn) requestCap(ctx context.Context, what string, build func(m rpccp.Message, qid uint32) error) capnp.Client {
 	msg, m, err := newMessage()
 	if err != nil {
-		return capnp.ErrorClient(fmt.Errorf("captp: bootstrap: %w", err))
+		return capnp.ErrorClient(fmt.Errorf("captp: %s: %w", what, err))
 	}
 	defer msg.Release()
-	b, err := m.NewBootstrap()
-	if err != nil {
-		return capnp.ErrorClient(fmt.Errorf("captp: bootstrap: %w", err))
-	}
 	c.mu.Lock()
 	if c.closing {
 		err := c.err
@@ -188,17 +211,20 @@ func (c *Conn) Bootstrap(ctx context.Context) capnp.Client {
 	}
 	q := c.newQuestionLocked(capnp.Method{})
 	q.bootstrap = true
-	b.SetQuestionId(q.id)
-	if err := c.sendLocked(msg); err != nil {
+	err = build(m, q.id)
+	if err == nil {
+		err = c.sendLocked(msg)
+	}
+	if err != nil {
 		var fx effects
 		c.dropQuestionLocked(&fx, q)
 		c.unlock()
 		fx.run()
-		return capnp.ErrorClient(fmt.Errorf("captp: bootstrap: %w", err))
+		return capnp.ErrorClient(fmt.Errorf("captp: %s: %w", what, err))
 	}
-	// The bootstrap capability is a promise of our own rather than the
-	// answer's pipeline client, so that calls racing with the Return can
-	// still reach the capability after the question is finished.
+	// The capability is a promise of our own rather than the answer's
+	// pipeline client, so that calls racing with the Return can still
+	// reach the capability after the question is finished.
 	client, resolver := capnp.NewPromisedClient(&bootstrapHook{q: q})
 	q.bootResolver = resolver
 	// go-capnp keeps flow control per client value: this one gets its own
@@ -747,8 +773,16 @@ func (c *Conn) clearTablesLocked(fx *effects, reason error) {
 	for _, id := range sortedKeys(c.answers) {
 		a := c.answers[id]
 		delete(c.answers, id)
+		if a.provision != nil {
+			c.dropProvisionLocked(fx, a)
+		}
+		if a.accept != nil {
+			c.vat.forget(a.accept)
+			a.accept = nil
+		}
 		a.dropLocked(fx)
 	}
+	clear(c.provides)
 	c.inProgress = 0
 	for _, id := range sortedKeys(c.imports) {
 		ie := c.imports[id]

@@ -90,6 +90,10 @@ func (c *Conn) dispatch(fx *effects, msg *capnp.Message) (keep bool, err error) 
 		return false, peerAbort{e.ToError()}
 	case rpccp.Message_Which_unimplemented:
 		return false, c.handleUnimplemented(fx, m)
+	case rpccp.Message_Which_provide:
+		return false, c.handleProvide(fx, m)
+	case rpccp.Message_Which_accept:
+		return false, c.handleAccept(fx, m)
 	default:
 		// Level 2/3 messages and anything newer: tell the peer we don't
 		// implement it, as rpc.capnp asks.
@@ -122,6 +126,9 @@ func (c *Conn) handleBootstrap(fx *effects, m rpccp.Message) error {
 		return violation("peer keeps more than %d calls unfinished", answerTableLimit(c.lim))
 	}
 	a := c.newAnswerLocked(qid)
+	if c.bootstrapRestoreLocked(fx, a, b) {
+		return nil // a service ID: answered by the restorer (restore.go)
+	}
 	if !c.bootstrap.IsValid() {
 		a.outErr = exc.New(exc.Failed, "captp", "this vat offers no bootstrap capability")
 		c.returnLocked(fx, a)
@@ -181,6 +188,7 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 			return false, violation("call to unknown export %d", mt.ImportedCap())
 		}
 		target = e.client
+		c.vineUsedLocked(fx, e)
 	case rpccp.MessageTarget_Which_promisedAnswer:
 		pa, err := mt.PromisedAnswer()
 		if err != nil {
@@ -250,7 +258,7 @@ func (c *Conn) importCapTableLocked(fx *effects, msg *capnp.Message, payload rpc
 	}
 	clients := make([]capnp.Client, list.Len())
 	for i := range clients {
-		cl, local, err := c.importCapLocked(list.At(i))
+		cl, local, err := c.importCapLocked(fx, list.At(i), false)
 		if err == nil && local && embargo != nil {
 			cl, err = embargo(i, cl)
 		}
@@ -479,6 +487,21 @@ func (c *Conn) handleFinish(fx *effects, m rpccp.Message) error {
 	if a.finished {
 		return violation("second finish for question %d", a.id)
 	}
+	if a.provision != nil {
+		// The introducer is done with its Provide.
+		delete(c.answers, a.id)
+		c.dropProvisionLocked(fx, a)
+		return nil
+	}
+	if a.accept != nil {
+		// The recipient gave up on a waiting Accept.
+		c.vat.forget(a.accept)
+		a.accept = nil
+		a.finished = true
+		a.outErr = ErrNoProvision
+		c.returnLocked(fx, a) // canceled, and retired
+		return nil
+	}
 	a.finished = true
 	if !a.returned {
 		a.ctx.cancel() // the handler sees its context end
@@ -508,7 +531,7 @@ func (c *Conn) handleResolve(fx *effects, m rpccp.Message) error {
 		if err != nil {
 			return violation("decode resolve: %w", err)
 		}
-		cl, local, err := c.importCapLocked(d)
+		cl, local, err := c.importCapLocked(fx, d, true)
 		if err != nil {
 			return violation("resolve of promise %d: %w", id, err)
 		}
@@ -612,8 +635,13 @@ func (c *Conn) handleDisembargo(fx *effects, m rpccp.Message) error {
 		c.embargoIDs.put(id)
 		fx.add(func() { em.end(nil) })
 		return nil
+	case rpccp.Disembargo_context_Which_accept:
+		err := c.handleAcceptDisembargoLocked(fx, d)
+		if errors.Is(err, errUnimplementedHere) {
+			return c.sendUnimplementedLocked(m)
+		}
+		return err
 	default:
-		// accept (Level 3) and anything newer.
 		return c.sendUnimplementedLocked(m)
 	}
 }

@@ -16,6 +16,18 @@ type Options struct {
 	// message. The Conn takes ownership and releases it when it closes.
 	BootstrapClient capnp.Client
 
+	// Vat, shared by the connections of one vat, enables three-party
+	// handoff (Level 3) on this connection: see Network. Nil: a
+	// capability hosted elsewhere is proxied, and Provide and Accept are
+	// answered Unimplemented.
+	Vat *Vat
+
+	// Restorer answers a peer's Bootstrap that names a service ID (the
+	// secret part of a sturdy ref; see Restorer and Conn.Restore). Nil:
+	// such Bootstraps are refused. With a Restorer and no
+	// BootstrapClient, a plain Bootstrap asks it for the empty ID.
+	Restorer Restorer
+
 	// Logger receives diagnostics (protocol violations, aborts). Nil
 	// discards them.
 	Logger *slog.Logger

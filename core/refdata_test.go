@@ -14,18 +14,39 @@ import (
 	"github.com/captp-go/captp/internal/testimpl"
 )
 
-// recordingPipe is an rwPipe that keeps a copy of everything written.
+// recordingPipe is an rwPipe (or, with r and w set, a pair of bufPipes)
+// that keeps a copy of everything written.
 type recordingPipe struct {
 	rwPipe
-	mu  sync.Mutex
-	out bytes.Buffer
+	r, w *bufPipe
+	mu   sync.Mutex
+	out  bytes.Buffer
 }
 
 func (p *recordingPipe) Write(b []byte) (int, error) {
 	p.mu.Lock()
 	p.out.Write(b)
 	p.mu.Unlock()
+	if p.w != nil {
+		return p.w.Write(b)
+	}
 	return p.PipeWriter.Write(b)
+}
+
+func (p *recordingPipe) Read(b []byte) (int, error) {
+	if p.r != nil {
+		return p.r.Read(b)
+	}
+	return p.PipeReader.Read(b)
+}
+
+func (p *recordingPipe) Close() error {
+	if p.r != nil {
+		p.r.close()
+		p.w.close()
+		return nil
+	}
+	return p.rwPipe.Close()
 }
 
 // frameSegments decodes the recorded stream and returns each frame's

@@ -302,6 +302,14 @@ func (s *server) Hold(ctx context.Context, call testcapnp.Test_hold) error {
 	return nil
 }
 
+// Held returns a new reference to the capability hold last stored (null
+// if none), so that a test can call it from the holder's vat.
+func (o *Object) Held() capnp.Client {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.held.AddRef()
+}
+
 // DropHeld releases the held reference.
 func (s *server) DropHeld(ctx context.Context, call testcapnp.Test_dropHeld) error {
 	s.o.mu.Lock()
