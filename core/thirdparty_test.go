@@ -31,6 +31,8 @@ type testNet struct {
 	nonce int
 	// gate, if set, holds Connect until it is closed.
 	gate chan struct{}
+	// unreachable names a vat Connect cannot reach.
+	unreachable string
 }
 
 type testVat struct {
@@ -161,6 +163,9 @@ func (v *testVat) Connect(ctx context.Context, via *Conn, toContact capnp.Ptr) (
 		case <-ctx.Done():
 			return nil, capnp.Ptr{}, ctx.Err()
 		}
+	}
+	if host == v.n.unreachable {
+		return nil, capnp.Ptr{}, fmt.Errorf("vat %q is unreachable", host)
 	}
 	c := v.dial(host)
 	if c == nil {
@@ -543,4 +548,64 @@ func TestThirdPartyHandoffEmbargo(t *testing.T) {
 			t.Fatalf("Carol's call %d was seq(%d): E-order broken (log %v)", i, got, log)
 		}
 	}
+}
+
+// When Bob cannot reach Carol, the capability works through the vine,
+// and dropping it leaves no table entries, provisions or Provides.
+func TestThirdPartyHandoffFallsBackToVine(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	n := newTestNet(t)
+	aliceObj, carolObj := testimpl.New("alice", nil), testimpl.New("carol", nil)
+	alice := n.vat("alice", capnp.Client(aliceObj.Client()))
+	bob := n.vat("bob", capnp.Client{})
+	carol := n.vat("carol", capnp.Client(carolObj.Client()))
+	n.unreachable = "carol"
+
+	aliceCap := testcapnp.Test(bob.dial("alice").Bootstrap(ctx))
+	carolCap := testcapnp.Test(alice.dial("carol").Bootstrap(ctx))
+	if err := capnp.Client(carolCap).Resolve(ctx); err != nil {
+		t.Fatal(err)
+	}
+	local := aliceObj.Client()
+	f, rel := local.Hold(ctx, func(p testcapnp.Test_hold_Params) error { return p.SetCap(carolCap.AddRef()) })
+	if _, err := f.Struct(); err != nil {
+		t.Fatal(err)
+	}
+	rel()
+	local.Release()
+	hf, hrel := aliceCap.GetHeld(ctx, nil)
+	held := hf.Cap().AddRef()
+	hrel()
+	for i := range 5 {
+		sf, srel := seq(ctx, held, uint32(i))
+		if _, err := sf.Struct(); err != nil {
+			t.Fatalf("seq(%d) through the vine: %v", i, err)
+		}
+		srel()
+	}
+	if got := carolObj.Log(); len(got) != 5 {
+		t.Fatalf("Carol got %v; want 5 calls through the vine", got)
+	}
+	if bob.conn("carol") != nil {
+		t.Fatal("Bob connected to an unreachable Carol")
+	}
+	held.Release()
+	aliceCap.Release()
+	carolCap.Release()
+	local = aliceObj.Client()
+	df, drel := local.DropHeld(ctx, nil)
+	if _, err := df.Struct(); err != nil {
+		t.Fatal(err)
+	}
+	drel()
+	local.Release()
+	waitFor(t, ctx, "every table, provision and Provide to empty", func() bool {
+		p, e := carol.vat.stats()
+		ac := alice.conn("carol")
+		ac.mu.Lock()
+		provides := len(ac.provides)
+		ac.mu.Unlock()
+		return p == 0 && e == 0 && provides == 0 && alice.conn("bob").Stats().IsZero() && ac.Stats().IsZero()
+	})
 }
