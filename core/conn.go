@@ -173,6 +173,11 @@ func newConn(rwc io.ReadWriteCloser, opts *Options) *Conn {
 	return c
 }
 
+// Transport returns the byte stream the connection runs on, as given to
+// NewConn: a Network (Level 3) looks through it for the peer's
+// authenticated identity.
+func (c *Conn) Transport() io.ReadWriteCloser { return c.rwc }
+
 // Bootstrap asks the peer for its bootstrap capability. The result is a
 // promise: calls on it are pipelined until the peer answers. ctx bounds
 // the request only, not the capability's lifetime.

@@ -48,6 +48,9 @@ type Identity struct {
 	key  crypto.Signer
 	cert tls.Certificate
 	fp   sturdyref.Fingerprint
+	// level3 is set by NewNetwork: the vat offers three-party handoff
+	// (ALPN ProtoLevel3) in its handshakes.
+	level3 bool
 }
 
 // Generate makes a new identity with an ECDSA P-256 key (small and fast;
@@ -221,6 +224,7 @@ func (id *Identity) ClientConfig(want sturdyref.Fingerprint) *tls.Config {
 	return &tls.Config{
 		MinVersion:         tls.VersionTLS13,
 		Certificates:       []tls.Certificate{id.cert},
+		NextProtos:         id.protos(),
 		InsecureSkipVerify: true, // no CA chain: the fingerprint pin below is the check
 		ServerName:         "capnp",
 		VerifyConnection: func(cs tls.ConnectionState) error {
@@ -243,7 +247,16 @@ func (id *Identity) ServerConfig() *tls.Config {
 		MinVersion:   tls.VersionTLS13,
 		Certificates: []tls.Certificate{id.cert},
 		ClientAuth:   tls.RequireAnyClientCert,
+		NextProtos:   id.protos(),
 	}
+}
+
+// protos is the ALPN list id offers: Level 3 when it belongs to a Network.
+func (id *Identity) protos() []string {
+	if id.level3 {
+		return []string{ProtoLevel3}
+	}
+	return nil
 }
 
 // PeerFingerprint returns the fingerprint of the peer's key on a TLS

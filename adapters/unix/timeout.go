@@ -93,6 +93,10 @@ type vectorConn struct{ net.Conn }
 func (c vectorConn) WriteBuffers(bufs [][]byte) (int64, error) { return writeBuffers(c.Conn, bufs) }
 func (c vectorConn) CloseWrite() error                         { return closeWrite(c.Conn) }
 
+// NetConn returns the socket (or TLS connection) underneath, as
+// tls.Conn.NetConn does: adapters/secure finds the peer's identity there.
+func (c vectorConn) NetConn() net.Conn { return c.Conn }
+
 func writeBuffers(c net.Conn, bufs [][]byte) (int64, error) {
 	nb := net.Buffers(bufs)
 	return nb.WriteTo(c)
@@ -117,6 +121,7 @@ type deadlineConn struct {
 
 func (c *deadlineConn) WriteBuffers(bufs [][]byte) (int64, error) { return writeBuffers(c.Conn, bufs) }
 func (c *deadlineConn) CloseWrite() error                         { return closeWrite(c.Conn) }
+func (c *deadlineConn) NetConn() net.Conn                         { return c.Conn }
 
 func (c *deadlineConn) Read(p []byte) (int, error) {
 	d := c.idle
