@@ -186,7 +186,7 @@ func (c *Conn) Bootstrap(ctx context.Context) capnp.Client { return c.sendBootst
 // sendBootstrap sends a Bootstrap message; a non-nil objectID names a service
 // (see Restore).
 func (c *Conn) sendBootstrap(ctx context.Context, objectID []byte) capnp.Client {
-	return c.requestCap(ctx, "bootstrap", func(m rpccp.Message, qid uint32) error {
+	return c.requestCap(ctx, "bootstrap", nil, func(m rpccp.Message, qid uint32) error {
 		b, err := m.NewBootstrap()
 		if err != nil {
 			return err
@@ -201,8 +201,9 @@ func (c *Conn) sendBootstrap(ctx context.Context, objectID []byte) capnp.Client 
 
 // requestCap sends a question whose answer is a capability (a Bootstrap,
 // or a Level 3 Accept), built by build with the question's id, and
-// returns that capability as a promise.
-func (c *Conn) requestCap(ctx context.Context, what string, build func(m rpccp.Message, qid uint32) error) capnp.Client {
+// returns that capability as a promise. onSettled, if not nil, runs once
+// the question is settled (or failed).
+func (c *Conn) requestCap(ctx context.Context, what string, onSettled func(), build func(m rpccp.Message, qid uint32) error) capnp.Client {
 	msg, m, err := newMessage()
 	if err != nil {
 		return capnp.ErrorClient(fmt.Errorf("captp: %s: %w", what, err))
@@ -216,6 +217,7 @@ func (c *Conn) requestCap(ctx context.Context, what string, build func(m rpccp.M
 	}
 	q := c.newQuestionLocked(capnp.Method{})
 	q.bootstrap = true
+	q.onSettled = onSettled
 	err = build(m, q.id)
 	if err == nil {
 		err = c.sendLocked(msg)
@@ -802,6 +804,7 @@ func (c *Conn) clearTablesLocked(fx *effects, reason error) {
 	for _, id := range sortedKeys(c.exports) {
 		e := c.exports[id]
 		delete(c.exports, id)
+		c.vineUsedLocked(fx, e) // the recipient is gone: end its Provide
 		e.dropLocked(fx)
 	}
 	clear(c.exportsByHook)

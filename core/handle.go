@@ -258,7 +258,10 @@ func (c *Conn) importCapTableLocked(fx *effects, msg *capnp.Message, payload rpc
 	}
 	clients := make([]capnp.Client, list.Len())
 	for i := range clients {
-		cl, local, err := c.importCapLocked(fx, list.At(i), false)
+		// A capability handed off in a Return that calls were pipelined
+		// on is embargoed like one in a Resolve: those calls went
+		// through the introducer.
+		cl, local, err := c.importCapLocked(fx, list.At(i), embargo != nil)
 		if err == nil && local && embargo != nil {
 			cl, err = embargo(i, cl)
 		}
@@ -398,6 +401,10 @@ func (q *question) runSettle() {
 		}
 	}
 	q.c.afterSettle(q)
+	if done := q.onSettled; done != nil {
+		q.onSettled = nil
+		done()
+	}
 }
 
 // takeResultsLocked settles q with a copy of the results of answer a (a

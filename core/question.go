@@ -41,6 +41,9 @@ type question struct {
 	bootResolver capnp.Resolver[capnp.Client]
 	bootCap      capnp.Client
 	bootDropped  bool // the caller released the promise before the Return
+	// onSettled, if set, runs (as an effect) once the question is settled
+	// by its Return, rejected, or dropped unsent.
+	onSettled func()
 
 	ctx           context.Context // manual mode: the caller's context, polled
 	results       *capnp.Message  // Return message, until released
@@ -281,8 +284,14 @@ func (c *Conn) dropQuestionLocked(fx *effects, q *question) {
 	q.settled = true
 	q.finished = true
 	// Nobody has seen the promise; resolve it so it holds no waiters.
-	p := q.p
-	fx.add(func() { p.Reject(errors.New("captp: call not sent")) })
+	p, done := q.p, q.onSettled
+	q.onSettled = nil
+	fx.add(func() {
+		p.Reject(errors.New("captp: call not sent"))
+		if done != nil {
+			done()
+		}
+	})
 }
 
 // cancel runs when the caller's context ends before the Return: it sends
@@ -442,12 +451,15 @@ func (q *question) rejectLocked(fx *effects, err error) {
 	q.c.unwatchLocked(q)
 	if !q.settled {
 		q.settled = true
-		p, br := q.p, q.bootResolver
-		q.bootResolver = nil
+		p, br, done := q.p, q.bootResolver, q.onSettled
+		q.bootResolver, q.onSettled = nil, nil
 		fx.add(func() {
 			p.Reject(err)
 			if br != nil {
 				br.Reject(err)
+			}
+			if done != nil {
+				done()
 			}
 		})
 	}

@@ -47,6 +47,10 @@ type simConfig struct {
 	Vats        int
 	Steps       int
 	SkipEmbargo bool
+	// Level3 gives every vat a Vat on a simulated Network: capabilities
+	// passed on are handed off (most of the time; the network declines
+	// at random) instead of proxied.
+	Level3 bool
 
 	// onStep, if set, runs before each step's action (the hostile test
 	// attaches its adversary here).
@@ -77,7 +81,14 @@ type sim struct {
 	nextHandle int
 	nextObject int
 	objects    []*simObject // every object ever made, for the leak check
+
+	nets   []*simNetwork        // Level3: each vat's network
+	peerOf map[*Conn]simConnEnd // Level3: which vats a Conn joins
+	nonce  int
 }
+
+// simConnEnd names the two vats of a simulated connection, from one end.
+type simConnEnd struct{ me, peer int }
 
 type simVat struct {
 	id      int
@@ -117,6 +128,20 @@ func (l *simLink) conn(vat int) *Conn {
 	return l.cb
 }
 
+// runSimTrace runs cfg and returns its whole trace (for tests of the harness).
+func runSimTrace(cfg simConfig) []string {
+	var trace []string
+	cfg2 := cfg
+	cfg2.onStep = func(s *sim) {
+		if cfg.onStep != nil {
+			cfg.onStep(s)
+		}
+		trace = s.trace
+	}
+	runSim(cfg2)
+	return trace
+}
+
 func runSim(cfg simConfig) (failure *simFailure) {
 	testSkipEmbargo = cfg.SkipEmbargo
 	defer func() { testSkipEmbargo = false }()
@@ -128,7 +153,13 @@ func runSim(cfg simConfig) (failure *simFailure) {
 	}()
 	for i := 0; i < cfg.Vats; i++ {
 		s.vats = append(s.vats, &simVat{id: i})
+		if cfg.Level3 {
+			n := &simNetwork{s: s, vat: i}
+			n.v = NewVat(n)
+			s.nets = append(s.nets, n)
+		}
 	}
+	s.peerOf = make(map[*Conn]simConnEnd)
 	for i := 0; i < cfg.Vats; i++ {
 		for j := i + 1; j < cfg.Vats; j++ {
 			l := &simLink{a: i, b: j}
@@ -164,10 +195,15 @@ func (s *sim) failf(format string, args ...any) {
 }
 
 func (s *sim) connect(l *simLink) {
-	l.ca = newConn(nil, &Options{BootstrapClient: s.newObject(l.a, "bootstrap")})
-	l.cb = newConn(nil, &Options{BootstrapClient: s.newObject(l.b, "bootstrap")})
+	oa, ob := &Options{BootstrapClient: s.newObject(l.a, "bootstrap")}, &Options{BootstrapClient: s.newObject(l.b, "bootstrap")}
+	if s.cfg.Level3 {
+		oa.Vat, ob.Vat = s.nets[l.a].v, s.nets[l.b].v
+	}
+	l.ca = newConn(nil, oa)
+	l.cb = newConn(nil, ob)
 	l.ca.manual, l.cb.manual = true, true
 	l.toA, l.toB = nil, nil
+	s.peerOf[l.ca], s.peerOf[l.cb] = simConnEnd{l.a, l.b}, simConnEnd{l.b, l.a}
 }
 
 // pump moves every Conn's output into its link's queues and lets a Conn
@@ -501,8 +537,16 @@ func (s *sim) finish() {
 	if s.fail != nil {
 		return
 	}
+	for _, n := range s.nets {
+		if p, e := n.v.stats(); p != 0 || e != 0 {
+			s.failf("vat %d still has %d provisions and %d Accepts waiting for one after everything was dropped", n.vat, p, e)
+		}
+	}
 	for _, l := range s.links {
 		for _, c := range []*Conn{l.ca, l.cb} {
+			if n := len(c.provides); n > 0 && !isDone(c) {
+				s.failf("link %d–%d: %d Provides never finished", l.a, l.b, n)
+			}
 			if st := c.Stats(); !st.IsZero() && !isDone(c) {
 				s.failf("link %d–%d: tables not empty after everything was dropped: %v\n%s: %s\nother side: %s",
 					l.a, l.b, st, map[bool]string{true: "vat " + fmt.Sprint(l.a), false: "vat " + fmt.Sprint(l.b)}[c == l.ca], c.dump(), map[bool]*Conn{true: l.cb, false: l.ca}[c == l.ca].dump())
@@ -519,6 +563,13 @@ func (s *sim) settleAndDrain() {
 				owed = true
 			}
 			o.settleAll()
+		}
+		// Time passes: Accepts whose Provide was lost with a broken link
+		// give up, as their timeout would make them.
+		for _, n := range s.nets {
+			if n.v.expireEarlyAccepts() > 0 {
+				owed = true
+			}
 		}
 		if !owed && round > 0 {
 			return
@@ -753,6 +804,24 @@ func TestSim(t *testing.T) {
 	for i := 0; i < seeds; i++ {
 		seed := *simFirstSeed + int64(i)
 		cfg := simConfig{Seed: seed, Vats: 2 + int(seed%4), Steps: steps}
+		if f := runSim(cfg); f != nil {
+			reportSimFailure(t, cfg, f)
+			return
+		}
+	}
+}
+
+// TestSimLevel3 runs the simulation with three-party handoff: three to
+// five vats, capabilities handed off between them at random times, links
+// breaking during handoffs, with the same E-order, hang and leak checks.
+func TestSimLevel3(t *testing.T) {
+	seeds, steps := *simSeeds, *simSteps
+	if testing.Short() {
+		seeds = 20
+	}
+	for i := 0; i < seeds; i++ {
+		seed := *simFirstSeed + int64(i)
+		cfg := simConfig{Seed: seed, Vats: 3 + int(seed%3), Steps: steps, Level3: true}
 		if f := runSim(cfg); f != nil {
 			reportSimFailure(t, cfg, f)
 			return

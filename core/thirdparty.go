@@ -55,7 +55,7 @@ type vine struct {
 // otherwise the caller proxies it as a plain export.
 func (c *Conn) introduceLocked(fx *effects, d rpccp.CapDescriptor, client capnp.Client, h *importClient) (uint32, bool, error) {
 	host := h.c
-	if c.vat == nil || host.vat != c.vat || c.manual || host.manual {
+	if c.vat == nil || host.vat != c.vat {
 		return 0, false, nil
 	}
 	toContact, toAwait, ok, err := c.vat.net.Introduce(host, c)
@@ -588,8 +588,10 @@ type handoff struct {
 	embargo bool
 	promise *callqueue.Promise
 
-	mu   sync.Mutex
-	vine capnp.Client // until the handoff is done
+	mu       sync.Mutex
+	vine     capnp.Client // until the handoff is done
+	accepted capnp.Client // the Accept's promise, until it settles
+	vineGone bool         // dropVine ran
 	// self keeps the promise alive until it is settled: go-capnp drops
 	// the resolution of a promise whose clients are all gone, even if
 	// another promise (the import it resolved) still leads to it.
@@ -605,7 +607,7 @@ func (c *Conn) handoffLocked(fx *effects, tp rpccp.ThirdPartyCapDescriptor, inRe
 	if err != nil {
 		return capnp.Client{}, err
 	}
-	if c.vat == nil || c.manual {
+	if c.vat == nil {
 		return vine, nil // Level 1/2: the vine is the capability
 	}
 	id, err := tp.Id()
@@ -619,7 +621,13 @@ func (c *Conn) handoffLocked(fx *effects, tp rpccp.ThirdPartyCapDescriptor, inRe
 	ctx, stop := context.WithCancel(c.ctx)
 	cl, promise := callqueue.NewPromise()
 	h := &handoff{via: c, vineID: tp.VineId(), contact: id, embargo: inResolve, promise: promise, vine: vine, self: cl.AddRef(), stop: stop}
-	fx.add(func() { go h.run(ctx) })
+	if c.manual {
+		// The simulation's Network connects without blocking, and its
+		// single goroutine must see every step.
+		fx.add(func() { h.run(ctx) })
+	} else {
+		fx.add(func() { go h.run(ctx) })
+	}
 	return cl, nil
 }
 
@@ -639,7 +647,11 @@ func (h *handoff) run(ctx context.Context) {
 		embargo = make([]byte, 16)
 		_, _ = rand.Read(embargo)
 	}
-	accepted := host.requestCap(ctx, "accept", func(m rpccp.Message, qid uint32) error {
+	// The vine goes once the Accept has returned (its Release lets Alice
+	// finish the Provide).
+	// Not ctx: that ends with run, and the Accept must outlive it (it
+	// ends with the connection to the host).
+	accepted := host.requestCap(context.Background(), "accept", h.dropVine, func(m rpccp.Message, qid uint32) error {
 		acc, err := m.NewAccept()
 		if err != nil {
 			return err
@@ -653,6 +665,13 @@ func (h *handoff) run(ctx context.Context) {
 		}
 		return nil
 	})
+	// A reference kept until the Accept settles: with no client left, the
+	// question would be finished early and calls routed to it would fail.
+	h.mu.Lock()
+	if !h.vineGone {
+		h.accepted = accepted.AddRef()
+	}
+	h.mu.Unlock()
 	defer accepted.Release()
 	if embargo != nil {
 		// Behind every call Bob made on the promise this capability
@@ -667,16 +686,17 @@ func (h *handoff) run(ctx context.Context) {
 		})
 	}
 	h.settle(accepted)
-	// The vine goes once the Accept has returned (its Release lets Alice
-	// finish the Provide).
-	if err := accepted.Resolve(ctx); err != nil {
-		return
-	}
+}
+
+// dropVine releases the vine and the Accept's promise once the Accept is
+// settled: the promise has the capability now.
+func (h *handoff) dropVine() {
 	h.mu.Lock()
-	vine := h.vine
-	h.vine = capnp.Client{}
+	vine, accepted := h.vine, h.accepted
+	h.vine, h.accepted, h.vineGone = capnp.Client{}, capnp.Client{}, true
 	h.mu.Unlock()
 	vine.Release()
+	accepted.Release()
 }
 
 // settle sends the queued calls, and all later ones, to cl, or to the vine

@@ -430,7 +430,7 @@ func TestAcceptByOtherVatRefused(t *testing.T) {
 
 	// Dave replays what Bob would send: provider alice, nonce 1.
 	toCarol := dave.dial("carol")
-	stolen := toCarol.requestCap(ctx, "accept", func(m rpccp.Message, qid uint32) error {
+	stolen := toCarol.requestCap(ctx, "accept", nil, func(m rpccp.Message, qid uint32) error {
 		acc, err := m.NewAccept()
 		if err != nil {
 			return err
@@ -608,4 +608,65 @@ func TestThirdPartyHandoffFallsBackToVine(t *testing.T) {
 		ac.mu.Unlock()
 		return p == 0 && e == 0 && provides == 0 && alice.conn("bob").Stats().IsZero() && ac.Stats().IsZero()
 	})
+}
+
+// Replaying an Accept once its Provide has finished gets nothing: the
+// provision is gone, and the answer is the same as for a forged one.
+func TestAcceptReplayAfterFinishRefused(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	n := newTestNet(t)
+	aliceObj, carolObj := testimpl.New("alice", nil), testimpl.New("carol", nil)
+	alice := n.vat("alice", capnp.Client(aliceObj.Client()))
+	bob := n.vat("bob", capnp.Client{})
+	carol := n.vat("carol", capnp.Client(carolObj.Client()))
+	carol.vat.acceptTimeout = 50 * time.Millisecond
+
+	carolCap := testcapnp.Test(alice.dial("carol").Bootstrap(ctx))
+	defer carolCap.Release()
+	if err := capnp.Client(carolCap).Resolve(ctx); err != nil {
+		t.Fatal(err)
+	}
+	local := aliceObj.Client()
+	f, rel := local.Hold(ctx, func(p testcapnp.Test_hold_Params) error { return p.SetCap(carolCap.AddRef()) })
+	if _, err := f.Struct(); err != nil {
+		t.Fatal(err)
+	}
+	rel()
+	local.Release()
+	aliceCap := testcapnp.Test(bob.dial("alice").Bootstrap(ctx))
+	defer aliceCap.Release()
+	hf, hrel := aliceCap.GetHeld(ctx, nil)
+	held := hf.Cap().AddRef()
+	hrel()
+	defer held.Release()
+	if err := capnp.Client(held).Resolve(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, ctx, "the Provide to finish", func() bool {
+		p, e := carol.vat.stats()
+		return p == 0 && e == 0
+	})
+	// Bob sends his Accept again (nonce 1 is the only handoff so far).
+	replay := bob.dial("carol").requestCap(ctx, "accept", nil, func(m rpccp.Message, qid uint32) error {
+		acc, err := m.NewAccept()
+		if err != nil {
+			return err
+		}
+		acc.SetQuestionId(qid)
+		return acc.SetProvision(textPtr("alice|1"))
+	})
+	defer replay.Release()
+	nf, nrel := testcapnp.Test(replay).Name(ctx, nil)
+	_, err := nf.Struct()
+	nrel()
+	if err == nil || !strings.Contains(err.Error(), ErrNoProvision.Error()) {
+		t.Fatalf("replayed Accept: %v; want %q", err, ErrNoProvision)
+	}
+	// The capability Bob picked up still works.
+	sf, srel := seq(ctx, testcapnp.Test(held), 1)
+	if _, err := sf.Struct(); err != nil {
+		t.Fatalf("the handed-off capability after the replay: %v", err)
+	}
+	srel()
 }

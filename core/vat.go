@@ -110,6 +110,28 @@ type acceptWait struct {
 // foreign provision.
 var ErrNoProvision = errors.New("captp: no such provision")
 
+// expireEarlyAccepts fails every Accept still waiting for its Provide,
+// as their timeouts would; the simulation, which has no timers, calls it
+// when time passes. It returns how many there were.
+func (v *Vat) expireEarlyAccepts() int {
+	v.mu.Lock()
+	var ws []*acceptWait
+	for key, w := range v.early {
+		ws = append(ws, w...)
+		delete(v.early, key)
+	}
+	v.mu.Unlock()
+	for _, w := range ws {
+		w.conn.schedule(func(fx *effects) {
+			if w.a.accept == w {
+				w.a.accept = nil
+				w.conn.returnAcceptLocked(fx, w.a, capnp.Client{}, ErrNoProvision)
+			}
+		})
+	}
+	return len(ws)
+}
+
 // stats returns the number of provisions and early accepts, for leak
 // checks.
 func (v *Vat) stats() (provisions, early int) {
