@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
 
 	"capnproto.org/go/capnp/v3"
+	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
 )
 
 // simNetwork is a vat's Network in the simulation: the vats are connected
@@ -49,6 +51,7 @@ func (n *simNetwork) Introduce(host, recipient *Conn) (capnp.Ptr, capnp.Ptr, boo
 	}
 	n.s.nonce++
 	nonce := strconv.Itoa(n.s.nonce)
+	n.s.handoffs = append(n.s.handoffs, simHandoff{provider: n.vat, host: h.peer, recipient: r.peer, nonce: nonce})
 	n.s.logf("vat %d introduces vat %d to vat %d's capability (nonce %s)", n.vat, r.peer, h.peer, nonce)
 	return simText(fmt.Sprintf("%d|%s", h.peer, nonce)), simText(fmt.Sprintf("%d|%s", r.peer, nonce)), true, nil
 }
@@ -93,5 +96,64 @@ func TestSimLevel3Seed7382ReturnEmbargo(t *testing.T) {
 	cfg := simConfig{Seed: 7382, Vats: 5, Steps: 600, Level3: true}
 	if f := runSim(cfg); f != nil {
 		reportSimFailure(t, cfg, f)
+	}
+}
+
+// simHandoff is one introduction: provider told host to expect recipient.
+type simHandoff struct {
+	provider, host, recipient int
+	nonce                     string
+}
+
+// steal has a vat other than the recipient (or, at times, the recipient
+// again) present a handoff's completion to its host.
+func (s *sim) steal() {
+	if len(s.handoffs) == 0 {
+		return
+	}
+	h := s.handoffs[s.thiefRng.Intn(len(s.handoffs))]
+	thief := s.thiefRng.Intn(len(s.vats))
+	if thief == h.host {
+		return
+	}
+	c := s.link(thief, h.host).conn(thief)
+	if isDone(c) {
+		return
+	}
+	completion := fmt.Sprintf("%d|%s", h.provider, h.nonce)
+	s.logf("vat %d presents completion %q (meant for vat %d) to vat %d", thief, completion, h.recipient, h.host)
+	got := c.requestCap(context.Background(), "accept", nil, func(m rpccp.Message, qid uint32) error {
+		acc, err := m.NewAccept()
+		if err != nil {
+			return err
+		}
+		acc.SetQuestionId(qid)
+		return acc.SetProvision(simText(completion))
+	})
+	hd := s.addHandle(s.vats[thief], got, fmt.Sprintf("accepted with completion %q (meant for vat %d)", completion, h.recipient))
+	if thief != h.recipient {
+		s.stolen = append(s.stolen, simStolen{thief, hd})
+	}
+}
+
+// simStolen is what a thief got, and which vat holds it.
+type simStolen struct {
+	vat int
+	h   *simHandle
+}
+
+// checkStolen fails the run if a thief's Accept got a capability (one the
+// thief still holds; a dropped one cannot be inspected).
+func (s *sim) checkStolen() {
+	for _, st := range s.stolen {
+		if !slices.Contains(s.vats[st.vat].handles, st.h) {
+			continue
+		}
+		snap := st.h.client.Snapshot()
+		_, broken := snap.Brand().Value.(error)
+		snap.Release()
+		if !broken {
+			s.failf("a thief's Accept (vat %d, h%d: %s) got a capability", st.vat, st.h.id, st.h.desc)
+		}
 	}
 }

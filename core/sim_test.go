@@ -51,6 +51,9 @@ type simConfig struct {
 	// passed on are handed off (most of the time; the network declines
 	// at random) instead of proxied.
 	Level3 bool
+	// Thieves (with Level3): now and then a vat presents the completion
+	// of a handoff meant for another vat; it must get nothing.
+	Thieves bool
 
 	// onStep, if set, runs before each step's action (the hostile test
 	// attaches its adversary here).
@@ -82,9 +85,12 @@ type sim struct {
 	nextObject int
 	objects    []*simObject // every object ever made, for the leak check
 
-	nets   []*simNetwork        // Level3: each vat's network
-	peerOf map[*Conn]simConnEnd // Level3: which vats a Conn joins
-	nonce  int
+	nets     []*simNetwork        // Level3: each vat's network
+	peerOf   map[*Conn]simConnEnd // Level3: which vats a Conn joins
+	nonce    int
+	handoffs []simHandoff // Level3: every introduction
+	thiefRng *rand.Rand   // Thieves: a stream of its own, so honest runs replay unchanged
+	stolen   []simStolen  // Thieves: what thieves got; it must all be broken
 }
 
 // simConnEnd names the two vats of a simulated connection, from one end.
@@ -160,6 +166,9 @@ func runSim(cfg simConfig) (failure *simFailure) {
 		}
 	}
 	s.peerOf = make(map[*Conn]simConnEnd)
+	if cfg.Level3 && cfg.Thieves {
+		s.thiefRng = rand.New(rand.NewSource(cfg.Seed ^ 0x7e1f))
+	}
 	for i := 0; i < cfg.Vats; i++ {
 		for j := i + 1; j < cfg.Vats; j++ {
 			l := &simLink{a: i, b: j}
@@ -171,6 +180,9 @@ func runSim(cfg simConfig) (failure *simFailure) {
 		s.pump()
 		if cfg.onStep != nil {
 			cfg.onStep(s)
+		}
+		if s.thiefRng != nil && s.thiefRng.Intn(40) == 0 {
+			s.steal()
 		}
 		s.act()
 		s.pump()
@@ -522,6 +534,7 @@ func (s *sim) finish() {
 	if s.fail != nil {
 		return // releasing an unsettled local call would wait forever
 	}
+	s.checkStolen()
 	for _, v := range s.vats {
 		for _, c := range v.calls {
 			c.release()
@@ -821,7 +834,7 @@ func TestSimLevel3(t *testing.T) {
 	}
 	for i := 0; i < seeds; i++ {
 		seed := *simFirstSeed + int64(i)
-		cfg := simConfig{Seed: seed, Vats: 3 + int(seed%3), Steps: steps, Level3: true}
+		cfg := simConfig{Seed: seed, Vats: 3 + int(seed%3), Steps: steps, Level3: true, Thieves: true}
 		if f := runSim(cfg); f != nil {
 			reportSimFailure(t, cfg, f)
 			return
