@@ -134,20 +134,6 @@ func (l *simLink) conn(vat int) *Conn {
 	return l.cb
 }
 
-// runSimTrace runs cfg and returns its whole trace (for tests of the harness).
-func runSimTrace(cfg simConfig) []string {
-	var trace []string
-	cfg2 := cfg
-	cfg2.onStep = func(s *sim) {
-		if cfg.onStep != nil {
-			cfg.onStep(s)
-		}
-		trace = s.trace
-	}
-	runSim(cfg2)
-	return trace
-}
-
 func runSim(cfg simConfig) (failure *simFailure) {
 	testSkipEmbargo = cfg.SkipEmbargo
 	defer func() { testSkipEmbargo = false }()

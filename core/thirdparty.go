@@ -4,18 +4,19 @@ package core
 // Alice's vat (the introducer) passes Bob's vat (the recipient) a
 // capability hosted by Carol's vat (the host).
 //
-//   - Alice exports a vine to Bob (a proxy for the capability, so Bob can
-//     call it through Alice until he has picked it up, or for ever if he
-//     cannot reach Carol), sends Carol a Provide naming the capability
-//     and Bob, and Bob a thirdPartyHosted descriptor naming Carol and the
-//     vine. When Bob calls or releases the vine, Alice finishes the
-//     Provide.
-//   - Bob connects to Carol and sends Accept; calls made before that went
-//     to the vine, so Bob asks Carol to hold the Accept (an embargo id) and
-//     sends Alice a Disembargo on the vine, which Alice forwards to Carol
-//     behind the calls she forwarded: Carol delivers those first, then
-//     returns the Accept and the calls Bob pipelined on it. E-order holds.
-//     Once the Accept returns, Bob drops the vine.
+//   - Alice exports a vine to Bob (a proxy for the capability, which Bob
+//     uses only if he cannot reach Carol), sends Carol a Provide naming
+//     the capability and Bob, and Bob a thirdPartyHosted descriptor naming
+//     Carol and the vine. When Bob calls or releases the vine, Alice
+//     finishes the Provide.
+//   - Bob queues calls on the capability until he has connected to Carol,
+//     then sends Accept and pipelines them on it. If the capability
+//     resolved a promise or question Bob had already called through
+//     Alice, his Accept carries an embargo id and he sends Alice a
+//     Disembargo on the vine behind those calls; Alice forwards it to
+//     Carol behind the calls she forwarded, and Carol delivers those
+//     first, then returns the Accept and the calls Bob pipelined on it.
+//     E-order holds. Once the Accept returns, Bob drops the vine.
 //   - Carol keeps each provision until Alice finishes the Provide, and
 //     gives it only to the peer the Network says the Provide named.
 //

@@ -205,7 +205,7 @@ func primitiveBits(t *Type, v *value) (uint64, error) {
 		if v.kind == valIdent && v.ident == "void" {
 			return 0, nil
 		}
-		return 0, fmt.Errorf("Void takes the value void, not %s", v.describe())
+		return 0, fmt.Errorf("a Void field takes the value void, not %s", v.describe())
 	case schema.Type_Which_bool:
 		if v.kind == valIdent {
 			switch v.ident {
@@ -215,7 +215,7 @@ func primitiveBits(t *Type, v *value) (uint64, error) {
 				return 0, nil
 			}
 		}
-		return 0, fmt.Errorf("Bool takes true or false, not %s", v.describe())
+		return 0, fmt.Errorf("a Bool field takes true or false, not %s", v.describe())
 	case schema.Type_Which_int8:
 		return signedBits(v, 8)
 	case schema.Type_Which_int16:
@@ -274,7 +274,7 @@ func primitiveBits(t *Type, v *value) (uint64, error) {
 
 func signedBits(v *value, bits uint) (uint64, error) {
 	if v.kind != valInt {
-		return 0, fmt.Errorf("Int%d takes an integer, not %s", bits, v.describe())
+		return 0, fmt.Errorf("an Int%d field takes an integer, not %s", bits, v.describe())
 	}
 	limit := uint64(1) << (bits - 1) // magnitude of the minimum
 	if v.neg {
