@@ -803,3 +803,35 @@ func TestFrameLargeBodyReuse(t *testing.T) {
 	d, _ := read(4)
 	recycleMessage(d)
 }
+
+// A large body's last read also takes in the next frame's header (read
+// ahead into spare room), so a stream of large frames costs one Read per
+// frame when the transport has the bytes, not two.
+func TestFrameReadAhead(t *testing.T) {
+	var data []byte
+	var frames [][]byte
+	for i := range 10 {
+		frame := mustFrame(t, testMessage(t, true, i*7, 100<<10))
+		frames = append(frames, frame)
+		data = append(data, frame...)
+	}
+	cr := &countingReader{r: bytes.NewReader(data)}
+	fr := newFrameReader(cr, Limits{})
+	for i, want := range frames {
+		msg, err := fr.readMessage()
+		if err != nil {
+			t.Fatalf("message %d: %v", i, err)
+		}
+		if got := mustFrame(t, msg); !bytes.Equal(got, want) {
+			t.Fatalf("message %d differs", i)
+		}
+	}
+	if _, err := fr.readMessage(); err != io.EOF {
+		t.Fatalf("at end: %v", err)
+	}
+	// The first frame's header takes one read of its own, then one read
+	// per frame (the body plus the next header), then EOF.
+	if cr.reads > len(frames)+3 {
+		t.Errorf("%d reads for %d large frames; want about one per frame", cr.reads, len(frames))
+	}
+}
