@@ -29,12 +29,20 @@ FUZZTIME ?= 10s
 TAMAGO ?=
 TAMAGO_CACHE = $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tamago-go
 TAMAGO_ENV := GOTOOLCHAIN=local GOOS=tamago GOARCH=amd64
+# Bare-metal images (boards/): tamago's runtime hooks, microvm's memory map.
+TAMAGO_BOARD_ENV := $(TAMAGO_ENV) GOOSPKG=github.com/usbarmory/tamago
+TAMAGO_LDFLAGS := -T 0x10010000 -R 0x1000
+# TAMAGO_OUT: where `make tamago` writes the images (<main package>.elf).
+TAMAGO_OUT ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/captp-tamago
+# TAMAGO_TOOLCHAIN: `any` lets upstream's launcher build tamago-go when it
+# is missing (8 minutes, needs GitHub); `installed` skips instead (make test).
+TAMAGO_TOOLCHAIN ?= any
 
 .PHONY: help deps gen capnpc-go gen-check fmt-check vet unit wasm wasm-js wasip1 \
-	test tamago-check tamago demo bench bench-short bench-go fuzz-short cpp
+	test tamago-check tamago tamago-test demo bench bench-short bench-go fuzz-short cpp
 
 help:
-	@echo 'make deps        install missing system packages (capnproto, libcapnp-dev, pkg-config, g++, nodejs)'
+	@echo 'make deps        install missing system packages (capnproto, libcapnp-dev, pkg-config, g++, nodejs; qemu-system-x86 once a tamago-go toolchain is present)'
 	@echo 'make test        deps, gofmt, vet, gen-check, race tests, js/wasm tests under node, wasip1 build, tamago tests if a toolchain is present'
 	@echo 'make demo        go run ./cmd/captp demo'
 	@echo 'make cpp         interop and hostile-input tests against the C++ reference, verbose (part of make test)'
@@ -43,7 +51,8 @@ help:
 	@echo 'make bench-go    the go test benchmarks (go test -bench)'
 	@echo 'make gen         regenerate the committed *.capnp.go files'
 	@echo 'make fuzz-short  each Fuzz* target under ./core for FUZZTIME (default $(FUZZTIME))'
-	@echo 'make tamago      core tests and board builds with the TamaGo toolchain (TAMAGO=/path/to/tamago-go/bin/go)'
+	@echo 'make tamago      core tests and board images with the TamaGo toolchain (TAMAGO=/path/to/tamago-go/bin/go), images in $(TAMAGO_OUT)'
+	@echo 'make tamago-test boot the images in QEMU and run the host-side suite (captp host, cmd/captp)'
 
 # deps installs only what is missing, so it is quick when everything is there.
 deps:
@@ -53,6 +62,7 @@ deps:
 	pkg-config --exists capnp-rpc 2>/dev/null || dpkg -s libcapnp-dev >/dev/null 2>&1 || missing="$$missing libcapnp-dev"; \
 	command -v g++ >/dev/null 2>&1 || missing="$$missing g++"; \
 	command -v node >/dev/null 2>&1 || missing="$$missing nodejs"; \
+	if [ -n "$$($(call tamago_go,installed) 2>/dev/null)" ]; then command -v qemu-system-x86_64 >/dev/null 2>&1 || missing="$$missing qemu-system-x86"; fi; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if ! command -v apt-get >/dev/null 2>&1; then \
 		echo "deps: missing:$$missing; no apt-get here, install them with your package manager" >&2; exit 1; \
@@ -119,6 +129,7 @@ test: deps fmt-check vet
 	@if command -v capnp >/dev/null 2>&1; then $(MAKE) --no-print-directory gen-check; \
 	else echo "SKIPPED: gen-check — capnp is not installed (make deps)"; fi
 	$(MAKE) --no-print-directory unit wasm tamago-check
+	$(MAKE) --no-print-directory tamago-test TAMAGO_TOOLCHAIN=installed
 	$(MAKE) --no-print-directory fuzz-short FUZZTIME=$(CI_FUZZTIME)
 
 # tamago_go prints the tamago-go `go` to use, or nothing. With $(1) = installed,
@@ -136,11 +147,12 @@ endef
 
 define tamago_skipped
 echo "=================================================================="; \
-echo "SKIPPED: TamaGo tests — no tamago-go toolchain (see ../shared/TAMAGO.md / README)"; \
-echo "  set TAMAGO=/path/to/tamago-go/bin/go, or declare upstream's launcher"; \
-echo "  (go get -tool github.com/usbarmory/tamago/cmd/tamago@v1.26.0) and run"; \
-echo "  'make tamago' once with internet access: it builds tamago-go into"; \
-echo "  $(TAMAGO_CACHE)"; \
+echo "SKIPPED: TamaGo tests — no tamago-go toolchain (README, section TamaGo):"; \
+echo "  the core's tests under GOOS=tamago, the board images, and the"; \
+echo "  guest tests in QEMU (captp host: serial, virtio-net, two guests)"; \
+echo "  set TAMAGO=/path/to/tamago-go/bin/go, or run 'make tamago' once with"; \
+echo "  internet access: upstream's launcher (go tool tamago, declared in"; \
+echo "  go.mod) clones and builds tamago-go into $(TAMAGO_CACHE)"; \
 echo "=================================================================="
 endef
 
@@ -150,14 +162,51 @@ tamago-check:
 	echo "$(TAMAGO_ENV) $$tg test ./core/..."; \
 	$(TAMAGO_ENV) "$$tg" test -count=1 -timeout=$(TEST_TIMEOUT) ./core/...
 
+# tamago_images builds every main package under boards/ into $$out_dir,
+# with $$tg the toolchain's go; it vets the TamaGo-only code first.
+define tamago_images
+echo "$(TAMAGO_BOARD_ENV) $$tg vet ./boards/... ./adapters/tamago/..."; \
+$(TAMAGO_BOARD_ENV) "$$tg" vet ./boards/... ./adapters/tamago/...; \
+mkdir -p "$$out_dir"; \
+for pkg in $$($(TAMAGO_BOARD_ENV) "$$tg" list -f '{{if eq .Name "main"}}{{.ImportPath}}{{end}}' ./boards/...); do \
+	out="$$out_dir/$$(basename "$$pkg").elf"; \
+	echo "$(TAMAGO_BOARD_ENV) $$tg build -ldflags '$(TAMAGO_LDFLAGS)' -o $$out $$pkg"; \
+	$(TAMAGO_BOARD_ENV) "$$tg" build -ldflags "$(TAMAGO_LDFLAGS)" -o "$$out" "$$pkg"; \
+	echo "  $$out: $$(du -h "$$out" | cut -f1)"; \
+done
+endef
+
 tamago:
-	@tg=$$($(call tamago_go,any)); \
+	@tg=$$($(call tamago_go,$(TAMAGO_TOOLCHAIN))); \
 	if [ -z "$$tg" ]; then $(tamago_skipped); exit 0; fi; \
 	echo "$(TAMAGO_ENV) $$tg test ./core/..."; \
 	$(TAMAGO_ENV) "$$tg" test -count=1 -timeout=$(TEST_TIMEOUT) ./core/...; \
-	if [ ! -d boards ]; then echo "tamago: no boards/ yet, nothing to build"; exit 0; fi; \
-	echo "$(TAMAGO_ENV) GOOSPKG=github.com/usbarmory/tamago $$tg build ./boards/..."; \
-	$(TAMAGO_ENV) GOOSPKG=github.com/usbarmory/tamago "$$tg" build -ldflags "-T 0x10010000 -R 0x1000" ./boards/...
+	out_dir="$(TAMAGO_OUT)"; \
+	$(tamago_images)
+
+# tamago-test builds the images into a temporary directory (so that runs in
+# parallel do not clobber each other), boots boards/microvm/vat in QEMU (TCG,
+# no KVM needed) and runs cmd/captp's guest tests against it: serial,
+# -netdev stream, user-mode NAT, two guests, captp host end to end.
+tamago-test:
+	@tg=$$($(call tamago_go,$(TAMAGO_TOOLCHAIN))); \
+	if [ -z "$$tg" ]; then $(tamago_skipped); exit 0; fi; \
+	if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then \
+		echo "=================================================================="; \
+		echo "SKIPPED: TamaGo guest tests in QEMU — qemu-system-x86_64 is missing"; \
+		echo "  (apt-get install qemu-system-x86; make deps does it when a"; \
+		echo "  tamago-go toolchain is present)"; \
+		echo "=================================================================="; \
+		exit 0; \
+	fi; \
+	out_dir=$$(mktemp -d); log="$$out_dir/test.log"; trap 'rm -rf "$$out_dir"' EXIT; \
+	$(tamago_images); \
+	echo "CAPTP_GUEST_IMAGE=$$out_dir/vat.elf $(GO) test -race -v -run '^(TestGuest|TestTwoGuests|TestHostCommand)' ./cmd/captp"; \
+	CAPTP_GUEST_IMAGE="$$out_dir/vat.elf" $(GO) test -race -count=1 -v -timeout=$(TEST_TIMEOUT) \
+		-run '^(TestGuest|TestTwoGuests|TestHostCommand)' ./cmd/captp > "$$log" 2>&1 \
+		|| { cat "$$log"; echo "tamago-test: FAILED (guest console and test log above)" >&2; exit 1; }; \
+	grep -E '^(--- |ok|PASS|FAIL)' "$$log"; \
+	if grep -q -- '--- SKIP' "$$log"; then echo "tamago-test: tests were skipped" >&2; exit 1; fi
 
 demo:
 	$(GO) run ./cmd/captp demo

@@ -4,6 +4,7 @@ go 1.26.0
 
 require (
 	capnproto.org/go/capnp/v3 v3.1.0-alpha.2
+	github.com/usbarmory/tamago v1.26.0
 	go.uber.org/goleak v1.3.0
 	gvisor.dev/gvisor v0.0.0-20260413194555-9680d69bf798
 )
@@ -16,3 +17,5 @@ require (
 	golang.org/x/sys v0.36.0 // indirect
 	golang.org/x/time v0.12.0 // indirect
 )
+
+tool github.com/usbarmory/tamago/cmd/tamago

@@ -9,6 +9,9 @@
 //
 //	demo    run a server vat and a client vat over a Unix socket and narrate what happens
 //	bench   compare captp with go-capnp, the C++ reference and the raw socket floor
+//	host    boot a TamaGo guest vat in QEMU and re-serve its bootstrap capability on a host socket
+//	serve   host sample services with persistent sturdy refs (capnp://…) over TLS with a vat identity
+//	call    restore the capability a sturdy ref names and call a method on it
 //	help    show help for captp or for one command
 package main
 
@@ -35,6 +38,9 @@ type command struct {
 var commands = []command{
 	{name: "demo", summary: "run a server vat and a client vat over a Unix socket and narrate what happens", setup: setupDemo},
 	{name: "bench", summary: "compare captp with go-capnp, the C++ reference and the raw socket floor", setup: setupBench},
+	{name: "host", summary: "boot a TamaGo guest vat in QEMU and re-serve its bootstrap capability on a host socket", setup: setupHost},
+	{name: "serve", summary: "host sample services with persistent sturdy refs (capnp://…) over TLS with a vat identity", setup: setupServe},
+	{name: "call", summary: "restore the capability a sturdy ref names and call a method on it", setup: setupCall},
 }
 
 func main() {
