@@ -73,7 +73,7 @@ Without -schema, the methods of captp serve's sample services:
 			}
 			inv = schemaInvoker{sch}
 		}
-		if !strings.HasPrefix(args[0], "capnp") {
+		if !strings.Contains(args[0], "://") {
 			// A plain address: its bootstrap capability, no TLS.
 			ctx, cancel := context.WithTimeout(ctx, *timeout)
 			defer cancel()

@@ -284,8 +284,8 @@ func TestCallUsageErrors(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"call"}, "want a sturdy ref URI and a method"},
-		{[]string{"call", "http://x"}, "want a sturdy ref URI and a method"},
+		{[]string{"call"}, "want an address or sturdy ref URI, and a method"},
+		{[]string{"call", "http://x"}, "want an address or sturdy ref URI, and a method"},
 		{[]string{"call", "http://x", "name"}, "unknown scheme"},
 		{[]string{"call", "capnp://insecure@/tmp/x.sock/", "frob"}, `unknown method "frob"`},
 		{[]string{"call", "capnp://insecure@/tmp/x.sock/", "echo"}, "echo takes 1 argument(s), got 0"},
