@@ -410,6 +410,11 @@ func TestRestoreBoundedByMaxAnswers(t *testing.T) {
 	}
 	close(release)
 	for _, p := range []capnp.Client{a, b} {
+		// Settled first: a call pipelined on a restore still running
+		// would count against MaxAnswers too and could be refused.
+		if err := p.Resolve(ctx); err != nil {
+			t.Fatal(err)
+		}
 		if _, err := nameOf(t, ctx, testcapnp.Test(p)); err == nil || !strings.Contains(err.Error(), errTestUnknown.Error()) {
 			t.Fatalf("first restores: %v", err)
 		}
