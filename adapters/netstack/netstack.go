@@ -386,6 +386,11 @@ func (s *Stack) Close() error {
 		s.s.Close()
 		if l, ok := s.link.(stopper); ok {
 			l.stop()
+			// Let the link's reader finish the packet it may be
+			// delivering before gVisor's Wait: Wait holds the stack's
+			// lock while it waits for the link, and a delivery needs
+			// that lock (a deadlock seen with a guest link under load).
+			s.link.Wait()
 		}
 		s.s.Wait()
 		for _, c := range conns {
