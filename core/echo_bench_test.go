@@ -4,9 +4,6 @@ package core_test
 
 import (
 	"context"
-	"net"
-	"os"
-	"syscall"
 	"testing"
 
 	"capnproto.org/go/capnp/v3"
@@ -14,6 +11,7 @@ import (
 	"github.com/captp-go/captp/core"
 	"github.com/captp-go/captp/internal/testcapnp"
 	"github.com/captp-go/captp/internal/testimpl"
+	"github.com/captp-go/captp/internal/testsock"
 )
 
 // Go benchmarks of the call path over a Unix socket pair, both ends ours,
@@ -21,25 +19,8 @@ import (
 // comparison against go-capnp, C++ and the raw floor). allocs/op counts
 // both sides.
 
-func unixPair(b *testing.B) (net.Conn, net.Conn) {
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
-	if err != nil {
-		b.Fatal(err)
-	}
-	var conns [2]net.Conn
-	for i, fd := range fds {
-		f := os.NewFile(uintptr(fd), "socketpair")
-		conns[i], err = net.FileConn(f)
-		f.Close()
-		if err != nil {
-			b.Fatal(err)
-		}
-	}
-	return conns[0], conns[1]
-}
-
 func echoPair(b *testing.B) (testcapnp.Test, func()) {
-	ca, cb := unixPair(b)
+	ca, cb := testsock.Pair(b)
 	server := core.NewConn(cb, &core.Options{BootstrapClient: capnp.Client(testimpl.New("bench", nil).Client())})
 	client := core.NewConn(ca, nil)
 	boot := testcapnp.Test(client.Bootstrap(context.Background()))

@@ -119,11 +119,8 @@ func (c *Conn) handleBootstrap(fx *effects, m rpccp.Message) error {
 		return violation("decode bootstrap: %w", err)
 	}
 	qid := b.QuestionId()
-	if c.answers[qid] != nil {
-		return violation("bootstrap reuses question id %d still in use", qid)
-	}
-	if len(c.answers) >= answerTableLimit(c.lim) {
-		return violation("peer keeps more than %d calls unfinished", answerTableLimit(c.lim))
+	if err := c.checkNewAnswerLocked("bootstrap", qid); err != nil {
+		return err
 	}
 	a := c.newAnswerLocked(qid)
 	if c.bootstrapRestoreLocked(fx, a, b) {
@@ -156,13 +153,8 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 		return false, violation("decode call: %w", err)
 	}
 	qid := call.QuestionId()
-	if c.answers[qid] != nil {
-		return false, violation("call reuses question id %d still in use", qid)
-	}
-	// Answered calls stay in the table until the peer's Finish; a peer
-	// that never finishes would grow it forever.
-	if len(c.answers) >= answerTableLimit(c.lim) {
-		return false, violation("peer keeps more than %d calls unfinished", answerTableLimit(c.lim))
+	if err := c.checkNewAnswerLocked("call", qid); err != nil {
+		return false, err
 	}
 	var sendElsewhere bool
 	switch call.SendResultsTo().Which() {
@@ -788,6 +780,20 @@ func resolvesToHook(client capnp.Client, hook capnp.ClientHook) bool {
 	snap := client.Snapshot()
 	defer snap.Release()
 	return snap.Brand().Value == any(hook)
+}
+
+// checkNewAnswerLocked checks that the peer may open an answer with id qid
+// for a message of kind what: the id is free, and the table has room.
+// Answered calls stay in the table until the peer's Finish; a peer that
+// never finishes would grow it forever.
+func (c *Conn) checkNewAnswerLocked(what string, qid uint32) error {
+	if c.answers[qid] != nil {
+		return violation("%s reuses question id %d still in use", what, qid)
+	}
+	if len(c.answers) >= answerTableLimit(c.lim) {
+		return violation("peer keeps more than %d calls unfinished", answerTableLimit(c.lim))
+	}
+	return nil
 }
 
 // answerTableLimit bounds answers returned but not yet finished by the

@@ -235,11 +235,8 @@ func (c *Conn) handleProvide(fx *effects, m rpccp.Message) error {
 		return violation("decode provide: %w", err)
 	}
 	qid := p.QuestionId()
-	if c.answers[qid] != nil {
-		return violation("provide reuses question id %d still in use", qid)
-	}
-	if len(c.answers) >= answerTableLimit(c.lim) {
-		return violation("peer keeps more than %d calls unfinished", answerTableLimit(c.lim))
+	if err := c.checkNewAnswerLocked("provide", qid); err != nil {
+		return err
 	}
 	mt, err := p.Target()
 	if err != nil {
@@ -333,11 +330,8 @@ func (c *Conn) handleAccept(fx *effects, m rpccp.Message) error {
 		return violation("decode accept: %w", err)
 	}
 	qid := acc.QuestionId()
-	if c.answers[qid] != nil {
-		return violation("accept reuses question id %d still in use", qid)
-	}
-	if len(c.answers) >= answerTableLimit(c.lim) {
-		return violation("peer keeps more than %d calls unfinished", answerTableLimit(c.lim))
+	if err := c.checkNewAnswerLocked("accept", qid); err != nil {
+		return err
 	}
 	completion, err := acc.Provision()
 	if err != nil {

@@ -5,6 +5,7 @@ import (
 	"net"
 	"sync"
 
+	"github.com/captp-go/captp/internal/ether"
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -96,20 +97,10 @@ func (e *ethEndpoint) IsAttached() bool {
 func (*ethEndpoint) ARPHardwareType() header.ARPHardwareType { return header.ARPHardwareEther }
 
 // AddHeader implements stack.LinkEndpoint.
-func (*ethEndpoint) AddHeader(pkt *stack.PacketBuffer) {
-	eth := header.Ethernet(pkt.LinkHeader().Push(header.EthernetMinimumSize))
-	eth.Encode(&header.EthernetFields{
-		SrcAddr: pkt.EgressRoute.LocalLinkAddress,
-		DstAddr: pkt.EgressRoute.RemoteLinkAddress,
-		Type:    pkt.NetworkProtocolNumber,
-	})
-}
+func (*ethEndpoint) AddHeader(pkt *stack.PacketBuffer) { ether.AddHeader(pkt) }
 
 // ParseHeader implements stack.LinkEndpoint.
-func (*ethEndpoint) ParseHeader(pkt *stack.PacketBuffer) bool {
-	_, ok := pkt.LinkHeader().Consume(header.EthernetMinimumSize)
-	return ok
-}
+func (*ethEndpoint) ParseHeader(pkt *stack.PacketBuffer) bool { return ether.ParseHeader(pkt) }
 
 // SetOnCloseAction implements stack.LinkEndpoint.
 func (e *ethEndpoint) SetOnCloseAction(f func()) {

@@ -6,6 +6,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/captp-go/captp/internal/ether"
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -130,20 +131,10 @@ func (*Link) Capabilities() stack.LinkEndpointCapabilities {
 func (*Link) ARPHardwareType() header.ARPHardwareType { return header.ARPHardwareEther }
 
 // AddHeader implements stack.LinkEndpoint.
-func (*Link) AddHeader(pkt *stack.PacketBuffer) {
-	eth := header.Ethernet(pkt.LinkHeader().Push(header.EthernetMinimumSize))
-	eth.Encode(&header.EthernetFields{
-		SrcAddr: pkt.EgressRoute.LocalLinkAddress,
-		DstAddr: pkt.EgressRoute.RemoteLinkAddress,
-		Type:    pkt.NetworkProtocolNumber,
-	})
-}
+func (*Link) AddHeader(pkt *stack.PacketBuffer) { ether.AddHeader(pkt) }
 
 // ParseHeader implements stack.LinkEndpoint.
-func (*Link) ParseHeader(pkt *stack.PacketBuffer) bool {
-	_, ok := pkt.LinkHeader().Consume(header.EthernetMinimumSize)
-	return ok
-}
+func (*Link) ParseHeader(pkt *stack.PacketBuffer) bool { return ether.ParseHeader(pkt) }
 
 // SetOnCloseAction implements stack.LinkEndpoint. The link never closes
 // by itself (a card does not go away), so the action is never needed.

@@ -3,9 +3,6 @@ package unix
 import (
 	"bytes"
 	"math/rand/v2"
-	"net"
-	"os"
-	"syscall"
 	"testing"
 
 	"capnproto.org/go/capnp/v3"
@@ -13,30 +10,13 @@ import (
 	"github.com/captp-go/captp/core"
 	"github.com/captp-go/captp/internal/testcapnp"
 	"github.com/captp-go/captp/internal/testimpl"
+	"github.com/captp-go/captp/internal/testsock"
 )
-
-func socketPair(t *testing.T) (net.Conn, net.Conn) {
-	t.Helper()
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatalf("socketpair: %v", err)
-	}
-	var conns [2]net.Conn
-	for i, fd := range fds {
-		f := os.NewFile(uintptr(fd), "socketpair")
-		conns[i], err = net.FileConn(f)
-		f.Close()
-		if err != nil {
-			t.Fatalf("FileConn: %v", err)
-		}
-	}
-	return conns[0], conns[1]
-}
 
 // The adapter's sockets offer the core writev and half-close, with or
 // without timeouts.
 func TestWrappedConnInterfaces(t *testing.T) {
-	a, b := socketPair(t)
+	a, b := testsock.Pair(t)
 	defer a.Close()
 	defer b.Close()
 	for _, cf := range []config{{}, {frameTimeout: 1}} {
@@ -56,7 +36,7 @@ func TestWrappedConnInterfaces(t *testing.T) {
 func TestNewConnLargeMessages(t *testing.T) {
 	verifyNoLeaks(t)
 	ctx := testCtx(t)
-	a, b := socketPair(t)
+	a, b := testsock.Pair(t)
 	server := NewConn(b, &core.Options{BootstrapClient: capnp.Client(testimpl.New("server", nil).Client())})
 	client := NewConn(a, nil)
 	defer func() {

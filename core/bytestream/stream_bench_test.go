@@ -6,8 +6,6 @@ import (
 	"context"
 	"io"
 	"net"
-	"os"
-	"syscall"
 	"testing"
 
 	"capnproto.org/go/capnp/v3"
@@ -15,6 +13,7 @@ import (
 	"github.com/captp-go/captp/core"
 	"github.com/captp-go/captp/core/bytestream"
 	"github.com/captp-go/captp/core/flow"
+	"github.com/captp-go/captp/internal/testsock"
 )
 
 // Go benchmarks of 256 KiB chunks one way over a Unix socket pair: the raw
@@ -23,25 +22,8 @@ import (
 
 const benchChunk = bytestream.DefaultChunkSize
 
-func socketPair(b *testing.B) (net.Conn, net.Conn) {
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
-	if err != nil {
-		b.Fatal(err)
-	}
-	var conns [2]net.Conn
-	for i, fd := range fds {
-		f := os.NewFile(uintptr(fd), "socketpair")
-		conns[i], err = net.FileConn(f)
-		f.Close()
-		if err != nil {
-			b.Fatal(err)
-		}
-	}
-	return conns[0], conns[1]
-}
-
 func BenchmarkRawSocket256KiB(b *testing.B) {
-	a, c := socketPair(b)
+	a, c := testsock.Pair(b)
 	defer a.Close()
 	defer c.Close()
 	total := int64(b.N) * benchChunk
@@ -76,7 +58,7 @@ func BenchmarkByteStream256KiBFixed8MiB(b *testing.B) {
 }
 
 func benchByteStream(b *testing.B, fc flow.Config) {
-	a, c := socketPair(b)
+	a, c := testsock.Pair(b)
 	server := core.NewConn(vectorConn{c}, &core.Options{BootstrapClient: capnp.Client(bytestream.NewServer(io.Discard, nil))})
 	client := core.NewConn(vectorConn{a}, &core.Options{Limits: core.Limits{Flow: fc}})
 	defer func() {
