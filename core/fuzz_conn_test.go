@@ -1362,7 +1362,11 @@ func newFuzzHarness(t testing.TB) *fuzzHarness {
 	h.peer = peer
 	h.ctx, h.stop = context.WithCancel(context.Background())
 	boot := h.world.newObject("boot")
-	h.conn = NewConn(connEnd, &Options{BootstrapClient: capnp.Client(boot), Limits: fuzzLimits})
+	// A short AbortTimeout: after its Abort the Conn drains input until
+	// the peer closes, and the harness closes only after the Conn is done;
+	// the default second per input made the fuzz corpus's baseline outlast
+	// make test's fuzz time.
+	h.conn = NewConn(connEnd, &Options{BootstrapClient: capnp.Client(boot), Limits: fuzzLimits, AbortTimeout: 20 * time.Millisecond})
 	h.watchdog = time.AfterFunc(fuzzWatchdog, func() {
 		h.dogMu.Lock()
 		h.dogFired = true
