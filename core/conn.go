@@ -59,6 +59,7 @@ type Conn struct {
 	exportsByHook  map[*capnp.Metadata]uint32
 	embargoes      map[uint32]*embargo
 	provides       map[uint32]*vine // our Provides by question id (not in questions: they get no Return)
+	handoffs       atomic.Int32     // pickups of thirdPartyHosted capabilities running (thirdparty.go)
 	embargoIDs     idAllocator
 	watches        map[context.Context]*ctxWatch // see watchCancelLocked
 	flow           *flow.Pool                    // flow control shared by the imports

@@ -567,6 +567,11 @@ var errUnimplementedHere = errors.New("unimplemented without a Vat")
 
 // ---- Recipient (Bob) ----
 
+// maxHandoffs bounds the pickups a connection runs at once (each a
+// goroutine and a dial); capabilities beyond it are used through their
+// vines.
+const maxHandoffs = 64
+
 // handoff is a capability received as thirdPartyHosted, while Bob picks
 // it up from Carol. Its client is a promise whose calls queue, in order,
 // until the Accept is sent; then they go pipelined on the Accept, and the
@@ -613,6 +618,13 @@ func (c *Conn) handoffLocked(fx *effects, tp rpccp.ThirdPartyCapDescriptor, inRe
 		fx.releaseClient(vine)
 		return capnp.Client{}, fmt.Errorf("decode thirdPartyHosted: %w", err)
 	}
+	if c.handoffs.Load() >= maxHandoffs {
+		// Each pickup dials and holds a goroutine while it does; a peer
+		// sending descriptors faster than hosts answer gets the vines.
+		id.Message().Release()
+		return vine, nil
+	}
+	c.handoffs.Add(1)
 	ctx, stop := context.WithCancel(c.ctx)
 	cl, promise := callqueue.NewPromise()
 	h := &handoff{via: c, vineID: tp.VineId(), contact: id, embargo: inResolve, promise: promise, vine: vine, self: cl.AddRef(), stop: stop}
@@ -629,6 +641,7 @@ func (c *Conn) handoffLocked(fx *effects, tp rpccp.ThirdPartyCapDescriptor, inRe
 // run connects to the host, accepts the capability and settles the
 // promise.
 func (h *handoff) run(ctx context.Context) {
+	defer h.via.handoffs.Add(-1)
 	defer h.contact.Message().Release()
 	defer h.stop()
 	host, completion, err := h.via.vat.net.Connect(ctx, h.via, h.contact)

@@ -8,6 +8,7 @@ import (
 	"maps"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -33,6 +34,8 @@ type testNet struct {
 	gate chan struct{}
 	// unreachable names a vat Connect cannot reach.
 	unreachable string
+	// connecting counts Connects in progress; peak is their most at once.
+	connecting, peak atomic.Int32
 }
 
 type testVat struct {
@@ -157,6 +160,10 @@ func (v *testVat) Connect(ctx context.Context, via *Conn, toContact capnp.Ptr) (
 	if err != nil {
 		return nil, capnp.Ptr{}, err
 	}
+	if n := v.n.connecting.Add(1); n > v.n.peak.Load() {
+		v.n.peak.Store(n)
+	}
+	defer v.n.connecting.Add(-1)
 	if g := v.n.gate; g != nil {
 		select {
 		case <-g:
@@ -320,15 +327,10 @@ func TestThirdPartyHandoff(t *testing.T) {
 	if err := capnp.Client(carolCap).Resolve(ctx); err != nil {
 		t.Fatalf("bootstrap Carol: %v", err)
 	}
-	aliceLocal := aliceObj.Client()
-	rf, rrel := aliceLocal.ResolvePromise(ctx, func(p testcapnp.Test_resolvePromise_Params) error {
-		return p.SetCap(carolCap.AddRef())
+	localCall(t, aliceObj, func(c testcapnp.Test) (*capnp.Future, capnp.ReleaseFunc) {
+		f, rel := c.ResolvePromise(ctx, func(p testcapnp.Test_resolvePromise_Params) error { return p.SetCap(carolCap.AddRef()) })
+		return f.Future, rel
 	})
-	if _, err := rf.Struct(); err != nil {
-		t.Fatalf("resolvePromise: %v", err)
-	}
-	rrel()
-	aliceLocal.Release()
 	waitFor(t, ctx, "Bob to learn where the capability lives", func() bool {
 		snap := capnp.Client(promise).Snapshot()
 		defer snap.Release()
@@ -402,6 +404,19 @@ func TestThirdPartyHandoff(t *testing.T) {
 		}
 		return true
 	})
+}
+
+// localCall makes one call on a new local reference to obj, waits for
+// it and releases everything.
+func localCall(t *testing.T, obj *testimpl.Object, call func(testcapnp.Test) (*capnp.Future, capnp.ReleaseFunc)) {
+	t.Helper()
+	c := obj.Client()
+	defer c.Release()
+	f, rel := call(c)
+	defer rel()
+	if _, err := f.Struct(); err != nil {
+		t.Fatalf("local call: %v", err)
+	}
 }
 
 func waitFor(t *testing.T, ctx context.Context, what string, cond func() bool) {
@@ -496,15 +511,10 @@ func TestThirdPartyHandoffEmbargo(t *testing.T) {
 	}
 	waitFor(t, ctx, "Bob's calls to be on their way to Alice", func() bool { return bob.calls(t, "alice") >= sent+before })
 
-	aliceLocal := aliceObj.Client()
-	rf, rrel := aliceLocal.ResolvePromise(ctx, func(p testcapnp.Test_resolvePromise_Params) error {
-		return p.SetCap(carolCap.AddRef())
+	localCall(t, aliceObj, func(c testcapnp.Test) (*capnp.Future, capnp.ReleaseFunc) {
+		f, rel := c.ResolvePromise(ctx, func(p testcapnp.Test_resolvePromise_Params) error { return p.SetCap(carolCap.AddRef()) })
+		return f.Future, rel
 	})
-	if _, err := rf.Struct(); err != nil {
-		t.Fatalf("resolvePromise: %v", err)
-	}
-	rrel()
-	aliceLocal.Release()
 	waitFor(t, ctx, "Bob to accept from Carol", func() bool {
 		snap := capnp.Client(promise).Snapshot()
 		defer snap.Release()
@@ -567,13 +577,10 @@ func TestThirdPartyHandoffFallsBackToVine(t *testing.T) {
 	if err := capnp.Client(carolCap).Resolve(ctx); err != nil {
 		t.Fatal(err)
 	}
-	local := aliceObj.Client()
-	f, rel := local.Hold(ctx, func(p testcapnp.Test_hold_Params) error { return p.SetCap(carolCap.AddRef()) })
-	if _, err := f.Struct(); err != nil {
-		t.Fatal(err)
-	}
-	rel()
-	local.Release()
+	localCall(t, aliceObj, func(c testcapnp.Test) (*capnp.Future, capnp.ReleaseFunc) {
+		f, rel := c.Hold(ctx, func(p testcapnp.Test_hold_Params) error { return p.SetCap(carolCap.AddRef()) })
+		return f.Future, rel
+	})
 	hf, hrel := aliceCap.GetHeld(ctx, nil)
 	held := hf.Cap().AddRef()
 	hrel()
@@ -593,13 +600,10 @@ func TestThirdPartyHandoffFallsBackToVine(t *testing.T) {
 	held.Release()
 	aliceCap.Release()
 	carolCap.Release()
-	local = aliceObj.Client()
-	df, drel := local.DropHeld(ctx, nil)
-	if _, err := df.Struct(); err != nil {
-		t.Fatal(err)
-	}
-	drel()
-	local.Release()
+	localCall(t, aliceObj, func(c testcapnp.Test) (*capnp.Future, capnp.ReleaseFunc) {
+		f, rel := c.DropHeld(ctx, nil)
+		return f.Future, rel
+	})
 	waitFor(t, ctx, "every table, provision and Provide to empty", func() bool {
 		p, e := carol.vat.stats()
 		ac := alice.conn("carol")
@@ -627,13 +631,10 @@ func TestAcceptReplayAfterFinishRefused(t *testing.T) {
 	if err := capnp.Client(carolCap).Resolve(ctx); err != nil {
 		t.Fatal(err)
 	}
-	local := aliceObj.Client()
-	f, rel := local.Hold(ctx, func(p testcapnp.Test_hold_Params) error { return p.SetCap(carolCap.AddRef()) })
-	if _, err := f.Struct(); err != nil {
-		t.Fatal(err)
-	}
-	rel()
-	local.Release()
+	localCall(t, aliceObj, func(c testcapnp.Test) (*capnp.Future, capnp.ReleaseFunc) {
+		f, rel := c.Hold(ctx, func(p testcapnp.Test_hold_Params) error { return p.SetCap(carolCap.AddRef()) })
+		return f.Future, rel
+	})
 	aliceCap := testcapnp.Test(bob.dial("alice").Bootstrap(ctx))
 	defer aliceCap.Release()
 	hf, hrel := aliceCap.GetHeld(ctx, nil)
@@ -669,4 +670,56 @@ func TestAcceptReplayAfterFinishRefused(t *testing.T) {
 		t.Fatalf("the handed-off capability after the replay: %v", err)
 	}
 	srel()
+}
+
+// A peer that sends more thirdPartyHosted descriptors than hosts answer
+// cannot make a connection start a goroutine and a dial for each: beyond
+// maxHandoffs at once, capabilities are used through their vines, and
+// every one of them still works.
+func TestHandoffsBoundedPerConnection(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	n := newTestNet(t)
+	n.gate = make(chan struct{})
+	aliceObj, carolObj := testimpl.New("alice", nil), testimpl.New("carol", nil)
+	alice := n.vat("alice", capnp.Client(aliceObj.Client()))
+	bob := n.vat("bob", capnp.Client{})
+	n.vat("carol", capnp.Client(carolObj.Client()))
+	carolCap := testcapnp.Test(alice.dial("carol").Bootstrap(ctx))
+	defer carolCap.Release()
+	if err := capnp.Client(carolCap).Resolve(ctx); err != nil {
+		t.Fatal(err)
+	}
+	localCall(t, aliceObj, func(c testcapnp.Test) (*capnp.Future, capnp.ReleaseFunc) {
+		f, rel := c.Hold(ctx, func(p testcapnp.Test_hold_Params) error { return p.SetCap(carolCap.AddRef()) })
+		return f.Future, rel
+	})
+	aliceCap := testcapnp.Test(bob.dial("alice").Bootstrap(ctx))
+	defer aliceCap.Release()
+	const n3 = maxHandoffs + 16
+	var held []testcapnp.Test
+	for range n3 {
+		f, rel := aliceCap.GetHeld(ctx, nil)
+		held = append(held, f.Cap().AddRef())
+		if _, err := f.Struct(); err != nil {
+			t.Fatal(err)
+		}
+		rel()
+	}
+	waitFor(t, ctx, "the pickups to reach Connect", func() bool { return n.connecting.Load() >= maxHandoffs })
+	if got := bob.conn("alice").handoffs.Load(); got > maxHandoffs {
+		t.Fatalf("%d pickups running on one connection; want at most %d", got, maxHandoffs)
+	}
+	close(n.gate)
+	for i, h := range held {
+		f, rel := seq(ctx, h, uint32(i+1))
+		if _, err := f.Struct(); err != nil {
+			t.Fatalf("capability %d: %v", i, err)
+		}
+		rel()
+		h.Release()
+	}
+	if p := n.peak.Load(); p > maxHandoffs {
+		t.Fatalf("%d Connects at once; want at most %d", p, maxHandoffs)
+	}
 }
