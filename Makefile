@@ -149,7 +149,8 @@ define tamago_skipped
 echo "=================================================================="; \
 echo "SKIPPED: TamaGo tests — no tamago-go toolchain (README, section TamaGo):"; \
 echo "  the core's tests under GOOS=tamago, the board images, and the"; \
-echo "  guest tests in QEMU (captp host: serial, virtio-net, two guests)"; \
+echo "  guest tests in QEMU (captp host: serial, virtio-net, two guests,"; \
+echo "  Level 3 handoff between guests)"; \
 echo "  set TAMAGO=/path/to/tamago-go/bin/go, or run 'make tamago' once with"; \
 echo "  internet access: upstream's launcher (go tool tamago, declared in"; \
 echo "  go.mod) clones and builds tamago-go into $(TAMAGO_CACHE)"; \
@@ -187,7 +188,9 @@ tamago:
 # tamago-test builds the images into a temporary directory (so that runs in
 # parallel do not clobber each other), boots boards/microvm/vat in QEMU (TCG,
 # no KVM needed) and runs cmd/captp's guest tests against it: serial,
-# -netdev stream, user-mode NAT, two guests, captp host end to end.
+# -netdev stream, user-mode NAT, two guests, captp host end to end; and
+# boards/microvm/level3vat (level3vat.elf, found next to vat.elf) for
+# three-party handoff between guests (TestLevel3Guest*).
 tamago-test:
 	@tg=$$($(call tamago_go,$(TAMAGO_TOOLCHAIN))); \
 	if [ -z "$$tg" ]; then $(tamago_skipped); exit 0; fi; \
@@ -201,9 +204,9 @@ tamago-test:
 	fi; \
 	out_dir=$$(mktemp -d); log="$$out_dir/test.log"; trap 'rm -rf "$$out_dir"' EXIT; \
 	$(tamago_images); \
-	echo "CAPTP_GUEST_IMAGE=$$out_dir/vat.elf $(GO) test -race -v -run '^(TestGuest|TestTwoGuests|TestHostCommand)' ./cmd/captp"; \
+	echo "CAPTP_GUEST_IMAGE=$$out_dir/vat.elf $(GO) test -race -v -run '^(TestGuest|TestTwoGuests|TestHostCommand|TestLevel3Guest)' ./cmd/captp"; \
 	CAPTP_GUEST_IMAGE="$$out_dir/vat.elf" $(GO) test -race -count=1 -v -timeout=$(TEST_TIMEOUT) \
-		-run '^(TestGuest|TestTwoGuests|TestHostCommand)' ./cmd/captp > "$$log" 2>&1 \
+		-run '^(TestGuest|TestTwoGuests|TestHostCommand|TestLevel3Guest)' ./cmd/captp > "$$log" 2>&1 \
 		|| { cat "$$log"; echo "tamago-test: FAILED (guest console and test log above)" >&2; exit 1; }; \
 	grep -E '^(--- |ok|PASS|FAIL)' "$$log"; \
 	if grep -q -- '--- SKIP' "$$log"; then echo "tamago-test: tests were skipped" >&2; exit 1; fi

@@ -16,6 +16,8 @@
 //     APIC timer (measured against the TSC during calibration).
 //   - Exit codes reach the host through QEMU's isa-debug-exit device at
 //     port 0xf4: QEMU exits with status 2*code+1 (see ExitStatus).
+//   - CheckEntropy checks that crypto/rand has a source (RDRAND, which
+//     tamago's amd64 package uses) before a vat makes its TLS key.
 //   - COM2 (0x2f8) is the data port. Its FIFO stays off: QEMU 7.2's 16550
 //     in FIFO mode drops received bytes under polling (checked).
 //
@@ -29,6 +31,7 @@
 package microvm
 
 import (
+	"bytes"
 	"fmt"
 	"slices"
 )
@@ -109,4 +112,19 @@ func medianRate(rates []uint64) (uint64, error) {
 	r := slices.Clone(rates)
 	slices.Sort(r)
 	return tscHz(r[len(r)/2], 1, 1)
+}
+
+// checkSamples rejects two samples of a random source that cannot be
+// random: equal, or one byte repeated throughout (a stuck source, such as
+// an RDRAND that fails and leaves its register at 0 or ~0).
+func checkSamples(a, b []byte) error {
+	if len(a) == 0 || slices.Equal(a, b) {
+		return fmt.Errorf("microvm: crypto/rand returned the same %d bytes twice", len(a))
+	}
+	for _, s := range [][]byte{a, b} {
+		if len(s) > 1 && bytes.Count(s, s[:1]) == len(s) {
+			return fmt.Errorf("microvm: crypto/rand returned %d bytes of %#02x", len(s), s[0])
+		}
+	}
+	return nil
 }

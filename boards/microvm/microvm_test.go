@@ -88,3 +88,20 @@ func TestPIT(t *testing.T) {
 		t.Error("medianRate accepted no windows")
 	}
 }
+
+func TestCheckSamples(t *testing.T) {
+	a := []byte{1, 2, 3, 4}
+	if err := checkSamples(a, []byte{4, 3, 2, 1}); err != nil {
+		t.Errorf("distinct samples refused: %v", err)
+	}
+	for _, tc := range [][2][]byte{
+		{a, a},
+		{{0, 0, 0, 0}, a},
+		{a, {0xff, 0xff, 0xff, 0xff}},
+		{nil, nil},
+	} {
+		if err := checkSamples(tc[0], tc[1]); err == nil {
+			t.Errorf("checkSamples(%x, %x) accepted", tc[0], tc[1])
+		}
+	}
+}
