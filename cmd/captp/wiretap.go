@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/binary"
 	"io"
+	"net"
 	"sync"
 	"time"
 
@@ -49,6 +50,12 @@ type wireEvent struct {
 	// For a return with results: export ids in its cap table (senderHosted
 	// or senderPromise), which the receiving side imports.
 	caps []uint32
+
+	// For a call: the method it calls.
+	iface  uint64
+	method uint16
+	// For a bootstrap: it names a service (a sturdy ref's restore).
+	restore bool
 }
 
 func newWiretap(rw io.ReadWriteCloser) *wiretap {
@@ -71,6 +78,14 @@ func (t *wiretap) Write(p []byte) (int, error) {
 }
 
 func (t *wiretap) Close() error { return t.rw.Close() }
+
+// NetConn returns the connection under the tap, if it is one, so that
+// code looking for the TLS state under a transport's wrappers
+// (adapters/secure) finds it through the tap.
+func (t *wiretap) NetConn() net.Conn {
+	c, _ := t.rw.(net.Conn)
+	return c
+}
 
 func (t *wiretap) observe(dir direction, b []byte) {
 	t.mu.Lock()
@@ -173,6 +188,7 @@ func decodeEvent(frame []byte) (wireEvent, bool) {
 	case rpccp.Message_Which_bootstrap:
 		if b, err := m.Bootstrap(); err == nil {
 			ev.question = b.QuestionId()
+			ev.restore = b.HasDeprecatedObjectId()
 		}
 	case rpccp.Message_Which_call:
 		c, err := m.Call()
@@ -180,6 +196,7 @@ func decodeEvent(frame []byte) (wireEvent, bool) {
 			break
 		}
 		ev.question = c.QuestionId()
+		ev.iface, ev.method = c.InterfaceId(), c.MethodId()
 		tgt, err := c.Target()
 		if err != nil {
 			break
