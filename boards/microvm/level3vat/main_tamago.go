@@ -7,8 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
-	"net/netip"
 	"os"
 	"time"
 
@@ -47,9 +45,9 @@ func run(log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("identity: %w", err)
 	}
-	stack, err := startNetwork(log)
+	stack, err := microvm.StartNetwork(log, addrFromMAC)
 	if err != nil {
-		return err
+		return fmt.Errorf("network (the Level 3 vat needs one): %w", err)
 	}
 	defer stack.Close()
 
@@ -93,29 +91,4 @@ func run(log *slog.Logger) error {
 	cancel()
 	<-served
 	return nil
-}
-
-// startNetwork finds the virtio-net card in microvm's virtio-mmio slots
-// and puts a TCP/IP stack on it, at the address its MAC gives.
-func startNetwork(log *slog.Logger) (*netstack.Stack, error) {
-	for i := range microvm.VirtioSlots {
-		base := uintptr(microvm.VirtioMMIO + 0x200*i)
-		t, err := tamago.NewMMIO(base)
-		if err != nil || t.DeviceID() != 1 {
-			continue
-		}
-		nic, err := tamago.NewNIC(t, tamago.DMA{}, nil)
-		if err != nil {
-			return nil, fmt.Errorf("virtio-net at %#x: %w", base, err)
-		}
-		mac := net.HardwareAddr(nic.MAC())
-		addr, err := addrFromMAC(mac)
-		if err != nil {
-			return nil, fmt.Errorf("virtio-net at %#x: %w", base, err)
-		}
-		log.Info("level3vat: virtio-net", "base", fmt.Sprintf("%#x", base), "mac", mac.String(), "addr", addr)
-		link := tamago.NewLink(nic, mac, &tamago.LinkOptions{Logger: log})
-		return netstack.New(link, netstack.Config{Name: "virtio-net", Addrs: []netip.Prefix{addr}, Logger: log})
-	}
-	return nil, errors.New("no virtio-net device (the Level 3 vat needs a network)")
 }

@@ -4,8 +4,8 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"time"
@@ -35,7 +35,7 @@ func main() {
 	defer cancel()
 
 	obj := testimpl.New("guest", nil)
-	if stack, err := startNetwork(log); err != nil {
+	if stack, err := microvm.StartNetwork(log, fixedAddr); err != nil {
 		log.Info("vat: no network", "err", err)
 	} else {
 		lis, err := stack.Listen(guestPort)
@@ -55,22 +55,5 @@ func main() {
 	os.Exit(0)
 }
 
-// startNetwork finds a virtio-net card in microvm's virtio-mmio slots and
-// puts a TCP/IP stack on it.
-func startNetwork(log *slog.Logger) (*netstack.Stack, error) {
-	for i := range microvm.VirtioSlots {
-		base := uintptr(microvm.VirtioMMIO + 0x200*i)
-		t, err := tamago.NewMMIO(base)
-		if err != nil || t.DeviceID() != 1 {
-			continue
-		}
-		nic, err := tamago.NewNIC(t, tamago.DMA{}, nil)
-		if err != nil {
-			return nil, fmt.Errorf("virtio-net at %#x: %w", base, err)
-		}
-		log.Info("vat: virtio-net", "base", fmt.Sprintf("%#x", base), "mac", nic.MAC().String())
-		link := tamago.NewLink(nic, nic.MAC(), &tamago.LinkOptions{Logger: log})
-		return netstack.New(link, netstack.Config{Name: "virtio-net", Addrs: []netip.Prefix{guestAddr}, Logger: log})
-	}
-	return nil, fmt.Errorf("no virtio-net device")
-}
+// fixedAddr gives every card QEMU user-mode networking's guest address.
+func fixedAddr(net.HardwareAddr) (netip.Prefix, error) { return guestAddr, nil }
