@@ -16,7 +16,7 @@ CAPNP_VERSION = $(shell $(GO) list -m -f '{{.Version}}' $(CAPNP_MOD))
 CAPNP_STD = $(shell $(GO) list -m -f '{{.Dir}}' $(CAPNP_MOD))/std
 CAPNPC_GO = $(GOBIN)/capnpc-go
 # Directories whose *.capnp schemas are compiled to committed *.capnp.go files.
-SCHEMA_DIRS := internal/testcapnp core/bytestream internal/sample
+SCHEMA_DIRS := internal/testcapnp core/bytestream internal/sample adapters/netcap
 
 TEST_TIMEOUT ?= 10m
 # CI_FUZZTIME is how long `make test` fuzzes each target.
@@ -79,7 +79,7 @@ capnpc-go:
 define compile_schemas
 for d in $(SCHEMA_DIRS); do \
 	mkdir -p "$(1)/$$d"; \
-	capnp compile -I "$(CAPNP_STD)" -o"$(CAPNPC_GO):$(1)/$$d" --src-prefix="$$d" "$$d"/*.capnp; \
+	capnp compile -I "$(CAPNP_STD)" -I . -o"$(CAPNPC_GO):$(1)/$$d" --src-prefix="$$d" "$$d"/*.capnp; \
 done
 endef
 

@@ -20,6 +20,7 @@ import (
 
 	"capnproto.org/go/capnp/v3"
 
+	"github.com/captp-go/captp/adapters/netcap"
 	"github.com/captp-go/captp/adapters/netstack"
 	"github.com/captp-go/captp/adapters/unix"
 	"github.com/captp-go/captp/boards/microvm"
@@ -50,6 +51,7 @@ func setupHost(fs *flag.FlagSet) func(ctx context.Context, args []string, stdout
 	listen := fs.String("listen", "", "`address` to re-serve the guest's bootstrap capability on, such as unix:/tmp/guest.sock (required)")
 	boot := fs.Duration("boot-timeout", 30*time.Second, "give up if the guest has not answered after this long")
 	verbose := fs.Bool("v", false, "log connection diagnostics too, not only the guest's console")
+	cfg.Policy = netcapFlags(fs)
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		if len(args) > 0 {
 			return usageError{fmt.Errorf("unexpected arguments %q", args)}
@@ -136,6 +138,9 @@ type guestConfig struct {
 	HostFwdPort int
 	// BootTimeout bounds the wait for the guest to answer; 0 means 30s.
 	BootTimeout time.Duration
+	// Policy limits the Network the host offers the guest as its
+	// bootstrap capability; nil denies everything.
+	Policy *netcap.Policy
 }
 
 // qemuArgs returns QEMU's command line (without the binary) for cfg with
@@ -193,6 +198,10 @@ type guest struct {
 	TCP   *core.Conn
 	stack *netstack.Stack
 
+	// The guest's Network (netcap), offered on Serial and TCP.
+	netSrv  *netcap.Server
+	network netcap.Network
+
 	exited  chan struct{}
 	exitErr error // set before exited closes
 	status  int   // QEMU's exit status, set before exited closes
@@ -236,6 +245,7 @@ func startGuest(ctx context.Context, cfg guestConfig, log *slog.Logger) (_ *gues
 	}()
 	bootCtx, cancel := context.WithTimeout(ctx, cfg.BootTimeout)
 	defer cancel()
+	g.startNetwork()
 
 	serialSock, netSock := filepath.Join(g.dir, "serial.sock"), filepath.Join(g.dir, "net.sock")
 	serialLis, err := net.Listen("unix", serialSock)
@@ -277,7 +287,7 @@ func startGuest(ctx context.Context, cfg guestConfig, log *slog.Logger) (_ *gues
 	if err != nil {
 		return nil, fmt.Errorf("waiting for qemu to connect the serial port: %w", g.explain(err))
 	}
-	g.Serial = core.NewConn(serialConn, &core.Options{Logger: log})
+	g.Serial = core.NewConn(serialConn, g.connOptions())
 	if err := g.ready(bootCtx, g.Serial); err != nil {
 		return nil, fmt.Errorf("guest vat over the serial port: %w", g.explain(err))
 	}
@@ -295,12 +305,12 @@ func startGuest(ctx context.Context, cfg guestConfig, log *slog.Logger) (_ *gues
 			return nil, fmt.Errorf("host network stack: %w", err)
 		}
 		g.TCP, err = g.dialTCP(bootCtx, func(ctx context.Context) (*core.Conn, error) {
-			return g.stack.Dial(ctx, guestTCPAddr.String(), &core.Options{Logger: log})
+			return g.stack.Dial(ctx, guestTCPAddr.String(), g.connOptions())
 		})
 	case netUser:
 		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(cfg.HostFwdPort))
 		g.TCP, err = g.dialTCP(bootCtx, func(ctx context.Context) (*core.Conn, error) {
-			return unix.Dial(ctx, addr, &core.Options{Logger: log})
+			return unix.Dial(ctx, addr, g.connOptions())
 		})
 	}
 	if err != nil {
@@ -448,6 +458,7 @@ func (g *guest) Close() (code int, err error) {
 		if g.Serial != nil {
 			g.Serial.Close()
 		}
+		g.stopNetwork()
 		if g.cmd != nil && g.cmd.Process != nil {
 			wait := guestExitTimeout
 			if g.Serial == nil {
