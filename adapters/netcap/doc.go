@@ -14,7 +14,11 @@
 //
 // The guest side is Dial and Listen, which return a standard net.Conn and
 // net.Listener over the capability, with deadlines, CloseWrite and
-// cancellation through contexts.
+// cancellation through contexts. A guest's Close is graceful: the host
+// writes the guest's bytes and a FIN, then reads and discards until the
+// remote's end of stream (at most Options.Linger) before closing the
+// socket, since closing it with unread bytes would send a reset that can
+// make the remote lose the guest's last bytes.
 //
 // Every request gets an answer: failures are typed results (Failure, with
 // a Kind), not only exceptions, and come back to Go callers as *Error

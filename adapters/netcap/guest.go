@@ -366,7 +366,8 @@ func (c *conn) CloseWrite() error {
 
 // Close closes the stream. Bytes already written are handed to the host
 // first (for at most lingerTimeout) unless a Write is blocked, which
-// Close cancels.
+// Close cancels; the host then sends them and a FIN, and closes its
+// socket without a reset (Options.Linger).
 func (c *conn) Close() error {
 	first := false
 	c.closeOnce.Do(func() {

@@ -111,7 +111,19 @@ type Options struct {
 	// has its own): see bytestream.WriterOptions. Zero fields take
 	// flow.Defaults.
 	Flow flow.Config
+	// Linger bounds a graceful close: when the guest closes a stream
+	// after ending its direction, the host has already sent the remote
+	// its bytes and FIN, and keeps reading and discarding the remote's
+	// bytes until the remote's end of stream, for at most Linger, before
+	// closing the socket. Closing a socket with unread bytes would send a
+	// reset, and the remote's kernel would drop what the remote had not
+	// read yet. A lingering stream keeps its slot (MaxStreams). Zero
+	// means 2s; negative closes at once.
+	Linger time.Duration
 }
+
+// defaultLinger is Options.Linger's default.
+const defaultLinger = 2 * time.Second
 
 // maxAddressLen bounds an address a guest sends.
 const maxAddressLen = 1024
@@ -128,6 +140,7 @@ type Server struct {
 	timeout time.Duration
 	readSz  int
 	flow    flow.Config
+	linger  time.Duration
 
 	mu        sync.Mutex
 	closed    bool
@@ -159,6 +172,7 @@ func NewServer(policy *Policy, backend Backend, opts *Options) (*Server, Network
 		timeout:   opts.DialTimeout,
 		readSz:    opts.ReadSize,
 		flow:      opts.Flow,
+		linger:    opts.Linger,
 		streams:   make(map[*hostStream]struct{}),
 		listeners: make(map[*hostListener]struct{}),
 	}
@@ -175,6 +189,9 @@ func NewServer(policy *Policy, backend Backend, opts *Options) (*Server, Network
 	}
 	if s.readSz <= 0 {
 		s.readSz = 64 << 10
+	}
+	if s.linger == 0 {
+		s.linger = defaultLinger
 	}
 	return s, Network_ServerToClient(s)
 }
@@ -197,8 +214,9 @@ func (s *Server) Stats() Stats {
 // Shutdown is called when the Network's last reference is released.
 func (s *Server) Shutdown() { s.shutdown() }
 
-// Close closes every stream and listener, refuses later requests, and
-// waits until the goroutines serving them have ended.
+// Close closes every stream and listener at once (lingering streams
+// too), refuses later requests, and waits until the goroutines serving
+// them have ended.
 func (s *Server) Close() error {
 	s.shutdown()
 	s.wg.Wait()
@@ -445,6 +463,7 @@ func writeFailure(r ConnectResult, e *Error) error {
 func (s *Server) attach(r ConnectResult, c net.Conn, down bytestream.ByteStream) error {
 	h := &hostStream{s: s, conn: c}
 	h.ctx, h.cancel = context.WithCancel(context.Background())
+	h.downCtx, h.downCancel = context.WithCancel(h.ctx)
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -483,32 +502,84 @@ type hostStream struct {
 	conn   net.Conn
 	ctx    context.Context // canceled by close
 	cancel context.CancelFunc
+	// downCtx bounds the writes to the guest's down ByteStream; canceled
+	// by close, and when the stream starts lingering.
+	downCtx    context.Context
+	downCancel context.CancelFunc
 
 	mu        sync.Mutex
-	upEnded   bool   // the guest ended its direction
-	downDone  bool   // the remote ended its direction and the guest has all of it
-	downEnded bool   // the host is ending down
-	failure   *Error // why, if not cleanly
+	upEnded   bool        // the guest ended its direction
+	finSent   bool        // ... and the host half-closed the socket after its bytes
+	downDone  bool        // the remote ended its direction and the guest has all of it
+	downEnded bool        // the host is ending down
+	failure   *Error      // why, if not cleanly
+	pumpDone  bool        // pump has stopped reading the socket
+	lingering bool        // closing gracefully: pump discards until the remote's EOF
+	closed    bool        // close has run
+	linger    *time.Timer // bounds the lingering
 	once      sync.Once
 }
 
 // Close implements Stream_Server.
 func (h *hostStream) Close(ctx context.Context, call Stream_close) error {
-	h.close()
+	h.closeGracefully()
 	return nil
 }
 
-// Shutdown closes the stream when its last reference is released.
-func (h *hostStream) Shutdown() { h.close() }
+// Shutdown closes the stream when its last reference is released, as
+// Close does. (When the guest's connection ends, the Network's release
+// closes every stream at once.)
+func (h *hostStream) Shutdown() { h.closeGracefully() }
 
+// closeGracefully closes the stream without a reset when it can. If the
+// guest ended its direction, the socket is already half-closed after the
+// guest's bytes; closing it now, with the remote's bytes unread in its
+// receive buffer, would send a reset that makes the remote's kernel drop
+// the guest's bytes the remote has not read yet. So the host lingers:
+// it stops forwarding to the guest, and pump reads and discards until
+// the remote's end of stream (then closes) or until the linger ends.
+// Otherwise, as when a write was cut short, the close is abortive.
+func (h *hostStream) closeGracefully() {
+	h.mu.Lock()
+	if h.lingering || h.closed {
+		h.mu.Unlock()
+		return
+	}
+	if !h.finSent || h.pumpDone || h.s.linger < 0 {
+		h.mu.Unlock()
+		h.close()
+		return
+	}
+	h.lingering = true
+	h.linger = time.AfterFunc(h.s.linger, h.close)
+	h.mu.Unlock()
+	h.downCancel() // unblocks a pump waiting for the guest to read
+}
+
+// isLingering reports whether the stream is closing gracefully.
+func (h *hostStream) isLingering() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.lingering
+}
+
+// close closes the socket at once (abortive if bytes are unread).
 func (h *hostStream) close() {
 	h.once.Do(func() {
-		h.cancel()
-		h.conn.Close()
+		h.mu.Lock()
+		h.closed = true
+		if h.linger != nil {
+			h.linger.Stop()
+		}
+		h.mu.Unlock()
+		// Forget the stream first: once the remote sees the socket
+		// close, Stats no longer counts it.
 		h.s.mu.Lock()
 		delete(h.s.streams, h)
 		h.s.slots--
 		h.s.mu.Unlock()
+		h.cancel()
+		h.conn.Close()
 	})
 }
 
@@ -528,14 +599,20 @@ func (h *hostStream) halfDone(up bool) {
 	}
 }
 
-// endUp half-closes the socket when the guest ends its direction.
+// endUp half-closes the socket when the guest ends its direction: every
+// byte before the end has been written to the socket.
 func (h *hostStream) endUp(context.Context) error {
 	defer h.halfDone(true)
-	if cw, ok := h.conn.(interface{ CloseWrite() error }); ok {
-		if err := cw.CloseWrite(); err != nil {
-			return fmt.Errorf("netcap: half-close: %w", err)
-		}
+	cw, ok := h.conn.(interface{ CloseWrite() error })
+	if !ok {
+		return nil // the remote sees the end when the socket closes
 	}
+	if err := cw.CloseWrite(); err != nil {
+		return fmt.Errorf("netcap: half-close: %w", err)
+	}
+	h.mu.Lock()
+	h.finSent = true
+	h.mu.Unlock()
 	return nil
 }
 
@@ -543,20 +620,25 @@ func (h *hostStream) endUp(context.Context) error {
 // streaming calls within the down ByteStream's flow-control window: when the guest
 // does not read, the window fills, pump stops reading and the remote
 // sender is held back by TCP. The host holds at most ReadSize bytes plus
-// the window.
+// the window. While the stream lingers, pump discards what it reads.
 func (h *hostStream) pump(down bytestream.ByteStream) {
 	defer h.s.wg.Done()
 	defer down.Release()
-	w := bytestream.NewWriter(h.ctx, down, &bytestream.WriterOptions{ChunkSize: h.s.readSz, Flow: h.s.flow})
+	defer func() {
+		h.mu.Lock()
+		h.pumpDone = true
+		h.mu.Unlock()
+	}()
+	w := bytestream.NewWriter(h.downCtx, down, &bytestream.WriterOptions{ChunkSize: h.s.readSz, Flow: h.s.flow})
 	buf := make([]byte, h.s.readSz)
 	for {
 		n, err := h.conn.Read(buf)
-		if n > 0 {
+		if n > 0 && !h.isLingering() {
 			_, werr := w.Write(buf[:n])
 			if werr == nil {
 				werr = w.Flush()
 			}
-			if werr != nil {
+			if werr != nil && !h.isLingering() {
 				// The guest's down ByteStream failed or went away: nobody reads.
 				h.close()
 				w.Close()
@@ -567,6 +649,11 @@ func (h *hostStream) pump(down bytestream.ByteStream) {
 			continue
 		}
 		switch {
+		case h.isLingering():
+			// At the remote's end of stream nothing is left unread, and
+			// closing sends no reset; on an error there is nothing to save.
+			h.close()
+			w.Close()
 		case h.ctx.Err() != nil:
 			// Closed here; the guest closed it, or the Network went.
 			w.Close()
@@ -771,11 +858,11 @@ func (l *hostListener) Shutdown() { l.close() }
 
 func (l *hostListener) close() {
 	l.once.Do(func() {
-		close(l.done)
-		l.lis.Close()
 		l.s.mu.Lock()
 		delete(l.s.listeners, l)
 		l.s.lslots--
 		l.s.mu.Unlock()
+		close(l.done)
+		l.lis.Close()
 	})
 }

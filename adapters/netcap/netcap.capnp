@@ -36,7 +36,12 @@ struct Failure {
 # the end of the remote's bytes, cleanly or not (see endReason).
 # Releasing the last reference to the Stream closes the connection.
 interface Stream {
-  # close closes both directions at once; writes in flight may be lost.
+  # close closes the connection. After the guest ended `up` the host has
+  # written its bytes and a FIN: it stops sending to `down` and reads and
+  # discards the remote's bytes until the remote's end of stream, for a
+  # bounded time, so that closing does not reset the connection (a reset
+  # can make the remote lose the guest's last bytes). Otherwise it closes
+  # at once, and writes in flight may be lost.
   close @0 ();
   # endReason says why the host ended `down`: the remote's clean end of
   # stream, or a failure such as a reset. Call it after down.end().

@@ -68,9 +68,15 @@ type env struct {
 // newEnv connects a guest to a host whose Network follows the rules.
 func newEnv(t *testing.T, p *netcap.Policy, hostLimits core.Limits) *env {
 	t.Helper()
+	return newEnvOptions(t, p, hostLimits, nil)
+}
+
+// newEnvOptions is newEnv with the Server's options.
+func newEnvOptions(t *testing.T, p *netcap.Policy, hostLimits core.Limits, opts *netcap.Options) *env {
+	t.Helper()
 	e := &env{backend: &countingBackend{}}
 	var network netcap.Network
-	e.srv, network = netcap.NewServer(p, e.backend, nil)
+	e.srv, network = netcap.NewServer(p, e.backend, opts)
 	a, b := net.Pipe()
 	e.host = core.NewConn(b, &core.Options{BootstrapClient: capnp.Client(network), Limits: hostLimits})
 	e.guest = core.NewConn(a, nil)
@@ -868,12 +874,18 @@ func TestWriteDeadline(t *testing.T) {
 
 // Close hands over what was written before it, even when the guest left
 // the remote's bytes unread.
+// Close after writing is graceful on the host even when the remote's
+// bytes are unread: a reset would make the remote's kernel drop the
+// guest's bytes the remote has not read yet.
 func TestCloseDeliversWrittenBytes(t *testing.T) {
 	got := make(chan []byte, 1)
 	r := newRemote(t, func(c net.Conn) {
 		go c.Write(make([]byte, 1<<20))    // the guest never reads this
 		time.Sleep(300 * time.Millisecond) // the guest's bytes are still in flight at Close
-		b, _ := io.ReadAll(c)
+		b, err := io.ReadAll(c)
+		if err != nil {
+			t.Errorf("remote read after %d bytes: %v, want a clean end of stream", len(b), err)
+		}
 		got <- b
 	})
 	e := newEnv(t, policy(t, []string{"tcp:127.0.0.1:*"}, nil), core.Limits{})
@@ -895,5 +907,115 @@ func TestCloseDeliversWrittenBytes(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the remote never saw the end of the stream")
+	}
+}
+
+// lingerRemote dials a remote that keeps its end open, writes "bye" from
+// the guest and closes, and checks that the remote gets "bye" and a clean
+// end of stream. It returns the remote's connection and when Close began.
+func lingerRemote(t *testing.T, n netcap.Network) (net.Conn, time.Time) {
+	t.Helper()
+	r := newRemote(t, nil)
+	c, err := netcap.Dial(t.Context(), n, "tcp", r.addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc := <-r.conns
+	t.Cleanup(func() { rc.Close() })
+	if _, err := c.Write([]byte("bye")); err != nil {
+		t.Fatal(err)
+	}
+	closed := time.Now()
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	rc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b, err := io.ReadAll(rc)
+	if err != nil || string(b) != "bye" {
+		t.Fatalf("remote read %q, %v; want \"bye\" and a clean end of stream", b, err)
+	}
+	return rc, closed
+}
+
+// writeUntilFails writes to the remote's end until the host's socket is
+// gone (the host's kernel answers with a reset) and returns when it
+// failed, or fails the test after limit.
+func writeUntilFails(t *testing.T, rc net.Conn, limit time.Duration) time.Time {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	rc.SetWriteDeadline(deadline)
+	for {
+		if _, err := rc.Write(make([]byte, 1024)); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatalf("the host still read the remote's bytes after %v", limit)
+			}
+			return time.Now()
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the host still read the remote's bytes after %v", limit)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// A graceful close waits for the remote's end of stream only as long as
+// Options.Linger: a remote that never closes does not hold the host's
+// socket.
+func TestCloseLingerIsBounded(t *testing.T) {
+	const linger = time.Second
+	e := newEnvOptions(t, policy(t, []string{"tcp:127.0.0.1:*"}, nil), core.Limits{}, &netcap.Options{Linger: linger})
+	rc, closed := lingerRemote(t, e.net)
+	// The host lingers: it still reads (and discards) the remote's bytes.
+	if d := time.Since(closed); d < linger/2 {
+		if st := e.srv.Stats(); st.Streams != 1 {
+			t.Errorf("%v after Close: stats %+v, want the stream lingering", d, st)
+		}
+	}
+	failed := writeUntilFails(t, rc, linger+5*time.Second)
+	if d := failed.Sub(closed); d < linger*9/10 {
+		t.Errorf("the host closed the socket %v after Close, before the linger (%v) ended", d, linger)
+	}
+	waitFor(t, "the host to free the stream", func() bool { return e.srv.Stats().Streams == 0 })
+}
+
+// Releasing the Network ends a linger at once: a closing Network's
+// sockets close abortively.
+func TestNetworkReleaseEndsLinger(t *testing.T) {
+	srv, n := netcap.NewServer(policy(t, []string{"tcp:127.0.0.1:*"}, nil), &netcap.KernelBackend{}, &netcap.Options{Linger: time.Hour})
+	defer srv.Close()
+	rc, _ := lingerRemote(t, n)
+	if st := srv.Stats(); st.Streams != 1 {
+		t.Errorf("stats %+v after Close, want the stream lingering", st)
+	}
+	released := time.Now()
+	n.Release()
+	if d := writeUntilFails(t, rc, 5*time.Second).Sub(released); d > 4*time.Second {
+		t.Errorf("the socket closed %v after the Network was released", d)
+	}
+	if st := srv.Stats(); st.Streams != 0 {
+		t.Errorf("stats %+v after release", st)
+	}
+}
+
+// Options.Linger < 0 closes at once, without waiting for a remote that
+// never closes.
+func TestNegativeLingerClosesAtOnce(t *testing.T) {
+	e := newEnvOptions(t, policy(t, []string{"tcp:127.0.0.1:*"}, nil), core.Limits{}, &netcap.Options{Linger: -1})
+	r := newRemote(t, nil)
+	c, err := netcap.Dial(t.Context(), e.net, "tcp", r.addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc := <-r.conns
+	defer rc.Close()
+	closed := time.Now()
+	c.Close()
+	waitFor(t, "the host to free the stream", func() bool { return e.srv.Stats().Streams == 0 })
+	if d := time.Since(closed); d > time.Second {
+		t.Errorf("the host freed the stream %v after Close, want at once", d)
+	}
+	rc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadAll(rc); err != nil {
+		t.Errorf("remote after the close: %v, want a clean end of stream", err)
 	}
 }

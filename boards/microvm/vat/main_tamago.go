@@ -12,6 +12,7 @@ import (
 
 	"capnproto.org/go/capnp/v3"
 
+	"github.com/captp-go/captp/adapters/netcap"
 	"github.com/captp-go/captp/adapters/netstack"
 	"github.com/captp-go/captp/adapters/tamago"
 	"github.com/captp-go/captp/boards/microvm"
@@ -50,6 +51,9 @@ func main() {
 	serial := tamago.NewSerial(microvm.COM2, nil)
 	conn := core.NewConn(serial, &core.Options{BootstrapClient: capnp.Client(obj.Client()), Logger: log})
 	log.Info("vat: serving on COM2")
+	// captp host offers its Network as the serial connection's bootstrap
+	// capability; what it allows is the host's policy.
+	go useHostNetwork(ctx, log, netcap.Network(conn.Bootstrap(ctx)), capnp.Client(obj.Client()))
 	<-conn.Done()
 	log.Info("vat: serial connection ended; exiting", "err", conn.Err())
 	os.Exit(0)
