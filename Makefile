@@ -16,7 +16,7 @@ CAPNP_VERSION = $(shell $(GO) list -m -f '{{.Version}}' $(CAPNP_MOD))
 CAPNP_STD = $(shell $(GO) list -m -f '{{.Dir}}' $(CAPNP_MOD))/std
 CAPNPC_GO = $(GOBIN)/capnpc-go
 # Directories whose *.capnp schemas are compiled to committed *.capnp.go files.
-SCHEMA_DIRS := internal/testcapnp core/bytestream internal/sample adapters/netcap
+SCHEMA_DIRS := internal/testcapnp core/bytestream internal/sample adapters/netcap core/inspect
 
 TEST_TIMEOUT ?= 10m
 # CI_FUZZTIME is how long `make test` fuzzes each target.

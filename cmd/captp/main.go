@@ -12,10 +12,12 @@
 //	host    boot a TamaGo guest vat in QEMU and re-serve its bootstrap capability on a host socket
 //	serve   host sample services with persistent sturdy refs (capnp://…) over TLS with a vat identity
 //	call    restore the capability a sturdy ref names and call a method on it
+//	inspect show a running vat's connections and their tables (questions, answers, imports, exports, embargoes)
 //	help    show help for captp or for one command
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"flag"
@@ -41,6 +43,7 @@ var commands = []command{
 	{name: "host", summary: "boot a TamaGo guest vat in QEMU and re-serve its bootstrap capability on a host socket", setup: setupHost},
 	{name: "serve", summary: "host sample services with persistent sturdy refs (capnp://…) over TLS with a vat identity", setup: setupServe},
 	{name: "call", summary: "restore the capability a sturdy ref names and call a method on it", setup: setupCall},
+	{name: "inspect", summary: "show a running vat's connections and their tables (questions, answers, imports, exports, embargoes)", setup: setupInspect},
 }
 
 func main() {
@@ -91,12 +94,19 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		usage(stderr)
 		return exitUsage
 	}
-	fs := newFlagSet(cmd, stderr)
+	// What Parse prints goes to stdout for -h/--help (asked for, exit 0)
+	// and to stderr for a bad flag.
+	var parseOut bytes.Buffer
+	fs := newFlagSet(cmd, &parseOut)
 	runCmd := cmd.setup(fs)
-	if err := fs.Parse(rest); err != nil {
+	err := fs.Parse(rest)
+	fs.SetOutput(stderr)
+	if err != nil {
 		if errors.Is(err, flag.ErrHelp) {
+			stdout.Write(parseOut.Bytes())
 			return exitOK
 		}
+		stderr.Write(parseOut.Bytes())
 		return exitUsage // fs has printed the error and the usage
 	}
 	if err := runCmd(ctx, fs.Args(), stdout, stderr); err != nil {
@@ -127,6 +137,7 @@ func newFlagSet(cmd command, out io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet("captp "+cmd.name, flag.ContinueOnError)
 	fs.SetOutput(out)
 	fs.Usage = func() {
+		out := fs.Output()
 		fmt.Fprintf(out, "usage: captp %s [flags]\n\n%s.\n", cmd.name, upperFirst(cmd.summary))
 		var b strings.Builder
 		fs.SetOutput(&b)

@@ -38,6 +38,23 @@ func TestHelp(t *testing.T) {
 	}
 }
 
+// Every command answers -h, -help and --help (and captp help NAME) with
+// its usage and a description on stdout, and exits 0.
+func TestHelpEveryCommand(t *testing.T) {
+	if len(commands) < 6 {
+		t.Fatalf("only %d commands registered", len(commands))
+	}
+	for _, cmd := range commands {
+		for _, args := range [][]string{{cmd.name, "-h"}, {cmd.name, "-help"}, {cmd.name, "--help"}, {"help", cmd.name}} {
+			code, out, errOut := runCLI(t, args...)
+			lines := strings.Split(strings.TrimSpace(out), "\n")
+			if code != exitOK || errOut != "" || !strings.HasPrefix(out, "usage: captp "+cmd.name) || len(lines) < 3 {
+				t.Errorf("captp %s: exit %d, stdout %q, stderr %q; want usage and a description on stdout, exit 0", strings.Join(args, " "), code, out, errOut)
+			}
+		}
+	}
+}
+
 func TestUsageErrors(t *testing.T) {
 	for _, tt := range []struct {
 		args []string

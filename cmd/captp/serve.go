@@ -16,13 +16,17 @@ import (
 	"strings"
 	"sync"
 
+	"capnproto.org/go/capnp/v3"
+
 	"github.com/captp-go/captp/adapters/diskstore"
 	"github.com/captp-go/captp/adapters/netstack"
 	"github.com/captp-go/captp/adapters/secure"
 	"github.com/captp-go/captp/adapters/unix"
 	"github.com/captp-go/captp/core"
+	"github.com/captp-go/captp/core/inspect"
 	"github.com/captp-go/captp/core/sturdyref"
 	"github.com/captp-go/captp/internal/sample"
+	"github.com/captp-go/captp/internal/serve"
 )
 
 // serveConfig is what `captp serve` was asked to do.
@@ -36,6 +40,7 @@ type serveConfig struct {
 	echo      []string // echo services to host
 	counters  []string // counter services to host
 	revoke    []string // services to revoke first
+	inspect   bool     // also serve an Inspector under the sturdy ref inspectName
 	logger    *slog.Logger
 }
 
@@ -50,6 +55,7 @@ func setupServe(fs *flag.FlagSet) func(ctx context.Context, args []string, stdou
 	echo := fs.String("echo", "echo", "comma-separated `names` of Echo services to host")
 	counters := fs.String("counter", "counter", "comma-separated `names` of Counter services to host (their totals survive restarts)")
 	revoke := fs.String("revoke", "", "comma-separated `names` of services to revoke before serving: their sturdy refs stop working, and a later run that hosts the name again mints a new ref")
+	fs.BoolVar(&cfg.inspect, "inspect", false, "allow inspection: also serve an Inspector of this vat's connections and their tables (captp inspect) under a sturdy ref of its own, printed as 'inspect capnp://…' and kept in DIR/inspect.cap; whoever holds it may read every connection's tables. Without -inspect an earlier inspect ref is revoked")
 	verbose := fs.Bool("v", false, "log connections and failed restores to stderr")
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		if len(args) > 0 {
@@ -64,12 +70,24 @@ func setupServe(fs *flag.FlagSet) func(ctx context.Context, args []string, stdou
 				return usageError{fmt.Errorf("service name %q: use letters, digits, '-' and '_'", n)}
 			}
 		}
+		for _, n := range append(append([]string{}, cfg.echo...), cfg.counters...) {
+			if n == inspectName {
+				return usageError{fmt.Errorf("service name %q is reserved for -inspect", n)}
+			}
+		}
 		if *verbose {
 			cfg.logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 		}
 		return runServe(ctx, cfg, stdout, nil)
 	}
 }
+
+// inspectName is the service name of the Inspector (-inspect), and
+// kindInspect its record kind in the store.
+const (
+	inspectName = "inspect"
+	kindInspect = "captp.inspect"
+)
 
 var serviceName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 
@@ -117,7 +135,29 @@ func runServe(ctx context.Context, cfg serveConfig, stdout io.Writer, ready func
 		vat.Fingerprint = id.Fingerprint()
 	}
 	var restorer *sturdyref.Restorer
-	load := sample.NewLoader(store, func(sid []byte) sturdyref.Saver { return restorer.SaverFor(sid) })
+	var reg *inspect.Registry
+	if cfg.inspect {
+		reg = inspect.NewRegistry(&inspect.Options{Name: "captp serve " + addr.String()})
+		// Every connection the adapter accepts is tracked until it ends.
+		ctx = serve.WithAcceptHook(ctx, func(c *core.Conn, peer string) {
+			if peer == "" || peer == "@" {
+				peer = "unix socket peer"
+			}
+			if !reg.Track(c, peer) {
+				log.Warn("inspect: too many connections to track", "peer", peer)
+			}
+		})
+	}
+	sampleLoad := sample.NewLoader(store, func(sid []byte) sturdyref.Saver { return restorer.SaverFor(sid) })
+	load := func(ctx context.Context, sid []byte, rec sturdyref.Record) (capnp.Client, error) {
+		if rec.Kind != kindInspect {
+			return sampleLoad(ctx, sid, rec)
+		}
+		if reg == nil {
+			return capnp.Client{}, errors.New("inspection is off (captp serve without -inspect)")
+		}
+		return capnp.Client(reg.Inspector()), nil
+	}
 	restorer = sturdyref.NewRestorer(sturdyref.RestorerOptions{Vat: vat, Store: store, Load: load, Logger: log})
 	defer restorer.Close()
 
@@ -138,6 +178,16 @@ func runServe(ctx context.Context, cfg serveConfig, stdout io.Writer, ready func
 	}
 	for _, n := range cfg.counters {
 		svcs = append(svcs, svc{n, sample.KindCounter})
+	}
+	if cfg.inspect && !revoked[inspectName] {
+		svcs = append(svcs, svc{inspectName, kindInspect})
+	} else if _, err := os.Stat(capFile(cfg.dir, inspectName)); err == nil && !revoked[inspectName] {
+		// Inspection is allowed only while the vat is started with
+		// -inspect: a ref from an earlier run stops working.
+		if err := revokeService(ctx, cfg.dir, restorer, inspectName); err != nil {
+			return err
+		}
+		log.Info("inspect: revoked the inspect sturdy ref of an earlier run (no -inspect)")
 	}
 	for _, s := range svcs {
 		if revoked[s.name] {

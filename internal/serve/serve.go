@@ -29,6 +29,18 @@ type Config struct {
 	Temporary func(error) bool
 }
 
+// acceptHookKey is the context key of WithAcceptHook.
+type acceptHookKey struct{}
+
+// WithAcceptHook returns a context under which Serve calls hook with each
+// connection it starts and its peer's address (as the adapter formats it),
+// as soon as it has started it. A command uses it to track the
+// connections of a vat (captp serve -inspect) through any adapter's Serve,
+// whose signatures stay as they are. hook must not block.
+func WithAcceptHook(ctx context.Context, hook func(conn *core.Conn, peer string)) context.Context {
+	return context.WithValue(ctx, acceptHookKey{}, hook)
+}
+
 // Serve accepts connections on lis and serves each with core.NewConn until
 // ctx ends or accepting fails permanently. See adapters/unix.Serve for the
 // contract: each connection gets a copy of *opts with its own reference
@@ -59,6 +71,8 @@ func Serve(ctx context.Context, lis net.Listener, opts *core.Options, cfg Config
 		close(shutdown)
 		wg.Wait()
 	}()
+
+	onAccept, _ := ctx.Value(acceptHookKey{}).(func(*core.Conn, string))
 
 	var delay time.Duration // backoff after temporary accept errors
 	for {
@@ -97,6 +111,9 @@ func Serve(ctx context.Context, lis net.Listener, opts *core.Options, cfg Config
 		conn := core.NewConn(rwc, &o)
 		peer := cfg.FormatAddr(c.RemoteAddr())
 		log.Debug("serve: connection accepted", "peer", peer)
+		if onAccept != nil {
+			onAccept(conn, peer)
+		}
 		wg.Go(func() {
 			select {
 			case <-conn.Done():
