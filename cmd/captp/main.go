@@ -7,7 +7,7 @@
 //
 // Commands:
 //
-//	demo    run a server vat and a client vat over a Unix socket and narrate what happens
+//	demo    run a unikernel group (a host vat on a Unix socket, vats on a netstack network, a TamaGo guest in QEMU when available) and narrate what happens
 //	bench   compare captp with go-capnp, the C++ reference and the raw socket floor
 //	host    boot a TamaGo guest vat in QEMU and re-serve its bootstrap capability on a host socket
 //	serve   host sample services with persistent sturdy refs (capnp://…) over TLS with a vat identity
@@ -38,7 +38,7 @@ type command struct {
 }
 
 var commands = []command{
-	{name: "demo", summary: "run a server vat and a client vat over a Unix socket and narrate what happens", setup: setupDemo},
+	{name: "demo", summary: "run a unikernel group (a host vat on a Unix socket, vats on a netstack network, a TamaGo guest in QEMU when available) and narrate what happens", setup: setupDemo},
 	{name: "bench", summary: "compare captp with go-capnp, the C++ reference and the raw socket floor", setup: setupBench},
 	{name: "host", summary: "boot a TamaGo guest vat in QEMU and re-serve its bootstrap capability on a host socket", setup: setupHost},
 	{name: "serve", summary: "host sample services with persistent sturdy refs (capnp://…) over TLS with a vat identity", setup: setupServe},
