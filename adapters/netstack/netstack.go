@@ -11,6 +11,9 @@
 //   - StreamLink, a link endpoint speaking QEMU's -netdev stream framing
 //     over a byte stream (a Unix socket), so that a host process is a TCP
 //     peer of a QEMU guest without root;
+//   - Switch, a learning Ethernet switch joining QEMU guests' -netdev
+//     stream links and host stacks into one segment (captp host's group
+//     of guests), with bounded per-port queues and frame counters;
 //   - New, for a stack on any other gVisor link endpoint.
 //
 // A vat on a virtual network:

@@ -43,20 +43,24 @@ var (
 
 func setupHost(fs *flag.FlagSet) func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg guestConfig
-	fs.StringVar(&cfg.Image, "image", "", "the TamaGo `image` (ELF) to boot, such as vat.elf from make tamago")
+	var images hostImages
+	fs.Var(&images, "image", "`[NAME=]image` to boot: a TamaGo ELF such as vat.elf from make tamago, with an optional guest name (default: the file's base name); repeat it to boot a group of guests on one Ethernet segment")
 	fs.StringVar(&cfg.QEMU, "qemu", "qemu-system-x86_64", "QEMU `binary`")
-	fs.StringVar(&cfg.Net, "net", netStream, "guest network: none (serial only), stream (-netdev stream to this process's gVisor stack) or user (QEMU's NAT with hostfwd)")
-	fs.StringVar(&cfg.Memory, "m", "2G", "guest memory (QEMU -m)")
-	via := fs.String("via", "", "which guest connection to re-serve: serial or tcp (default tcp with a network, else serial)")
-	listen := fs.String("listen", "", "`address` to re-serve the guest's bootstrap capability on, such as unix:/tmp/guest.sock (required)")
-	boot := fs.Duration("boot-timeout", 30*time.Second, "give up if the guest has not answered after this long")
-	verbose := fs.Bool("v", false, "log connection diagnostics too, not only the guest's console")
+	fs.StringVar(&cfg.Net, "net", netStream, "guest network: none (serial only), stream (-netdev stream to this process's gVisor stack; with several guests, one segment shared by the guests and this process) or user (QEMU's NAT with hostfwd; one guest only)")
+	fs.StringVar(&cfg.Memory, "m", "2G", "guest memory (QEMU -m), per guest")
+	via := fs.String("via", "", "which guest connection to re-serve: serial or tcp (default tcp with one guest and a network, else serial)")
+	listen := fs.String("listen", "", "`address` to re-serve the guest's bootstrap capability on, such as unix:/tmp/guest.sock; a directory (unix:/tmp/guests/) gets one socket per guest, NAME.sock (required)")
+	subnet := fs.String("subnet", defaultSegment.String(), "a group's Ethernet segment, `10.A.B.0/24`: the host is 10.A.B.1, the guests 10.A.B.2, .3, ... through their MAC addresses 52:54:00:A:B:n")
+	var forwards hostPorts
+	fs.Var(&forwards, "forward", "on a group's segment, forward each guest's TCP `port` to a socket NAME.PORT.sock in the -listen directory, such as 4433 for level3vat's TLS service (repeatable)")
+	boot := fs.Duration("boot-timeout", 30*time.Second, "give up if a guest has not answered after this long")
+	verbose := fs.Bool("v", false, "log connection diagnostics too, not only the guests' consoles")
 	cfg.Policy = netcapFlags(fs)
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		if len(args) > 0 {
 			return usageError{fmt.Errorf("unexpected arguments %q", args)}
 		}
-		if cfg.Image == "" || *listen == "" {
+		if len(images) == 0 || *listen == "" {
 			return usageError{errors.New("-image and -listen are required")}
 		}
 		level := slog.LevelInfo
@@ -65,7 +69,17 @@ func setupHost(fs *flag.FlagSet) func(ctx context.Context, args []string, stdout
 		}
 		log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 		cfg.BootTimeout = *boot
-		return runHost(ctx, cfg, *via, *listen, stdout, log)
+		if len(images) == 1 && images[0].name == "" && !isDirListen(*listen) && len(forwards) == 0 {
+			cfg.Image = images[0].image
+			return runHost(ctx, cfg, *via, *listen, stdout, log)
+		}
+		seg, err := netip.ParsePrefix(*subnet)
+		if err != nil {
+			return usageError{fmt.Errorf("-subnet: %w", err)}
+		}
+		return runHostGroup(ctx, hostGroupConfig{
+			guest: cfg, images: images, via: *via, listen: *listen, segment: seg, forwards: forwards,
+		}, stdout, log)
 	}
 }
 
@@ -141,6 +155,19 @@ type guestConfig struct {
 	// Policy limits the Network the host offers the guest as its
 	// bootstrap capability; nil denies everything.
 	Policy *netcap.Policy
+
+	// Name labels the guest's log lines and its Switch port; "" means
+	// "guest".
+	Name string
+	// MAC is the guest card's Ethernet address (QEMU's virtio-net mac
+	// property), such as 52:54:00:00:00:02; "" keeps QEMU's default.
+	// boards/microvm/level3vat takes its IP address from it.
+	MAC string
+	// Switch, with Net netStream, joins the guest's card to a segment
+	// shared with other guests and host stacks (port Name) instead of
+	// giving it a host stack of its own; the guest then has no TCP
+	// connection (its address is its image's business).
+	Switch *netstack.Switch
 }
 
 // qemuArgs returns QEMU's command line (without the binary) for cfg with
@@ -168,16 +195,20 @@ func (cfg guestConfig) qemuArgs(serialSock, netSock string) []string {
 		"-device", "isa-serial,chardev=ser1,iobase=0x2f8,irq=3,index=1",
 		"-device", fmt.Sprintf("isa-debug-exit,iobase=%#x,iosize=0x04", microvm.DebugExit),
 	}
+	card := "virtio-net-device,netdev=n0"
+	if cfg.MAC != "" {
+		card += ",mac=" + cfg.MAC
+	}
 	switch cfg.Net {
 	case netStream:
 		args = append(args,
 			"-netdev", "stream,id=n0,server=off,addr.type=unix,addr.path="+netSock,
-			"-device", "virtio-net-device,netdev=n0")
+			"-device", card)
 	case netUser:
 		args = append(args,
 			"-netdev", fmt.Sprintf("user,id=n0,net=10.0.2.0/24,restrict=on,hostfwd=tcp:127.0.0.1:%d-%s:%d",
 				cfg.HostFwdPort, guestTCPAddr.Addr(), guestTCPAddr.Port()),
-			"-device", "virtio-net-device,netdev=n0")
+			"-device", card)
 	}
 	return append(args, "-kernel", cfg.Image)
 }
@@ -230,6 +261,14 @@ func startGuest(ctx context.Context, cfg guestConfig, log *slog.Logger) (_ *gues
 	if _, err := os.Stat(cfg.Image); err != nil {
 		return nil, fmt.Errorf("guest image: %w", err)
 	}
+	if cfg.MAC != "" {
+		if _, err := net.ParseMAC(cfg.MAC); err != nil {
+			return nil, usageError{fmt.Errorf("guest MAC address: %w", err)}
+		}
+	}
+	if cfg.Name == "" {
+		cfg.Name = "guest"
+	}
 	g := &guest{cfg: cfg, log: log, dir: cfg.Dir, exited: make(chan struct{})}
 	if g.dir == "" {
 		// Short: Unix socket paths are limited to 108 bytes.
@@ -270,6 +309,7 @@ func startGuest(ctx context.Context, cfg guestConfig, log *slog.Logger) (_ *gues
 	args := cfg.qemuArgs(serialSock, netSock)
 	g.cmd = exec.Command(cfg.QEMU, args...)
 	g.cmd.Stdin = nil
+	detachQEMU(g.cmd)
 	out, err := g.cmd.StdoutPipe()
 	if err != nil {
 		return nil, fmt.Errorf("qemu: %w", err)
@@ -283,6 +323,16 @@ func startGuest(ctx context.Context, cfg guestConfig, log *slog.Logger) (_ *gues
 	go g.console(out)
 	go g.wait()
 
+	if cfg.Net == netStream && cfg.Switch != nil {
+		nc, err := accept(bootCtx, netLis, g.exited)
+		if err != nil {
+			return nil, fmt.Errorf("waiting for qemu to connect the network socket: %w", g.explain(err))
+		}
+		if err := cfg.Switch.Attach(cfg.Name, nc); err != nil {
+			return nil, err
+		}
+	}
+
 	serialConn, err := accept(bootCtx, serialLis, g.exited)
 	if err != nil {
 		return nil, fmt.Errorf("waiting for qemu to connect the serial port: %w", g.explain(err))
@@ -292,8 +342,10 @@ func startGuest(ctx context.Context, cfg guestConfig, log *slog.Logger) (_ *gues
 		return nil, fmt.Errorf("guest vat over the serial port: %w", g.explain(err))
 	}
 
-	switch cfg.Net {
-	case netStream:
+	switch {
+	case cfg.Net == netStream && cfg.Switch != nil:
+		// On a shared segment: attached above.
+	case cfg.Net == netStream:
 		// Not :=, which would shadow err and lose dialTCP's error below.
 		var nc net.Conn
 		if nc, err = accept(bootCtx, netLis, g.exited); err != nil {
@@ -307,7 +359,7 @@ func startGuest(ctx context.Context, cfg guestConfig, log *slog.Logger) (_ *gues
 		g.TCP, err = g.dialTCP(bootCtx, func(ctx context.Context) (*core.Conn, error) {
 			return g.stack.Dial(ctx, guestTCPAddr.String(), g.connOptions())
 		})
-	case netUser:
+	case cfg.Net == netUser:
 		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(cfg.HostFwdPort))
 		g.TCP, err = g.dialTCP(bootCtx, func(ctx context.Context) (*core.Conn, error) {
 			return unix.Dial(ctx, addr, g.connOptions())

@@ -41,6 +41,10 @@ func TestQEMUArgs(t *testing.T) {
 			want: []string{"-m 3G", "-netdev stream,id=n0,server=off,addr.type=unix,addr.path=/s/net.sock -device virtio-net-device,netdev=n0"},
 		},
 		{
+			cfg:  guestConfig{Image: "x.elf", Net: netStream, MAC: "52:54:00:00:00:02"},
+			want: []string{"-device virtio-net-device,netdev=n0,mac=52:54:00:00:00:02"},
+		},
+		{
 			cfg:  guestConfig{Image: "x.elf", Net: netUser, HostFwdPort: 4321},
 			want: []string{"-netdev user,id=n0,net=10.0.2.0/24,restrict=on,hostfwd=tcp:127.0.0.1:4321-10.0.2.15:4000 -device virtio-net-device,netdev=n0"},
 		},

@@ -40,7 +40,7 @@ type level3World struct {
 // bootLevel3 boots Carol on carolSw and Bob on bobSw (the same switch
 // for a shared segment) in parallel, and makes Alice, with a stack at
 // host number 1 of each guest's subnet.
-func bootLevel3(t *testing.T, ctx context.Context, carolSw, bobSw *frameSwitch, bobMAC string) *level3World {
+func bootLevel3(t *testing.T, ctx context.Context, carolSw, bobSw *netstack.Switch, bobMAC string) *level3World {
 	t.Helper()
 	img := level3Image(t) // may skip: only on the test's goroutine
 	log := testLogger(t)
@@ -67,10 +67,10 @@ func bootLevel3(t *testing.T, ctx context.Context, carolSw, bobSw *frameSwitch, 
 	if w.carol.ref.Fingerprint.Equal(w.bob.ref.Fingerprint) {
 		t.Fatal("both guests made the same key: no entropy")
 	}
-	seen := map[*frameSwitch]bool{}
+	seen := map[*netstack.Switch]bool{}
 	var stacks []*netstack.Stack
 	for _, x := range []struct {
-		sw *frameSwitch
+		sw *netstack.Switch
 		g  *level3Guest
 	}{{carolSw, w.carol}, {bobSw, w.bob}} {
 		if seen[x.sw] {
@@ -83,7 +83,7 @@ func bootLevel3(t *testing.T, ctx context.Context, carolSw, bobSw *frameSwitch, 
 		}
 		b := ip.As4()
 		b[3] = 1
-		st, err := x.sw.newStack("alice-"+x.g.name, netip.PrefixFrom(netip.AddrFrom4(b), 24), log)
+		st, err := x.sw.NewStack(netstack.Config{Name: "alice-" + x.g.name, Addrs: []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4(b), 24)}, Logger: log})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -123,8 +123,7 @@ func relaySeq(ctx context.Context, r testcapnp.Test, n uint32) (testcapnp.Test_s
 func TestLevel3GuestHandoff(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	sw := newFrameSwitch(testLogger(t))
-	t.Cleanup(sw.close) // after the guests and stacks (cleanups run last first)
+	sw := newSwitch(t)
 	w := bootLevel3(t, ctx, sw, sw, bobMAC)
 
 	ac := w.dial(t, ctx, w.carol)
@@ -197,7 +196,7 @@ func TestLevel3GuestHandoff(t *testing.T) {
 		during++
 	}
 	throughAlice := w.alice.calls(w.carol.ref)
-	bobToCarol := sw.frames("bob", "carol")
+	bobToCarol := sw.Frames("bob", "carol")
 	for range after {
 		call()
 	}
@@ -213,7 +212,7 @@ func TestLevel3GuestHandoff(t *testing.T) {
 	if got := w.alice.calls(w.carol.ref) - throughAlice; got != 0 {
 		t.Errorf("Alice sent Carol %d more calls once the vine was released; want 0 (Bob calls Carol directly)", got)
 	}
-	if sw.frames("bob", "carol") <= bobToCarol {
+	if sw.Frames("bob", "carol") <= bobToCarol {
 		t.Errorf("no frame went from Bob to Carol for the calls after the handoff")
 	}
 	checkLog(t, ctx, w.carol, len(futures))
@@ -239,11 +238,25 @@ func TestLevel3GuestHandoff(t *testing.T) {
 	drel()
 }
 
+// newSwitch returns a segment for guests, closed after the guests and
+// stacks (cleanups run last first).
+func newSwitch(t *testing.T) *netstack.Switch {
+	sw := netstack.NewSwitch(&netstack.SwitchOptions{Logger: testLogger(t)})
+	t.Cleanup(func() { sw.Close() })
+	return sw
+}
+
 // checkLog checks that g's Test object received seq(0) .. seq(n-1) in
 // that order.
 func checkLog(t *testing.T, ctx context.Context, g *level3Guest, n int) {
 	t.Helper()
-	log, err := g.log(ctx)
+	checkSeqLog(t, ctx, g.name, g.test, n)
+}
+
+// checkSeqLog checks that test received seq(0) .. seq(n-1) in that order.
+func checkSeqLog(t *testing.T, ctx context.Context, name string, test testcapnp.Test, n int) {
+	t.Helper()
+	log, err := seqLog(ctx, name, test)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -252,7 +265,7 @@ func checkLog(t *testing.T, ctx context.Context, g *level3Guest, n int) {
 		want[i] = uint32(i)
 	}
 	if !slices.Equal(log, want) {
-		t.Fatalf("%s received %v; want seq(0..%d) in order (E-order)", g.name, log, n-1)
+		t.Fatalf("%s received %v; want seq(0..%d) in order (E-order)", name, log, n-1)
 	}
 }
 
@@ -262,9 +275,7 @@ func checkLog(t *testing.T, ctx context.Context, g *level3Guest, n int) {
 func TestLevel3GuestFallsBackToVine(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	carolSw, bobSw := newFrameSwitch(testLogger(t)), newFrameSwitch(testLogger(t))
-	t.Cleanup(carolSw.close)
-	t.Cleanup(bobSw.close)
+	carolSw, bobSw := newSwitch(t), newSwitch(t)
 	w := bootLevel3(t, ctx, carolSw, bobSw, bobIsolatedMAC)
 
 	ac := w.dial(t, ctx, w.carol)

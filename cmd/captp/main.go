@@ -9,7 +9,7 @@
 //
 //	demo    run a unikernel group (a host vat on a Unix socket, vats on a netstack network, a TamaGo guest in QEMU when available) and narrate what happens
 //	bench   compare captp with go-capnp, the C++ reference and the raw socket floor
-//	host    boot a TamaGo guest vat in QEMU and re-serve its bootstrap capability on a host socket
+//	host    boot TamaGo guest vats in QEMU (one, or a group on one Ethernet segment) and re-serve their bootstrap capabilities on host sockets
 //	serve   host sample services with persistent sturdy refs (capnp://…) over TLS with a vat identity
 //	call    restore the capability a sturdy ref names and call a method on it
 //	inspect show a running vat's connections and their tables (questions, answers, imports, exports, embargoes)
@@ -40,7 +40,7 @@ type command struct {
 var commands = []command{
 	{name: "demo", summary: "run a unikernel group (a host vat on a Unix socket, vats on a netstack network, a TamaGo guest in QEMU when available) and narrate what happens", setup: setupDemo},
 	{name: "bench", summary: "compare captp with go-capnp, the C++ reference and the raw socket floor", setup: setupBench},
-	{name: "host", summary: "boot a TamaGo guest vat in QEMU and re-serve its bootstrap capability on a host socket", setup: setupHost},
+	{name: "host", summary: "boot TamaGo guest vats in QEMU (one, or a group on one Ethernet segment) and re-serve their bootstrap capabilities on host sockets", setup: setupHost},
 	{name: "serve", summary: "host sample services with persistent sturdy refs (capnp://…) over TLS with a vat identity", setup: setupServe},
 	{name: "call", summary: "restore the capability a sturdy ref names and call a method on it", setup: setupCall},
 	{name: "inspect", summary: "show a running vat's connections and their tables (questions, answers, imports, exports, embargoes)", setup: setupInspect},
