@@ -104,12 +104,6 @@ func (g *level3Guest) close() (int, error) {
 	return g.guest.Close()
 }
 
-// log returns the seq calls the guest's Test object received, in order,
-// asked over the serial port.
-func (g *level3Guest) log(ctx context.Context) ([]uint32, error) {
-	return seqLog(ctx, g.name, g.test)
-}
-
 // seqLog returns the seq calls a Test object received, in order.
 func seqLog(ctx context.Context, name string, test testcapnp.Test) ([]uint32, error) {
 	f, release := test.Log(ctx, nil)
