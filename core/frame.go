@@ -69,6 +69,16 @@ const (
 	// maxEmptyReads: like bufio, give up on a Reader that keeps returning
 	// (0, nil) instead of spinning forever.
 	maxEmptyReads = 100
+
+	// maxSmallInBulk small frames in a row end bulk mode (a stream's
+	// chunks come with a Finish or Return or two between them).
+	maxSmallInBulk = 8
+	// maxBulkBody is the largest body size bulk mode reads into: the
+	// reader holds such a buffer while it waits for the peer.
+	maxBulkBody = 1 << 20
+	// bulkRound rounds bulk buffer sizes up, so that streams whose
+	// frames differ by a few bytes reuse the same pooled buffers.
+	bulkRound = 32 << 10
 )
 
 // frameReader splits a byte stream into Cap'n Proto messages, enforcing
@@ -90,6 +100,17 @@ type frameReader struct {
 
 	sizes []uint32 // segment sizes in words of the frame being read; reused
 	err   error    // sticky result
+
+	// Bulk mode (a stream of large frames): once a large body has been
+	// read, the next read with nothing buffered goes into a body-sized
+	// buffer rather than buf, so that one read brings the next frame's
+	// header and as much of its body as the socket holds, and the body is
+	// then completed in place (readBulkBody) instead of being read 8 KiB
+	// first and copied. small keeps buf's own array meanwhile.
+	bulk      int    // size of the last large body; 0: not streaming
+	smallRun  int    // small frames since the last large one
+	small     []byte // buf's own array while buf is a bulk buffer
+	bulkBytes []byte // the whole bulk buffer while buf is one
 }
 
 // newFrameReader returns a frameReader reading from r. Zero fields of lim
@@ -115,6 +136,7 @@ func (fr *frameReader) readMessage() (*capnp.Message, error) {
 	if err != nil {
 		fr.err = err
 		fr.buf, fr.chunk, fr.sizes = nil, nil, nil // nothing more will be read
+		fr.small, fr.bulkBytes, fr.bulk = nil, nil, 0
 		fr.rpos, fr.wpos = 0, 0
 		return nil, err
 	}
@@ -122,6 +144,55 @@ func (fr *frameReader) readMessage() (*capnp.Message, error) {
 }
 
 func (fr *frameReader) next() (*capnp.Message, error) {
+	if fr.buffered() == 0 && fr.bulk > 0 && fr.small == nil && fr.rerr == nil {
+		fr.startBulk()
+	}
+	msg, err := fr.nextFrame()
+	if err == nil && fr.small != nil {
+		fr.endBulk()
+	}
+	return msg, err
+}
+
+// startBulk makes buf a buffer that holds a body of the last large size
+// and the frame around it, and reads into it.
+func (fr *frameReader) startBulk() {
+	// Room for small frames and a header before the body (a Finish or
+	// two, say), the body, and the read-ahead after it; rounded up, so
+	// that bodies differing by a few bytes reuse each other's buffers.
+	size := (fr.bulk + 2*frameBufSize + bulkRound - 1) / bulkRound * bulkRound
+	b := fr.bodies.get(size)
+	if b == nil {
+		b = make([]byte, size)
+	}
+	b = b[:cap(b)]
+	if fr.buf == nil {
+		fr.buf = make([]byte, frameBufSize)
+	}
+	fr.small, fr.bulkBytes = fr.buf, b
+	fr.buf, fr.rpos, fr.wpos = b, 0, 0
+	// No more than a body and frameBufSize: a body of the last size then
+	// ends within frameBufSize of what is read, so readBulkBody completes
+	// it in place.
+	fr.wpos = fr.read(b[:min(len(b), fr.bulk+frameBufSize)])
+}
+
+// endBulk goes back to the small buffer once what is buffered fits it
+// (a frame was completed in place or nothing is left), giving the bulk
+// buffer back unless a message was lent it.
+func (fr *frameReader) endBulk() {
+	if fr.buffered() > len(fr.small) {
+		return // several small frames read at once: stay until they are consumed
+	}
+	n := copy(fr.small, fr.buf[fr.rpos:fr.wpos])
+	if fr.bulkBytes != nil {
+		fr.bodies.put(fr.bulkBytes)
+	}
+	fr.buf, fr.small, fr.bulkBytes = fr.small, nil, nil
+	fr.rpos, fr.wpos = 0, n
+}
+
+func (fr *frameReader) nextFrame() (*capnp.Message, error) {
 	// First word: segment count - 1 and the size of segment 0.
 	if err := fr.fill(8); err != nil {
 		if err == io.EOF && fr.buffered() == 0 {
@@ -187,6 +258,17 @@ func (fr *frameReader) next() (*capnp.Message, error) {
 	body, err := fr.readBody(int(bodySize))
 	if err != nil {
 		return nil, readError("frame body", err)
+	}
+	switch {
+	case bodySize >= readAheadFrom && bodySize <= maxBulkBody:
+		fr.bulk, fr.smallRun = int(bodySize), 0
+	case bodySize > maxBulkBody:
+		fr.bulk = 0 // an idle reader should not hold so much
+	case fr.bulk > 0:
+		// Stop reading into bulk buffers once the stream has ended.
+		if fr.smallRun++; fr.smallRun > maxSmallInBulk {
+			fr.bulk = 0
+		}
 	}
 
 	var msg *capnp.Message
@@ -268,6 +350,9 @@ func (fr *frameReader) fill(n int) error {
 // writing into its neighbour.
 func (fr *frameReader) readBody(n int) ([]byte, error) {
 	if n >= readAheadFrom {
+		if end := fr.rpos + n + frameBufSize; fr.bulkBytes != nil && end <= len(fr.buf) && fr.wpos <= end {
+			return fr.readBulkBody(n)
+		}
 		return fr.readLargeAhead(n, frameBufSize)
 	}
 	if n > frameBufSize {
@@ -295,6 +380,27 @@ func (fr *frameReader) readBody(n int) ([]byte, error) {
 	return body, nil
 }
 
+// readBulkBody completes the n-byte body that starts at rpos in the bulk
+// buffer, in place, reading up to frameBufSize past it (see
+// readLargeAhead), lends the bulk buffer with the message, and goes back
+// to the small buffer with what follows the body (the caller checked that
+// it fits).
+func (fr *frameReader) readBulkBody(n int) ([]byte, error) {
+	end := fr.rpos + n
+	for fr.wpos < end {
+		if fr.rerr != nil {
+			return nil, fr.rerr
+		}
+		fr.wpos += fr.read(fr.buf[fr.wpos : end+frameBufSize])
+	}
+	body := fr.buf[fr.rpos:end:end]
+	k := copy(fr.small, fr.buf[end:fr.wpos])
+	fr.large = fr.bulkBytes
+	fr.buf, fr.small, fr.bulkBytes = fr.small, nil, nil
+	fr.rpos, fr.wpos = 0, k
+	return body, nil
+}
+
 // readLarge consumes n (> frameBufSize) bytes and returns them in a new
 // slice with len == cap == n. It takes what is buffered, then reads straight
 // into the result, never past the end of the frame, growing the result only
@@ -311,6 +417,12 @@ func (fr *frameReader) readLarge(n int) ([]byte, error) {
 // frame of a bulk stream.
 func (fr *frameReader) readLargeAhead(n, ahead int) ([]byte, error) {
 	have := fr.buffered()
+	if have >= n {
+		// Only from a bulk buffer: the whole body is there already.
+		out := append([]byte(nil), fr.buf[fr.rpos:fr.rpos+n]...)
+		fr.rpos += n
+		return out[:n:n], nil
+	}
 	want := n + ahead // capacity that makes the read-ahead possible
 	var out []byte
 	if b := fr.bodies.get(want); b != nil {
@@ -492,9 +604,12 @@ type bodyPool struct {
 func (p *bodyPool) get(n int) []byte {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	// The best fit, and of equal fits the one given back last: its bytes
+	// are likeliest still in the CPU's cache (a stream that releases each
+	// body before the next arrives reads into the same buffer every time).
 	best := -1
 	for i, b := range p.free {
-		if cap(b) >= n && cap(b) <= 2*n && (best < 0 || cap(b) < cap(p.free[best])) {
+		if cap(b) >= n && cap(b) <= 2*n && (best < 0 || cap(b) <= cap(p.free[best])) {
 			best = i
 		}
 	}
@@ -502,10 +617,19 @@ func (p *bodyPool) get(n int) []byte {
 		return nil
 	}
 	b := p.free[best]
-	p.free[best] = p.free[len(p.free)-1]
-	p.free = p.free[:len(p.free)-1]
+	p.free = slices.Delete(p.free, best, best+1) // keeps the order of the rest
 	p.freeBytes -= cap(b)
 	return b[:0]
+}
+
+// put gives back a buffer that no message holds.
+func (p *bodyPool) put(buf []byte) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.free) < maxFreeBodies && p.freeBytes+cap(buf) <= maxFreeBodyBytes {
+		p.free = append(p.free, buf[:0])
+		p.freeBytes += cap(buf)
+	}
 }
 
 // lend records that msg's body is buf.

@@ -50,12 +50,27 @@ type WriterOptions struct {
 type Writer struct {
 	ctx   context.Context
 	bs    ByteStream // the caller's reference, until start replaces it
-	own   ByteStream // our reference, with its own stream state and limiter
+	own   ByteStream // our reference, with its own limiter
 	chunk int
 	flow  flow.Config
 	buf   []byte
 	err   error
 	done  bool
+	// pending are the write calls not yet released, oldest first. The
+	// Writer keeps them itself rather than through go-capnp's
+	// SendStreamCall, which starts a goroutine per call only to wait for
+	// its Return and release it: a send checks the calls that have
+	// returned for errors and releases them in batches (see reap), so a
+	// stream costs no goroutine per chunk, and their Finish messages go
+	// out in the same write as the next call.
+	pending []pendingWrite
+	head    int // pending[:head] are released
+}
+
+// pendingWrite is a write call in flight.
+type pendingWrite struct {
+	ans     *capnp.Answer
+	release capnp.ReleaseFunc
 }
 
 // NewWriter returns a Writer that sends to bs. It takes its own reference
@@ -153,19 +168,107 @@ func (w *Writer) send(b []byte) error {
 		w.err = err
 		return err
 	}
+	// Releasing returned calls first puts their Finish messages in the
+	// same write as this call.
+	if err := w.reap(false); err != nil {
+		return err
+	}
 	// Over a captp connection the call is written straight from b (the
 	// core sets the field and returns once b is in the transport).
 	ctx := core.WithDataReference(w.ctx, 0, b)
-	err := w.own.Write(ctx, func(p ByteStream_write_Params) error {
-		if p.HasBytes() {
-			return nil
-		}
-		return p.SetBytes(b)
+	ans, release := capnp.Client(w.own).SendCall(ctx, capnp.Send{
+		Method:   writeMethod,
+		ArgsSize: capnp.ObjectSize{PointerCount: 1},
+		PlaceArgs: func(s capnp.Struct) error {
+			p := ByteStream_write_Params(s)
+			if p.HasBytes() {
+				return nil
+			}
+			return p.SetBytes(b)
+		},
 	})
-	if err != nil {
-		w.err = fmt.Errorf("bytestream: write: %w", err)
+	w.pending = append(w.pending, pendingWrite{ans, release})
+	if isResolved(ans) {
+		w.check(ans) // failed at once (the connection is gone, say)
 	}
 	return w.err
+}
+
+// writeMethod is ByteStream.write, as the generated client names it.
+var writeMethod = capnp.Method{
+	InterfaceID:   ByteStream_TypeID,
+	MethodID:      0,
+	InterfaceName: "bytestream.capnp:ByteStream",
+	MethodName:    "write",
+}
+
+// reap records the first failure among the write calls that have
+// returned and releases them, oldest first; with wait it waits for all of
+// them. Calls return in order (the server handles them one at a time), so
+// it stops at the first that has not. Without wait it releases only once
+// reapBatch calls have returned: each release queues a Finish, and the
+// first one wakes the connection's writer, so releasing them together
+// costs one wake-up and one write instead of one per chunk.
+func (w *Writer) reap(wait bool) error {
+	done := 0
+	for _, p := range w.pending[w.head:] {
+		if !isResolved(p.ans) {
+			break
+		}
+		w.check(p.ans)
+		done++
+	}
+	if !wait && done < reapBatch {
+		return w.err
+	}
+	for ; w.head < len(w.pending); w.head++ {
+		p := w.pending[w.head]
+		switch {
+		case done > 0:
+			done--
+		case wait:
+			<-p.ans.Future().Done() // the call is bound by w.ctx, like the stream
+			w.check(p.ans)
+		default:
+			w.compact()
+			return w.err
+		}
+		p.release()
+		w.pending[w.head] = pendingWrite{}
+	}
+	w.compact()
+	return w.err
+}
+
+// check records the failure of a returned write call, if it is the first.
+func (w *Writer) check(ans *capnp.Answer) {
+	if _, err := ans.Future().Ptr(); err != nil && w.err == nil {
+		w.err = fmt.Errorf("bytestream: write: %w", err)
+	}
+}
+
+// reapBatch is how many returned write calls a Writer releases at once.
+const reapBatch = 8
+
+// isResolved reports whether ans has its result.
+func isResolved(ans *capnp.Answer) bool {
+	select {
+	case <-ans.Future().Done():
+		return true
+	default:
+		return false
+	}
+}
+
+// compact moves the calls in flight to the front of pending once the
+// reaped ones make up half of it, so the queue reuses its array.
+func (w *Writer) compact() {
+	if w.head == 0 || w.head*2 < len(w.pending) {
+		return
+	}
+	n := copy(w.pending, w.pending[w.head:])
+	clear(w.pending[n:])
+	w.pending, w.head = w.pending[:n], 0
 }
 
 // Close sends what is gathered, ends the stream and waits until the
@@ -181,17 +284,25 @@ func (w *Writer) Close() error {
 	defer w.own.Release()
 	defer w.bs.Release()
 	if w.err != nil {
+		w.drop()
 		return w.err
 	}
 	f, release := w.own.End(w.ctx, nil)
 	_, endErr := f.Struct()
 	release()
-	if err := w.own.WaitStreaming(); err != nil {
-		w.err = fmt.Errorf("bytestream: write: %w", err)
-	} else if endErr != nil {
+	if w.reap(true) == nil && endErr != nil {
 		w.err = fmt.Errorf("bytestream: end: %w", endErr)
 	}
 	return w.err
+}
+
+// drop releases the calls still in flight without waiting for them: the
+// stream has failed, so their results no longer matter.
+func (w *Writer) drop() {
+	for _, p := range w.pending[w.head:] {
+		p.release()
+	}
+	w.pending, w.head = nil, 0
 }
 
 // NewServer returns a ByteStream capability that writes the bytes it
