@@ -247,14 +247,26 @@ bench-short:
 bench-go:
 	$(GO) test -run='^$$' -bench=. -benchmem ./...
 
+# A fuzz run that fails with Go 1.26's coordinator race (a bare "context
+# deadline exceeded" at the deadline, no failing input written) is run once
+# more; any other failure, or the race twice, fails.
 fuzz-short:
-	@found=0; \
+	@found=0; log=$$(mktemp); trap 'rm -f "$$log"' EXIT; \
 	for pkg in $$($(GO) list ./core/...); do \
 		list=$$($(GO) test -list '^Fuzz' "$$pkg"); \
 		for f in $$(echo "$$list" | grep '^Fuzz' || true); do \
 			found=1; \
-			echo "$(GO) test -run='^$$' -fuzz='^$$f\$$' -fuzztime=$(FUZZTIME) $$pkg"; \
-			$(GO) test -run='^$$' -fuzz="^$$f\$$" -fuzztime=$(FUZZTIME) "$$pkg"; \
+			for attempt in 1 2; do \
+				echo "$(GO) test -run='^$$' -fuzz='^$$f\$$' -fuzztime=$(FUZZTIME) $$pkg"; \
+				if $(GO) test -run='^$$' -fuzz="^$$f\$$" -fuzztime=$(FUZZTIME) "$$pkg" 2>&1 | tee "$$log"; then break; fi; \
+				if [ $$attempt = 1 ] && grep -q '^    context deadline exceeded$$' "$$log" && ! grep -q 'Failing input written to' "$$log"; then \
+					echo "fuzz-short: $$f ended with a bare 'context deadline exceeded' and no failing input:"; \
+					echo "  Go 1.26's fuzz coordinator race at the -fuzztime deadline (golang/go#75804,"; \
+					echo "  fixed in Go 1.27), not a finding; running $$f once more"; \
+					continue; \
+				fi; \
+				exit 1; \
+			done; \
 		done; \
 	done; \
 	if [ $$found = 0 ]; then echo "fuzz-short: no Fuzz* targets under ./core yet"; fi
