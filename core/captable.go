@@ -27,7 +27,10 @@ type importEntry struct {
 	promise bool
 	// resolvers settle the promise clients handed out (promise imports).
 	resolvers []capnp.Resolver[capnp.Client]
-	resolved  bool
+	// latches keep the resolvers working for capabilities that hold the
+	// import's hook rather than one of its clients (latch.go).
+	latches  []latch
+	resolved bool
 	// resolution is what the promise resolved to; calls still arriving at
 	// the import hook go there.
 	resolution capnp.Client
@@ -75,7 +78,7 @@ func (h *importClient) Shutdown() {
 			return
 		}
 		delete(c.imports, h.id)
-		ie.resolvers = nil
+		ie.resolvers = nil // and no latches: each holds a client
 		fx.releaseClient(ie.resolution)
 		ie.resolution = capnp.Client{}
 		if !c.closing {
@@ -134,6 +137,19 @@ func (c *Conn) addImportLocked(id uint32, promise bool) (capnp.Client, error) {
 	ie.hook.limit(cl)
 	ie.weak = cl.WeakRef()
 	return cl, nil
+}
+
+// settleLocked queues settle, given the resolvers of ie's promise
+// clients, then the release of the clients latches kept for them.
+func (ie *importEntry) settleLocked(fx *effects, settle func([]capnp.Resolver[capnp.Client])) {
+	resolvers, latches := ie.resolvers, ie.latches
+	ie.resolvers, ie.latches = nil, nil
+	fx.add(func() {
+		settle(resolvers)
+		for _, l := range latches {
+			l.keep.Release()
+		}
+	})
 }
 
 // An export is a capability we exported to the peer.

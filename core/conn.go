@@ -797,10 +797,11 @@ func (c *Conn) clearTablesLocked(fx *effects, reason error) {
 		delete(c.imports, id)
 		fx.releaseClient(ie.resolution)
 		ie.resolution = capnp.Client{}
-		for _, r := range ie.resolvers {
-			fx.add(func() { r.Reject(reason) })
-		}
-		ie.resolvers = nil
+		ie.settleLocked(fx, func(resolvers []capnp.Resolver[capnp.Client]) {
+			for _, r := range resolvers {
+				r.Reject(reason)
+			}
+		})
 	}
 	for _, id := range sortedKeys(c.exports) {
 		e := c.exports[id]

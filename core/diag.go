@@ -46,6 +46,9 @@ func (c *Conn) check() error {
 		if ie.id != id || ie.refs == 0 || ie.hook == nil || (ie.clients == 0 && !ie.resolved) {
 			return fmt.Errorf("import %d: id %d, %d refs", id, ie.id, ie.refs)
 		}
+		if len(ie.latches) > 0 && (ie.resolved || !ie.promise) {
+			return fmt.Errorf("import %d: %d latches on a settled or non-promise import", id, len(ie.latches))
+		}
 	}
 	for id, e := range c.exports {
 		if e.id != id || e.refs == 0 {

@@ -383,6 +383,7 @@ func (q *question) runSettle() {
 	if rerr != nil {
 		q.p.Reject(rerr)
 	} else {
+		q.c.latchPipelines(q, content)
 		q.p.Fulfill(content)
 	}
 	if br != nil {
@@ -551,10 +552,10 @@ func (c *Conn) handleResolve(fx *effects, m rpccp.Message) error {
 		}
 		// Calls that reach the import before its clients switch over
 		// must follow the resolution too; the entry owns cl from now on.
-		resolvers, hook := ie.resolvers, ie.hook
-		ie.resolvers, ie.resolved, ie.resolution = nil, true, cl
+		hook := ie.hook
+		ie.resolved, ie.resolution = true, cl
 		cl = cl.AddRef()
-		fx.add(func() {
+		ie.settleLocked(fx, func(resolvers []capnp.Resolver[capnp.Client]) {
 			defer cl.Release()
 			// A promise resolved to itself (directly or through other
 			// promises) would make go-capnp chase the cycle forever.
@@ -576,9 +577,8 @@ func (c *Conn) handleResolve(fx *effects, m rpccp.Message) error {
 		}
 		if pending {
 			rerr := e.ToError()
-			resolvers := ie.resolvers
-			ie.resolvers, ie.resolved, ie.resolution = nil, true, capnp.ErrorClient(rerr)
-			fx.add(func() {
+			ie.resolved, ie.resolution = true, capnp.ErrorClient(rerr)
+			ie.settleLocked(fx, func(resolvers []capnp.Resolver[capnp.Client]) {
 				for _, r := range resolvers {
 					r.Reject(rerr)
 				}
