@@ -3,6 +3,7 @@ package core
 import (
 	"fmt"
 	"strings"
+	"sync/atomic"
 
 	"capnproto.org/go/capnp/v3"
 	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
@@ -157,4 +158,5 @@ func (c *Conn) dump() string {
 
 // testBeforeSettle, set only by tests, runs at the start of a question's
 // settle effect, to reproduce what may happen in that window.
-var testBeforeSettle func(q *question)
+// Atomic: a test sets it while other connections settle questions.
+var testBeforeSettle atomic.Pointer[func(q *question)]

@@ -375,8 +375,8 @@ func (c *Conn) settleLocked(fx *effects, q *question, msg *capnp.Message, conten
 // runSettle resolves the caller's promise as settleLocked decided; it runs
 // as an effect, outside c.mu.
 func (q *question) runSettle() {
-	if testBeforeSettle != nil {
-		testBeforeSettle(q)
+	if hook := testBeforeSettle.Load(); hook != nil {
+		(*hook)(q)
 	}
 	content, rerr, br, bootCap := q.settleContent, q.settleErr, q.settleBoot, q.settleBootCap
 	q.settleContent, q.settleErr, q.settleBoot, q.settleBootCap = capnp.Ptr{}, nil, nil, capnp.Client{}

@@ -59,7 +59,7 @@ func TestReleaseDuringSettleKeepsPipelinedCapability(t *testing.T) {
 	var nameRelease capnp.ReleaseFunc
 	var once sync.Once
 	childReady := make(chan struct{})
-	testBeforeSettle = func(q *question) {
+	beforeSettle := func(q *question) {
 		if q.method.MethodID != 3 { // child
 			return
 		}
@@ -76,7 +76,8 @@ func TestReleaseDuringSettleKeepsPipelinedCapability(t *testing.T) {
 			nameFuture, nameRelease = child.Name(ctx, nil)
 		})
 	}
-	defer func() { testBeforeSettle = nil }()
+	testBeforeSettle.Store(&beforeSettle)
+	defer testBeforeSettle.Store(nil)
 
 	f, rel := boot.Child(ctx, func(p testcapnp.Test_child_Params) error { return p.SetName("kid") })
 	child = f.Child().AddRef()
