@@ -76,11 +76,36 @@ type answer struct {
 	// a third party, or the wait of an Accept answer not yet returned.
 	provision *provision
 	accept    *acceptWait
+
+	// native is the call's state when its target is a native export
+	// (native.go), allocated with the answer (newNativeAnswerLocked) so
+	// that serving it allocates nothing more; nil otherwise.
+	native *ServerCall
+	// deliverNative is the native object a call to one of our exports
+	// goes to without capnp.Client.RecvCall; argsMsg holds its arguments
+	// (freed by freeNativeArgs rather than a ReleaseFunc).
+	deliverNative *nativeServer
+	argsMsg       *capnp.Message
+	argsPinned    bool // the Return references the arguments' bytes
 }
 
 // newAnswerLocked registers an answer for question id qid.
 func (c *Conn) newAnswerLocked(qid uint32) *answer {
 	a := &answer{c: c, id: qid}
+	c.answers[qid] = a
+	c.inProgress++
+	return a
+}
+
+// newNativeAnswerLocked is newAnswerLocked for a call to a native
+// export: the answer and the ServerCall in one allocation.
+func (c *Conn) newNativeAnswerLocked(qid uint32) *answer {
+	x := &struct {
+		a  answer
+		sc ServerCall
+	}{}
+	a := &x.a
+	a.c, a.id, a.native = c, qid, &x.sc
 	c.answers[qid] = a
 	c.inProgress++
 	return a
@@ -114,6 +139,47 @@ func (a *answer) AllocResults(sz capnp.ObjectSize) (capnp.Struct, error) {
 	if err != nil {
 		msg.Release()
 		return capnp.Struct{}, fmt.Errorf("allocate results: %w", err)
+	}
+	a.out, a.outRet, a.outResults = msg, ret, s.ToPtr()
+	return s, nil
+}
+
+// allocRefResults is AllocResults for results whose pointer field
+// field is data, which lies in the call's arguments: the Return message
+// references it (a second segment) rather than copying it, and frees the
+// arguments only when it is itself released.
+func (a *answer) allocRefResults(sz capnp.ObjectSize, field uint16, data []byte) (capnp.Struct, error) {
+	na := &notifyArena{released: a.freeNativeArgs}
+	msg, m, list, err := newRefMessageNotify(data, na)
+	if err != nil {
+		return capnp.Struct{}, fmt.Errorf("allocate results: %w", err)
+	}
+	fail := func(err error) (capnp.Struct, error) {
+		a.argsPinned = false
+		na.released = nil // the handler still reads the arguments
+		recycleMessage(msg)
+		return capnp.Struct{}, fmt.Errorf("allocate results: %w", err)
+	}
+	a.argsPinned = true
+	ret, err := m.NewReturn()
+	if err != nil {
+		return fail(err)
+	}
+	ret.SetAnswerId(a.id)
+	ret.SetReleaseParamCaps(false)
+	payload, err := ret.NewResults()
+	if err != nil {
+		return fail(err)
+	}
+	s, err := capnp.NewStruct(payload.Segment(), sz)
+	if err == nil {
+		err = payload.SetContent(s.ToPtr())
+	}
+	if err == nil {
+		err = s.SetPtr(field, list.ToPtr())
+	}
+	if err != nil {
+		return fail(err)
 	}
 	a.out, a.outRet, a.outResults = msg, ret, s.ToPtr()
 	return s, nil
@@ -159,7 +225,12 @@ func (c *Conn) prepareLocked(fx *effects, a *answer, err error) {
 // answer are delivered first, in order, as go-capnp's Returner contract
 // asks: a call the peer makes after seeing the Return must not overtake
 // them.
-func (a *answer) Return() {
+func (a *answer) Return() { a.returnFrom(false) }
+
+// returnFrom is Return; inline says a native handler returns on the
+// goroutine that delivered the call, which may be the read loop (see
+// claimInlineLocked).
+func (a *answer) returnFrom(inline bool) {
 	c := a.c
 	var fx effects
 	c.mu.Lock()
@@ -171,11 +242,16 @@ func (a *answer) Return() {
 		a.flushing = true
 		c.unlock()
 		fx.run()
-		c.flushQueued(a)
+		c.flushQueued(a, inline)
 		return
 	}
 	c.returnLocked(&fx, a)
-	out := c.claimOutputLocked()
+	var out output
+	if inline {
+		out = c.claimInlineLocked()
+	} else {
+		out = c.claimOutputLocked()
+	}
 	c.unlock()
 	c.writeClaimed(out)
 	fx.run()
@@ -210,7 +286,7 @@ func (c *Conn) returnLocked(fx *effects, a *answer) {
 	if len(a.queued) > 0 {
 		// Only when shutting down or canceled: they fail in order.
 		a.flushing = true
-		fx.add(func() { c.flushQueued(a) })
+		fx.add(func() { c.flushQueued(a, false) })
 	}
 	if c.closing || c.answers[a.id] != a {
 		a.freeLocked(fx)
@@ -429,6 +505,11 @@ func (a *answer) deliver() {
 // deliverCall runs outside the lock, in the reader goroutine, so calls
 // reach local capabilities in the order they arrived.
 func (c *Conn) deliverCall(a *answer, target capnp.Client, targetAns *answer, transform []capnp.PipelineOp, recv capnp.Recv) {
+	if ns := a.deliverNative; ns != nil {
+		a.deliverNative = nil
+		ns.Recv(&a.ctx, recv)
+		return
+	}
 	if targetAns == nil {
 		target.RecvCall(&a.ctx, recv)
 		return
@@ -479,7 +560,7 @@ func deliverTo(client capnp.Client, err error, ctx context.Context, recv capnp.R
 
 // flushQueued delivers, in order, the calls pipelined on a while it ran
 // (and any that arrive meanwhile), then lets later calls go directly.
-func (c *Conn) flushQueued(a *answer) {
+func (c *Conn) flushQueued(a *answer, inline bool) {
 	for {
 		c.mu.Lock()
 		if len(a.queued) == 0 {
@@ -488,7 +569,12 @@ func (c *Conn) flushQueued(a *answer) {
 			// slip between the last queued call and the Return.
 			var fx effects
 			c.returnLocked(&fx, a)
+			var out output
+			if inline {
+				out = c.claimInlineLocked()
+			}
 			c.unlock()
+			c.writeClaimed(out)
 			fx.run()
 			return
 		}
@@ -508,4 +594,16 @@ func (a *answer) releaseArgs(msg *capnp.Message) capnp.ReleaseFunc {
 			recycleMessage(msg)
 		})
 	}
+}
+
+// freeNativeArgs frees the arguments of a call delivered straight to a
+// native object (deliverNative), which carries no ReleaseFunc.
+func (a *answer) freeNativeArgs() {
+	a.argsOnce.Do(func() {
+		a.c.inboundHeld.Add(-a.argsBytes)
+		if msg := a.argsMsg; msg != nil {
+			a.argsMsg = nil
+			recycleMessage(msg)
+		}
+	})
 }

@@ -165,6 +165,10 @@ type export struct {
 	loopback  *loopbackTarget    // the promise settled on a capability of the peer
 
 	vine *vine // a three-party handoff's vine (thirdparty.go)
+
+	// native is the exported object's hook when it is a native object
+	// (native.go): calls go to it without capnp.Client.RecvCall.
+	native *nativeServer
 }
 
 // loopbackTarget names, in the peer's terms, a capability of the peer that
@@ -283,6 +287,14 @@ func (c *Conn) describeCapLocked(fx *effects, d rpccp.CapDescriptor, client capn
 			}
 			return 0, false, writePromisedAnswer(pa, h.q.id, nil)
 		}
+	case *nativePipeline:
+		if h.q.c == c && !h.q.finished {
+			pa, err := d.NewReceiverAnswer()
+			if err != nil {
+				return 0, false, err
+			}
+			return 0, false, writePromisedAnswer(pa, h.q.id, h.transform)
+		}
 	}
 	meta := snap.Metadata()
 	if id, ok := c.exportsByHook[meta]; ok {
@@ -305,6 +317,7 @@ func (c *Conn) describeCapLocked(fx *effects, d rpccp.CapDescriptor, client capn
 		meta:    meta,
 		promise: snap.IsPromise(),
 	}
+	e.native, _ = snap.Brand().Value.(*nativeServer)
 	c.exports[e.id] = e
 	c.exportsByHook[meta] = e.id
 	if e.promise {

@@ -442,6 +442,36 @@ func (c *Conn) claimOutputLocked() output {
 	return c.takeOutputLocked()
 }
 
+// claimInlineLocked is claimOutputLocked for the Return of a native
+// handler that ran inline, perhaps on the read loop itself (native.go).
+// The read loop writes it directly, saving the wake-up of the writer
+// goroutine, only in a quiet exchange: no call of ours outstanding (so
+// the peer's read loop is not itself writing a Return to us, which over
+// a synchronous pipe would deadlock both), no other call of the peer's
+// in progress, no more input buffered, nothing large queued, a small
+// frame. The read loop must not block while the peer waits for it to
+// read; in such an exchange the peer reads (its read loop is free), and
+// a kernel socket takes a small frame at once anyway. What remains is a
+// peer whose read loop has stopped for its own full outbound queue
+// (Limits.MaxQueuedBytes) at that very moment, over a transport with no
+// buffer of its own.
+func (c *Conn) claimInlineLocked() output {
+	if !c.dispatching.Load() {
+		return c.claimOutputLocked()
+	}
+	if c.manual || c.writing || c.closing || c.inboundBusy.Load() || c.largeBytes > 0 ||
+		c.inProgress > 0 || len(c.questions) > 0 {
+		return output{}
+	}
+	if n := c.queuedLocked(); n == 0 || n > inlineWriteBytes {
+		return output{}
+	}
+	return c.takeOutputLocked()
+}
+
+// inlineWriteBytes bounds what the read loop writes itself.
+const inlineWriteBytes = 16 << 10
+
 // write writes buf, taken with takeOutputLocked, and hands back the
 // writing role: frames queued meanwhile go to the writer goroutine. It
 // reports false if the connection failed.

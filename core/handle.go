@@ -173,13 +173,14 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 	var target capnp.Client
 	var targetAns *answer
 	var transform []capnp.PipelineOp
+	var native *nativeServer
 	switch mt.Which() {
 	case rpccp.MessageTarget_Which_importedCap:
 		e := c.exports[mt.ImportedCap()]
 		if e == nil {
 			return false, violation("call to unknown export %d", mt.ImportedCap())
 		}
-		target = e.client
+		target, native = e.client, e.native
 		c.vineUsedLocked(fx, e)
 	case rpccp.MessageTarget_Which_promisedAnswer:
 		pa, err := mt.PromisedAnswer()
@@ -221,15 +222,25 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 		c.returnLocked(fx, a)
 		return false, nil
 	}
-	a := c.newAnswerLocked(qid)
+	var a *answer
+	if native != nil {
+		a = c.newNativeAnswerLocked(qid)
+	} else {
+		a = c.newAnswerLocked(qid)
+	}
 	a.sendElsewhere = sendElsewhere
 	a.argsBytes = size
 	c.inboundHeld.Add(size)
 	recv := capnp.Recv{
-		Method:      method,
-		Args:        content.Struct(),
-		ReleaseArgs: a.releaseArgs(msg),
-		Returner:    a,
+		Method:   method,
+		Args:     content.Struct(),
+		Returner: a,
+	}
+	if native != nil {
+		// Straight to the native object: no ReleaseFunc, no RecvCall.
+		a.deliverNative, a.argsMsg = native, msg
+	} else {
+		recv.ReleaseArgs = a.releaseArgs(msg)
 	}
 	// The export's own reference, not a new one (AddRef costs three
 	// allocations): releases that could drop it arrive in later messages,
@@ -369,6 +380,9 @@ func (c *Conn) settleLocked(fx *effects, q *question, msg *capnp.Message, conten
 	}
 	q.settleContent, q.settleErr, q.settleBoot, q.settleBootCap = content, rerr, br, q.bootCap
 	q.settling = true
+	if q.native != nil {
+		q.native.takeLocked()
+	}
 	fx.push(effect{settle: q})
 }
 
@@ -380,9 +394,12 @@ func (q *question) runSettle() {
 	}
 	content, rerr, br, bootCap := q.settleContent, q.settleErr, q.settleBoot, q.settleBootCap
 	q.settleContent, q.settleErr, q.settleBoot, q.settleBootCap = capnp.Ptr{}, nil, nil, capnp.Client{}
-	if rerr != nil {
+	switch {
+	case q.native != nil:
+		q.native.settle(content, rerr)
+	case rerr != nil:
 		q.p.Reject(rerr)
-	} else {
+	default:
 		q.c.latchPipelines(q, content)
 		q.p.Fulfill(content)
 	}
@@ -736,7 +753,10 @@ func (c *Conn) handleUnimplemented(fx *effects, m rpccp.Message) error {
 		}
 		if q := c.questions[qid]; q != nil && !q.returned {
 			q.returned = true
-			if !q.settled {
+			if !q.settled && q.native != nil {
+				q.settled = true
+				q.failNativeLocked(fx, exc.New(exc.Unimplemented, "captp", "peer does not implement this message"))
+			} else if !q.settled {
 				q.settled = true
 				p := q.p
 				fx.add(func() {

@@ -12,6 +12,7 @@ import (
 	"capnproto.org/go/capnp/v3"
 	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
 
+	"github.com/captp-go/captp/core/flow"
 	"github.com/captp-go/captp/internal/callqueue"
 )
 
@@ -61,6 +62,10 @@ type question struct {
 	settleErr     error
 	settleBoot    capnp.Resolver[capnp.Client]
 	settleBootCap capnp.Client
+
+	// native is set for a question sent by Conn.Call (native.go): it has
+	// no go-capnp promise (p is nil); its caller waits on done.
+	native *nativeQuestion
 }
 
 // newQuestionLocked allocates a question id and its promise.
@@ -89,6 +94,7 @@ type callTarget struct {
 	importID  uint32
 	question  *question // nil for an import
 	transform []capnp.PipelineOp
+	lim       *flow.Limiter // the import's flow control, for native calls (Call)
 }
 
 func (t callTarget) write(mt rpccp.MessageTarget) error {
@@ -118,8 +124,21 @@ func writePromisedAnswer(pa rpccp.PromisedAnswer, qid uint32, transform []capnp.
 // sendCall sends a Call to t and returns the answer. Arguments are placed
 // before the lock is taken, so user code never runs under c.mu.
 func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
+	pc := c.send(ctx, t, s, false)
+	if pc.q == nil {
+		if pc.ans != nil {
+			return pc.ans, pc.rel
+		}
+		return capnp.ErrorAnswer(s.Method, pc.err), func() {}
+	}
+	return pc.q.p.Answer(), pc.q.release
+}
+
+// send sends a Call to t: a question with a go-capnp promise, or with
+// native set, a native question (Conn.Call) with none.
+func (c *Conn) send(ctx context.Context, t callTarget, s capnp.Send, native bool) PendingCall {
 	if err := c.waitQueue(ctx); err != nil {
-		return capnp.ErrorAnswer(s.Method, err), func() {}
+		return PendingCall{err: err}
 	}
 	ref := takeDataRef(ctx, c.manual)
 	var (
@@ -134,20 +153,24 @@ func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp
 		msg, m, err = newMessage()
 	}
 	if err != nil {
-		return capnp.ErrorAnswer(s.Method, fmt.Errorf("build call: %w", err)), func() {}
+		return PendingCall{err: fmt.Errorf("build call: %w", err)}
 	}
 	call, params, err := buildCall(m, s, ref, data)
 	if err != nil {
 		msg.Release()
-		return capnp.ErrorAnswer(s.Method, err), func() {}
+		return PendingCall{err: err}
 	}
 
+	var size uint64
+	if native && t.lim != nil {
+		size, _ = msg.TotalSize()
+	}
 	c.mu.Lock()
 	if c.closing {
 		err := c.err
 		c.unlock()
 		msg.Release()
-		return capnp.ErrorAnswer(s.Method, err), func() {}
+		return PendingCall{err: err}
 	}
 	if redirect, ok := c.redirectLocked(t); ok {
 		// The target already settled: a call made now must queue behind
@@ -157,20 +180,30 @@ func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp
 		defer redirect.Release()
 		args, err := params.Content()
 		if err != nil {
-			return capnp.ErrorAnswer(s.Method, err), func() {}
+			return PendingCall{err: err}
 		}
-		return redirect.SendCall(ctx, capnp.Send{
+		rs := capnp.Send{
 			Method:    s.Method,
 			ArgsSize:  args.Struct().Size(),
 			PlaceArgs: func(dst capnp.Struct) error { return dst.CopyFrom(args.Struct()) },
-		})
+		}
+		if native {
+			return Call(ctx, redirect, rs)
+		}
+		ans, rel := redirect.SendCall(ctx, rs)
+		return PendingCall{ans: ans, rel: rel}
 	}
 	if t.question != nil && (t.question.finished || t.question.c != c) {
 		c.unlock()
 		msg.Release()
-		return capnp.ErrorAnswer(s.Method, errors.New("captp: pipelined call on a finished question")), func() {}
+		return PendingCall{err: errors.New("captp: pipelined call on a finished question")}
 	}
-	q := c.newQuestionLocked(s.Method)
+	var q *question
+	if native {
+		q = c.newNativeQuestionLocked(s.Method)
+	} else {
+		q = c.newQuestionLocked(s.Method)
+	}
 	call.SetQuestionId(q.id)
 	var fx effects
 	mt, err := call.NewTarget()
@@ -194,7 +227,7 @@ func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp
 		c.unlock()
 		msg.Release()
 		fx.run()
-		return capnp.ErrorAnswer(s.Method, err), func() {}
+		return PendingCall{err: err}
 	}
 	if t.question != nil {
 		t.question.pipelined = append(t.question.pipelined, t.transform)
@@ -212,7 +245,10 @@ func (c *Conn) sendCall(ctx context.Context, t callTarget, s capnp.Send) (*capnp
 		// it is in the transport (or dropped with the connection).
 		<-written
 	}
-	return q.p.Answer(), q.release
+	if native && t.lim != nil {
+		c.startFlow(ctx, q, t.lim, size)
+	}
+	return PendingCall{q: q}
 }
 
 // redirectLocked returns what a call to t should go to instead of the
@@ -279,10 +315,14 @@ func buildCall(m rpccp.Message, s capnp.Send, ref *dataRef, data capnp.List) (rp
 // dropQuestionLocked removes a question that was never sent.
 func (c *Conn) dropQuestionLocked(fx *effects, q *question) {
 	delete(c.questions, q.id)
-	delete(c.questionsByAns, q.p.Answer())
 	c.questionIDs.put(q.id)
 	q.settled = true
 	q.finished = true
+	if q.native != nil {
+		q.failNativeLocked(fx, errors.New("captp: call not sent"))
+		return
+	}
+	delete(c.questionsByAns, q.p.Answer())
 	// Nobody has seen the promise; resolve it so it holds no waiters.
 	p, done := q.p, q.onSettled
 	q.onSettled = nil
@@ -308,6 +348,12 @@ func (q *question) cancel(err error) {
 	if !q.finished {
 		q.finished = true
 		c.sendFinishLocked(q.id, true)
+	}
+	if q.native != nil {
+		q.failNativeLocked(&fx, err)
+		c.unlock()
+		fx.run()
+		return
 	}
 	p, br := q.p, q.bootResolver
 	q.bootResolver = nil
@@ -365,8 +411,10 @@ func (q *question) retireLocked(fx *effects) {
 		delete(c.questions, q.id)
 		c.questionIDs.put(q.id)
 	}
-	delete(c.questionsByAns, q.p.Answer())
-	fx.push(effect{retire: q})
+	if q.native == nil {
+		delete(c.questionsByAns, q.p.Answer())
+		fx.push(effect{retire: q})
+	}
 	if q.results == nil {
 		return
 	}
@@ -449,7 +497,10 @@ func (c *Conn) dropGravesLocked(fx *effects) {
 // rejectLocked settles the question with err at shutdown.
 func (q *question) rejectLocked(fx *effects, err error) {
 	q.c.unwatchLocked(q)
-	if !q.settled {
+	if !q.settled && q.native != nil {
+		q.settled = true
+		q.failNativeLocked(fx, err)
+	} else if !q.settled {
 		q.settled = true
 		p, br, done := q.p, q.bootResolver, q.onSettled
 		q.bootResolver, q.onSettled = nil, nil

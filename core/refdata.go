@@ -64,12 +64,23 @@ const maxDataListBytes = 1<<29 - 1
 // (go-capnp then writes a double-far pointer, segment 1 having no room for
 // a landing pad).
 func newRefMessage(data []byte) (*capnp.Message, rpccp.Message, capnp.List, error) {
+	return newRefMessageNotify(data, nil)
+}
+
+// newRefMessageNotify is newRefMessage with na, if not nil, as the arena
+// (wrapping the one it makes): na.released runs once the message is
+// released (recycled), when the data it references may be reused.
+func newRefMessageNotify(data []byte, na *notifyArena) (*capnp.Message, rpccp.Message, capnp.List, error) {
 	fail := func(err error) (*capnp.Message, rpccp.Message, capnp.List, error) {
 		return nil, rpccp.Message{}, capnp.List{}, fmt.Errorf("reference data: %w", err)
 	}
 	// data[:n:n]: with spare capacity go-capnp would put a landing pad
 	// into the caller's memory past the end of data.
-	arena := capnp.MultiSegment([][]byte{make([]byte, 0, refSeg0Bytes), data[:len(data):len(data)]})
+	var arena capnp.Arena = capnp.MultiSegment([][]byte{make([]byte, 0, refSeg0Bytes), data[:len(data):len(data)]})
+	if na != nil {
+		na.Arena = arena
+		arena = na
+	}
 	msg := messagePool.Get().(*capnp.Message)
 	seg, err := msg.Reset(arena)
 	if err != nil {
@@ -117,4 +128,18 @@ func newRefMessage(data []byte) (*capnp.Message, rpccp.Message, capnp.List, erro
 		return fail(err)
 	}
 	return msg, m, root.List(), nil
+}
+
+// notifyArena tells its owner when the message using it is released.
+type notifyArena struct {
+	capnp.Arena
+	released func()
+}
+
+func (a *notifyArena) Release() {
+	a.Arena.Release()
+	if f := a.released; f != nil {
+		a.released = nil
+		f()
+	}
 }

@@ -410,7 +410,7 @@ func (c *Conn) returnAcceptLocked(fx *effects, a *answer, target capnp.Client, e
 		a.publishLocked()
 		a.settlePipelinesLocked(fx)
 		a.flushing = true
-		fx.add(func() { c.flushQueued(a) })
+		fx.add(func() { c.flushQueued(a, false) })
 		return
 	}
 	c.returnLocked(fx, a)

@@ -8,6 +8,9 @@
 //     RPC. This is the floor: what the transport costs on its own.
 //   - captp: this project's core (adapters/unix.NewConn on kernel sockets,
 //     core.NewConn on pipes and netstack).
+//   - captp-native (only when asked for): captp with native stubs
+//     (internal/testnative) on core.Call and core.Handler, bypassing
+//     go-capnp's Client, Promise and server.Server.
 //   - go-capnp: capnproto.org/go/capnp/v3/rpc with rpc.NewStreamTransport.
 //   - c++: the Cap'n Proto C++ reference (libcapnp), both client and
 //     server, in interop/cpp/bench.c++, built on first use and cached by
@@ -59,10 +62,17 @@ const (
 	Captp   Impl = "captp"
 	GoCapnp Impl = "go-capnp"
 	Cpp     Impl = "c++"
+	// CaptpNative is captp through its native call path (core.Call and
+	// core.Handler, stubs in internal/testnative) instead of capnpc-go's
+	// generated client and server: a prototype, run only when asked.
+	CaptpNative Impl = "captp-native"
 )
 
 // AllImpls is every implementation, in report order.
-var AllImpls = []Impl{Raw, Captp, GoCapnp, Cpp}
+var AllImpls = []Impl{Raw, Captp, CaptpNative, GoCapnp, Cpp}
+
+// DefaultImpls are the implementations measured when Config.Impls is nil.
+var DefaultImpls = []Impl{Raw, Captp, GoCapnp, Cpp}
 
 // Transport names how client and server are connected.
 type Transport string
@@ -234,7 +244,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	impls := cfg.Impls
 	if impls == nil {
-		impls = AllImpls
+		impls = DefaultImpls
 	}
 	transports := cfg.Transports
 	if transports == nil {

@@ -34,15 +34,15 @@ const ServerCommand = "bench-server"
 func ServerMain(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet(ServerCommand, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	impl := fs.String("impl", "", "implementation to serve: raw, captp or go-capnp")
+	impl := fs.String("impl", "", "implementation to serve: raw, captp, captp-native or go-capnp")
 	path := fs.String("listen", "", "Unix socket `path` to listen on")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
 	switch Impl(*impl) {
-	case Raw, Captp, GoCapnp:
+	case Raw, Captp, CaptpNative, GoCapnp:
 	default:
-		fmt.Fprintf(stderr, "%s: -impl must be raw, captp or go-capnp, not %q\n", ServerCommand, *impl)
+		fmt.Fprintf(stderr, "%s: -impl must be raw, captp, captp-native or go-capnp, not %q\n", ServerCommand, *impl)
 		return 2
 	}
 	if *path == "" || fs.NArg() > 0 {

@@ -18,6 +18,7 @@ import (
 	"github.com/captp-go/captp/core"
 	"github.com/captp-go/captp/internal/testcapnp"
 	"github.com/captp-go/captp/internal/testimpl"
+	"github.com/captp-go/captp/internal/testnative"
 )
 
 // session is one connected client and server of one implementation on
@@ -183,6 +184,11 @@ func openSession(ctx context.Context, cfg *Config, cpp *cppProgram, im Impl, tr 
 	if im == Raw {
 		return newRawSession(cli, m, cleanup), nil
 	}
+	if im == CaptpNative {
+		conn := newCaptpConn(cli, nil)
+		boot := testnative.Test{Client: conn.Bootstrap(ctx)}
+		return &nativeSession{boot: boot, m: m, cleanup: func() { boot.Release(); conn.Close(); cleanup() }}, nil
+	}
 	boot, closeConn := dialGo(ctx, im, cli)
 	return &rpcSession{boot: boot, m: m, cleanup: func() { boot.Release(); closeConn(); cleanup() }}, nil
 }
@@ -243,6 +249,10 @@ func serveGo(im Impl, c net.Conn) (stop func()) {
 		return func() { conn.Close() }
 	case GoCapnp:
 		conn := rpc.NewConn(rpc.NewStreamTransport(c), &rpc.Options{BootstrapClient: benchObject()})
+		return func() { conn.Close() }
+	case CaptpNative:
+		obj, _ := testnative.New("server", nil)
+		conn := newCaptpConn(c, &core.Options{BootstrapClient: obj})
 		return func() { conn.Close() }
 	}
 	panic("serveGo: unknown implementation " + string(im))

@@ -1,0 +1,313 @@
+package core
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"capnproto.org/go/capnp/v3"
+
+	"github.com/captp-go/captp/core/flow"
+)
+
+// The native client path: Call sends a call to a captp import (or a
+// promised answer) without go-capnp's Client.SendCall, Promise and Answer
+// machinery, and returns the question itself as the pending call. Code
+// generated for captp would call it from typed stubs; capnpc-go's
+// generated clients keep working through the ordinary path.
+
+// PendingCall is a call sent with Call. It is a small value (copy it
+// freely); Release must be called once the results are no longer needed,
+// and makes them invalid.
+type PendingCall struct {
+	q   *question     // a native question (the common case)
+	ans *capnp.Answer // the fallback: a call go-capnp sent
+	rel capnp.ReleaseFunc
+	err error // the call could not be sent
+}
+
+// nativeQuestion is what a native question has instead of a promise.
+type nativeQuestion struct {
+	done chan struct{} // closed once the question is settled
+
+	// flow is the flow-control acknowledgement of the call, called once
+	// the Return arrives (or the call fails); acked says that happened
+	// before flow was set.
+	flow  func()
+	acked bool
+	// pipelines are promises handed out by Pipeline before the Return,
+	// settled with the capabilities in the results.
+	pipelines []nativePipe
+	// pipeRefs counts live pipeline hooks: the question is finished only
+	// once the caller and every pipeline client have let go.
+	pipeRefs       int
+	callerReleased bool
+
+	// Taken under c.mu when the question settles, run after the unlock.
+	settleFlow      func()
+	settlePipelines []nativePipe
+}
+
+type nativePipe struct {
+	transform []capnp.PipelineOp
+	resolver  capnp.Resolver[capnp.Client]
+}
+
+// newNativeQuestionLocked allocates a question id for a native call.
+func (c *Conn) newNativeQuestionLocked(m capnp.Method) *question {
+	nq := &struct {
+		q question
+		n nativeQuestion
+	}{} // one allocation for both
+	q := &nq.q
+	*q = question{c: c, id: c.questionIDs.get(), method: m, native: &nq.n}
+	nq.n.done = make(chan struct{})
+	c.questions[q.id] = q
+	return q
+}
+
+// Call sends a call to target. When target is a capability imported by a
+// captp connection (or a promise for a result of a captp call), the call
+// goes out with no go-capnp promise, answer or goroutine: the question
+// itself is the pending call. Otherwise (a local object, another RPC
+// implementation) it falls back to target.SendCall. s.PlaceArgs fills the
+// arguments, as with SendCall; it must not block.
+func Call(ctx context.Context, target capnp.Client, s capnp.Send) PendingCall {
+	snap := target.Snapshot()
+	var (
+		c *Conn
+		t callTarget
+	)
+	switch h := snap.Brand().Value.(type) {
+	case *importClient:
+		c, t = h.c, callTarget{importID: h.id, lim: h.lim}
+	case *bootstrapHook:
+		c, t = h.q.c, callTarget{question: h.q}
+	case *nativePipeline:
+		c, t = h.q.c, callTarget{question: h.q, transform: h.transform}
+	}
+	snap.Release()
+	if c == nil {
+		ans, rel := target.SendCall(ctx, s)
+		return PendingCall{ans: ans, rel: rel}
+	}
+	return c.send(ctx, t, s, true)
+}
+
+// startFlow applies the import's flow control to a native call after it
+// was sent, as go-capnp's SendCall does: the caller waits while the
+// object's window is full.
+func (c *Conn) startFlow(ctx context.Context, q *question, lim *flow.Limiter, size uint64) {
+	done, err := lim.StartMessage(ctx, size)
+	if err != nil {
+		return // ctx ended; the call itself reports that
+	}
+	c.mu.Lock()
+	n := q.native
+	if n.acked {
+		c.unlock()
+		done()
+		return
+	}
+	n.flow = done
+	c.unlock()
+}
+
+// takeLocked moves what settling runs (flow acknowledgement, pipeline
+// promises) out of the shared fields, under c.mu.
+func (n *nativeQuestion) takeLocked() {
+	n.acked = true
+	n.settleFlow, n.flow = n.flow, nil
+	n.settlePipelines, n.pipelines = n.pipelines, nil
+}
+
+// failNativeLocked settles a native question with err (cancellation,
+// shutdown, a call that could not be sent).
+func (q *question) failNativeLocked(fx *effects, err error) {
+	q.resultErr = err
+	n := q.native
+	n.takeLocked()
+	fx.add(func() { n.settle(capnp.Ptr{}, err) })
+}
+
+// settle runs outside c.mu once the question is settled: the caller's
+// Wait returns, pipeline promises resolve.
+func (n *nativeQuestion) settle(content capnp.Ptr, rerr error) {
+	if f := n.settleFlow; f != nil {
+		n.settleFlow = nil
+		f()
+	}
+	pipes := n.settlePipelines
+	n.settlePipelines = nil
+	for _, p := range pipes {
+		if rerr != nil {
+			p.resolver.Reject(rerr)
+			continue
+		}
+		ptr, err := capnp.Transform(content, p.transform)
+		if err != nil {
+			p.resolver.Reject(fmt.Errorf("captp: pipelined capability: %w", err))
+			continue
+		}
+		cl := ptr.Interface().Client().AddRef()
+		p.resolver.Fulfill(cl)
+		cl.Release()
+	}
+	close(n.done)
+}
+
+// Err reports whether the call could not be sent at all.
+func (p PendingCall) Err() error { return p.err }
+
+// done is closed once the call has settled (returned, failed or been
+// cancelled).
+func (p PendingCall) done() <-chan struct{} {
+	switch {
+	case p.q != nil:
+		return p.q.native.done
+	case p.ans != nil:
+		return p.ans.Done()
+	}
+	return closedChan
+}
+
+// Wait blocks until the call returns or ctx ends, and returns the
+// results, which stay valid until Release. Ending ctx stops only the
+// wait; the call is cancelled through the context it was sent with.
+func (p PendingCall) Wait(ctx context.Context) (capnp.Struct, error) {
+	if p.err != nil {
+		return capnp.Struct{}, p.err
+	}
+	select {
+	case <-p.done():
+	default:
+		select {
+		case <-p.done():
+		case <-ctx.Done():
+			return capnp.Struct{}, ctx.Err()
+		}
+	}
+	if p.ans != nil {
+		return p.ans.Struct()
+	}
+	// done was closed after these were set under c.mu, and they change
+	// again only once the caller releases the question.
+	q := p.q
+	if q.resultErr != nil {
+		return capnp.Struct{}, q.resultErr
+	}
+	return q.resultContent.Struct(), nil
+}
+
+// Release tells the connection the results are no longer needed: Finish
+// goes out (now, or at the Return), as for go-capnp's ReleaseFunc.
+// Releasing twice is harmless.
+func (p PendingCall) Release() {
+	switch {
+	case p.q != nil:
+		q := p.q
+		c := q.c
+		var fx effects
+		c.mu.Lock()
+		if !q.native.callerReleased {
+			q.native.callerReleased = true
+			if q.native.pipeRefs == 0 {
+				q.releaseNativeLocked(&fx)
+			}
+		}
+		c.unlock()
+		fx.run()
+	case p.rel != nil:
+		p.rel()
+	}
+}
+
+// releaseNativeLocked is question.release for a native question whose
+// caller and pipeline clients have all let go.
+func (q *question) releaseNativeLocked(fx *effects) {
+	if q.released {
+		return
+	}
+	q.released = true
+	q.c.unwatchLocked(q)
+	if q.settled && !q.settling {
+		q.finishLocked(fx)
+	}
+}
+
+// Pipeline returns the capability at the pointer field path in the
+// call's results, usable before they arrive (promise pipelining): calls
+// on it go to the callee along with the call. It holds the question open
+// until released.
+func (p PendingCall) Pipeline(fields ...uint16) capnp.Client {
+	switch {
+	case p.err != nil:
+		return capnp.ErrorClient(p.err)
+	case p.ans != nil:
+		f := p.ans.Future()
+		for _, fld := range fields {
+			f = f.Field(fld, nil)
+		}
+		return f.Client().AddRef()
+	}
+	q := p.q
+	c := q.c
+	transform := make([]capnp.PipelineOp, len(fields))
+	for i, f := range fields {
+		transform[i] = capnp.PipelineOp{Field: f}
+	}
+	c.mu.Lock()
+	if q.settled {
+		c.unlock()
+		<-q.native.done // settled: its effect is about to close it, if not yet
+		if q.resultErr != nil {
+			return capnp.ErrorClient(q.resultErr)
+		}
+		ptr, err := capnp.Transform(q.resultContent, transform)
+		if err != nil {
+			return capnp.ErrorClient(fmt.Errorf("captp: pipelined capability: %w", err))
+		}
+		return ptr.Interface().Client().AddRef()
+	}
+	if q.native.callerReleased {
+		c.unlock()
+		return capnp.ErrorClient(errors.New("captp: Pipeline on a released call"))
+	}
+	hook := &nativePipeline{q: q, transform: transform}
+	cl, r := capnp.NewPromisedClient(hook)
+	q.native.pipelines = append(q.native.pipelines, nativePipe{transform: transform, resolver: r})
+	q.native.pipeRefs++
+	c.unlock()
+	return cl
+}
+
+// nativePipeline carries calls on a capability in a native question's
+// results until the Return resolves it.
+type nativePipeline struct {
+	q         *question
+	transform []capnp.PipelineOp
+}
+
+func (h *nativePipeline) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
+	return h.q.c.sendCall(ctx, callTarget{question: h.q, transform: h.transform}, s)
+}
+
+func (h *nativePipeline) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
+	return h.q.c.forwardCall(ctx, callTarget{question: h.q, transform: h.transform}, r)
+}
+
+func (h *nativePipeline) Brand() capnp.Brand { return capnp.Brand{Value: h} }
+func (h *nativePipeline) String() string     { return "captp native pipeline" }
+
+// Shutdown runs once no call can use the hook any more (released, or
+// resolved and switched over): the question may then be finished.
+func (h *nativePipeline) Shutdown() {
+	q := h.q
+	q.c.schedule(func(fx *effects) {
+		n := q.native
+		n.pipeRefs--
+		if n.pipeRefs == 0 && n.callerReleased {
+			q.releaseNativeLocked(fx)
+		}
+	})
+}
