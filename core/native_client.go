@@ -159,6 +159,10 @@ func (n *nativeQuestion) settle(content capnp.Ptr, rerr error) {
 // Err reports whether the call could not be sent at all.
 func (p PendingCall) Err() error { return p.err }
 
+// Done is closed once the call has settled (returned, failed or been
+// cancelled): Wait then returns at once.
+func (p PendingCall) Done() <-chan struct{} { return p.done() }
+
 // done is closed once the call has settled (returned, failed or been
 // cancelled).
 func (p PendingCall) done() <-chan struct{} {

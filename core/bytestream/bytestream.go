@@ -69,8 +69,7 @@ type Writer struct {
 
 // pendingWrite is a write call in flight.
 type pendingWrite struct {
-	ans     *capnp.Answer
-	release capnp.ReleaseFunc
+	call core.PendingCall
 }
 
 // NewWriter returns a Writer that sends to bs. It takes its own reference
@@ -176,7 +175,7 @@ func (w *Writer) send(b []byte) error {
 	// Over a captp connection the call is written straight from b (the
 	// core sets the field and returns once b is in the transport).
 	ctx := core.WithDataReference(w.ctx, 0, b)
-	ans, release := capnp.Client(w.own).SendCall(ctx, capnp.Send{
+	call := core.Call(ctx, capnp.Client(w.own), capnp.Send{
 		Method:   writeMethod,
 		ArgsSize: capnp.ObjectSize{PointerCount: 1},
 		PlaceArgs: func(s capnp.Struct) error {
@@ -187,9 +186,9 @@ func (w *Writer) send(b []byte) error {
 			return p.SetBytes(b)
 		},
 	})
-	w.pending = append(w.pending, pendingWrite{ans, release})
-	if isResolved(ans) {
-		w.check(ans) // failed at once (the connection is gone, say)
+	w.pending = append(w.pending, pendingWrite{call})
+	if isResolved(call) {
+		w.check(call) // failed at once (the connection is gone, say)
 	}
 	return w.err
 }
@@ -212,10 +211,10 @@ var writeMethod = capnp.Method{
 func (w *Writer) reap(wait bool) error {
 	done := 0
 	for _, p := range w.pending[w.head:] {
-		if !isResolved(p.ans) {
+		if !isResolved(p.call) {
 			break
 		}
-		w.check(p.ans)
+		w.check(p.call)
 		done++
 	}
 	if !wait && done < reapBatch {
@@ -227,13 +226,13 @@ func (w *Writer) reap(wait bool) error {
 		case done > 0:
 			done--
 		case wait:
-			<-p.ans.Future().Done() // the call is bound by w.ctx, like the stream
-			w.check(p.ans)
+			<-p.call.Done() // the call is bound by w.ctx, like the stream
+			w.check(p.call)
 		default:
 			w.compact()
 			return w.err
 		}
-		p.release()
+		p.call.Release()
 		w.pending[w.head] = pendingWrite{}
 	}
 	w.compact()
@@ -241,8 +240,8 @@ func (w *Writer) reap(wait bool) error {
 }
 
 // check records the failure of a returned write call, if it is the first.
-func (w *Writer) check(ans *capnp.Answer) {
-	if _, err := ans.Future().Ptr(); err != nil && w.err == nil {
+func (w *Writer) check(call core.PendingCall) {
+	if _, err := call.Wait(w.ctx); err != nil && w.err == nil {
 		w.err = fmt.Errorf("bytestream: write: %w", err)
 	}
 }
@@ -250,10 +249,10 @@ func (w *Writer) check(ans *capnp.Answer) {
 // reapBatch is how many returned write calls a Writer releases at once.
 const reapBatch = 8
 
-// isResolved reports whether ans has its result.
-func isResolved(ans *capnp.Answer) bool {
+// isResolved reports whether call has its result.
+func isResolved(call core.PendingCall) bool {
 	select {
-	case <-ans.Future().Done():
+	case <-call.Done():
 		return true
 	default:
 		return false
@@ -300,7 +299,7 @@ func (w *Writer) Close() error {
 // stream has failed, so their results no longer matter.
 func (w *Writer) drop() {
 	for _, p := range w.pending[w.head:] {
-		p.release()
+		p.call.Release()
 	}
 	w.pending, w.head = nil, 0
 }
