@@ -6,7 +6,6 @@ package main
 // it sends.
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
@@ -125,7 +124,7 @@ func seqLog(ctx context.Context, name string, test testcapnp.Test) ([]uint32, er
 
 // A hostVat is a Level 3 vat in the test process (Alice): its own
 // identity and secure.Network, dialing guests over host stacks on their
-// segments. It records what it writes to each vat it dials.
+// segments. A wiretap on each connection it dials decodes what it sends.
 type hostVat struct {
 	id     *secure.Identity
 	net    *secure.Network
@@ -136,7 +135,7 @@ type hostVat struct {
 	raw func(ctx context.Context, ref sturdyref.Ref) (net.Conn, error)
 
 	mu   sync.Mutex
-	taps map[string]*tapConn // by the dialed address
+	taps map[string]*wiretap // by the dialed address
 }
 
 func newHostVat(log *slog.Logger, stacks ...*netstack.Stack) (*hostVat, error) {
@@ -144,7 +143,7 @@ func newHostVat(log *slog.Logger, stacks ...*netstack.Stack) (*hostVat, error) {
 	if err != nil {
 		return nil, err
 	}
-	v := &hostVat{id: id, net: secure.NewNetwork(id), stacks: stacks, log: log, taps: make(map[string]*tapConn)}
+	v := &hostVat{id: id, net: secure.NewNetwork(id), stacks: stacks, log: log, taps: make(map[string]*wiretap)}
 	v.net.SetDialer(v.dialVat)
 	return v, nil
 }
@@ -164,7 +163,7 @@ func (v *hostVat) dialVat(ctx context.Context, ref sturdyref.Ref) (*core.Conn, e
 	if err != nil {
 		return nil, err
 	}
-	tap := &tapConn{Conn: tc}
+	tap := newWiretap(tc)
 	v.mu.Lock()
 	v.taps[ref.Address.HostPort()] = tap
 	v.mu.Unlock()
@@ -199,43 +198,13 @@ func (v *hostVat) calls(ref sturdyref.Ref) int {
 	if tap == nil {
 		return 0
 	}
-	return tap.calls()
-}
-
-// A tapConn keeps a copy of what is written to its connection. NetConn
-// lets secure.Network find the TLS connection underneath.
-type tapConn struct {
-	net.Conn
-	mu  sync.Mutex
-	out bytes.Buffer
-}
-
-func (c *tapConn) Write(p []byte) (int, error) {
-	c.mu.Lock()
-	c.out.Write(p)
-	c.mu.Unlock()
-	return c.Conn.Write(p)
-}
-
-func (c *tapConn) NetConn() net.Conn { return c.Conn }
-
-// calls decodes the messages written so far and counts the Calls.
-func (c *tapConn) calls() int {
-	c.mu.Lock()
-	data := bytes.Clone(c.out.Bytes())
-	c.mu.Unlock()
-	dec := capnp.NewDecoder(bytes.NewReader(data))
 	n := 0
-	for {
-		msg, err := dec.Decode()
-		if err != nil {
-			return n
-		}
-		m, err := rpccp.ReadRootMessage(msg)
-		if err == nil && m.Which() == rpccp.Message_Which_call {
+	for _, ev := range tap.since(0) {
+		if ev.dir == sent && ev.kind == rpccp.Message_Which_call {
 			n++
 		}
 	}
+	return n
 }
 
 // The host vat's call counter over a netstack.Switch, without QEMU: two

@@ -123,6 +123,11 @@ func runHost(ctx context.Context, cfg guestConfig, via, listen string, stdout io
 	case <-ctx.Done():
 	case <-g.Exited():
 		guestErr = fmt.Errorf("guest exited: %w", g.ExitErr())
+	case err := <-served:
+		// Serve ends early only if accepting failed for good: nobody
+		// can reach the guest any more.
+		guestErr = fmt.Errorf("re-serving the guest on %s: %w", listen, err)
+		served <- err // for the wait below
 	}
 	cancel()
 	<-served

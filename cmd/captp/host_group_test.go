@@ -10,7 +10,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -68,7 +70,7 @@ func TestHostGroupPlan(t *testing.T) {
 	}
 	hg := &hostGroup{cfg: hostGroupConfig{
 		guest: guestConfig{Net: netStream}, images: images, listen: "unix:" + dir + "/",
-		segment: netip4("10.1.2.0/24"),
+		segment: netip.MustParsePrefix("10.1.2.0/24"),
 	}}
 	if err := hg.check(); err != nil {
 		t.Fatal(err)
@@ -273,8 +275,6 @@ func TestHostCommandGroupHandoff(t *testing.T) {
 	}
 }
 
-func netip4(s string) netip.Prefix { return netip.MustParsePrefix(s) }
-
 // addrFromMACString is level3vat's rule (boards/microvm/level3vat,
 // addrFromMAC): 10.A.B.C for xx:xx:xx:A:B:C.
 func addrFromMACString(s string) (netip.Addr, error) {
@@ -309,6 +309,49 @@ func TestHostGroupQEMUFails(t *testing.T) {
 	if _, err := os.Stat(socks); !errors.Is(err, os.ErrNotExist) {
 		left, _ := os.ReadDir(socks)
 		t.Errorf("the socket directory captp host made is still there (%v): %v; want it removed", err, left)
+	}
+}
+
+// When one guest's QEMU fails and another's hangs without connecting,
+// captp host names both, and the hung QEMU is killed once the boot
+// timeout has passed: no process is left running. A shell script stands
+// in for QEMU.
+func TestHostGroupBootFailureKillsTheOthers(t *testing.T) {
+	if _, err := exec.LookPath("sh"); err != nil {
+		t.Skip("SKIPPED: no sh(1) on PATH")
+	}
+	dir := t.TempDir()
+	pidFile := filepath.Join(dir, "hung.pid")
+	qemu := filepath.Join(dir, "qemu.sh")
+	// -kernel IMAGE comes last.
+	script := "#!/bin/sh\nfor a; do img=$a; done\ncase $img in *bad.elf) echo 'bad image' >&2; exit 1;; esac\necho $$ > " + pidFile + "\nexec sleep 60\n"
+	if err := os.WriteFile(qemu, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"bad.elf", "hung.elf"} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte("not an image"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var out, errOut bytes.Buffer
+	code := run(context.Background(), []string{"host", "-qemu", qemu, "-boot-timeout", "1s",
+		"-image", "bad=" + filepath.Join(dir, "bad.elf"), "-image", "hung=" + filepath.Join(dir, "hung.elf"),
+		"-listen", "unix:" + filepath.Join(dir, "socks") + "/"}, &out, &errOut)
+	if code != exitFail || !strings.Contains(errOut.String(), "guest bad (") || !strings.Contains(errOut.String(), "qemu exited with status 1") ||
+		!strings.Contains(errOut.String(), "guest hung (") || !strings.Contains(errOut.String(), "deadline exceeded") {
+		t.Errorf("exit %d, stderr %q; want exit %d naming the failed guest with QEMU's status and the hung one with its timeout", code, errOut.String(), exitFail)
+	}
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		t.Fatalf("the hung guest's QEMU never ran: %v", err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
+		syscall.Kill(pid, syscall.SIGKILL)
+		t.Errorf("the hung guest's QEMU (pid %d) is still running after captp host returned (kill 0: %v)", pid, err)
 	}
 }
 

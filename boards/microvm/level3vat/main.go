@@ -2,8 +2,8 @@
 // (rpc.capnp Level 3) between QEMU guests: a vat with its own TLS
 // identity (a key made at boot from RDRAND through crypto/rand) and a
 // secure.Network, on a gVisor stack over its virtio-net card, so that a
-// capability another vat hands it can be picked up from its host guest
-// to guest, without going through the introducer.
+// capability another vat hands it can be picked up from the vat hosting
+// it, guest to guest, without going through the introducer.
 //
 // It serves, on TCP port 4433 with TLS (ALPN captp-level3) and on the
 // serial port COM2 (the machine's lifeline: when that connection ends the
@@ -17,8 +17,8 @@
 //     seq calls arrive: the host drives the calls this vat makes.
 //
 // The guest's IPv4 address is 10.A.B.C/24 for the MAC address
-// xx:xx:xx:A:B:C of its card (QEMU: -global
-// virtio-net-device.mac=52:54:00:00:03:02 for 10.0.3.2), so that one
+// xx:xx:xx:A:B:C of its card (QEMU: -device
+// virtio-net-device,mac=52:54:00:00:03:02 for 10.0.3.2), so that one
 // image serves every guest of a segment. cmd/captp's
 // TestLevel3Guest* tests boot it.
 package main
