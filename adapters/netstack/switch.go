@@ -103,6 +103,7 @@ func NewSwitch(opts *SwitchOptions) *Switch {
 
 type switchPort struct {
 	name      string
+	macs      int // addresses learned on this port; guarded by Switch.mu
 	rwc       io.ReadWriteCloser
 	out       chan []byte
 	done      chan struct{}
@@ -187,6 +188,12 @@ func (p *switchPort) close() {
 		p.rwc.Close()
 	})
 }
+
+// maxPortMACs bounds the source addresses the switch learns on one port:
+// a peer sending from ever new addresses (a MAC flood) would otherwise
+// grow the table without end. Beyond it the port's frames are still
+// switched, but frames for its unlearned addresses are flooded.
+const maxPortMACs = 1024
 
 // minSwitchFrame is the shortest frame a port may send: an Ethernet
 // header. (StreamLink pads to 60 bytes; QEMU sends at least that.)
@@ -285,7 +292,7 @@ func (s *Switch) forward(src *switchPort, f []byte) {
 	st := s.stats[src.name]
 	st.In++
 	if from[0]&1 == 0 { // a multicast source is bogus: do not learn it
-		s.byMAC[from] = src
+		s.learnLocked(src, from)
 	}
 	var to []*switchPort
 	if q := s.byMAC[dst]; dst[0]&1 == 0 && q != nil {
@@ -311,6 +318,24 @@ func (s *Switch) forward(src *switchPort, f []byte) {
 		}
 	}
 	s.mu.Unlock()
+}
+
+// learnLocked records that mac is on port p, unless p has learned
+// maxPortMACs addresses already. An address that moved is forgotten on
+// its old port either way.
+func (s *Switch) learnLocked(p *switchPort, mac [6]byte) {
+	q := s.byMAC[mac]
+	if q == p {
+		return
+	}
+	if q != nil {
+		q.macs--
+		delete(s.byMAC, mac)
+	}
+	if p.macs < maxPortMACs {
+		s.byMAC[mac] = p
+		p.macs++
+	}
 }
 
 // Frames returns how many unicast frames the switch has sent from the

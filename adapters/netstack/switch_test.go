@@ -261,3 +261,32 @@ func TestSwitchStacks(t *testing.T) {
 	s.Close()
 	goleak.VerifyNone(t)
 }
+
+// A port sending from ever new source addresses (a MAC flood) fills only
+// its own share of the forwarding table; the switch goes on learning the
+// other ports' addresses.
+func TestSwitchMACTableBound(t *testing.T) {
+	s := NewSwitch(&SwitchOptions{Logger: testLogger(t)})
+	defer s.Close()
+	a, c := attachRaw(t, s, "a", 1), attachRaw(t, s, "c", 3)
+	const n = maxPortMACs + 100
+	for i := range n {
+		f := a.frame(broadcast, 0)
+		copy(f[6:12], []byte{0x02, 0xff, 0, 0, byte(i >> 8), byte(i)})
+		a.send(f)
+	}
+	c.send(c.frame(broadcast, 0))
+	deadline := time.Now().Add(5 * time.Second)
+	for st := s.Stats(); st["a"].In != n || st["c"].In != 1; st = s.Stats() {
+		if time.Now().After(deadline) {
+			t.Fatalf("frames in: a %d (want %d), c %d (want 1)", st["a"].In, n, st["c"].In)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	s.mu.Lock()
+	learned, onC := len(s.byMAC), s.byMAC[c.mac]
+	s.mu.Unlock()
+	if learned != maxPortMACs+1 || onC == nil || onC.name != "c" {
+		t.Fatalf("%d addresses learned, c's on %v; want %d, c's on port c", learned, onC, maxPortMACs+1)
+	}
+}

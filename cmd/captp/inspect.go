@@ -11,6 +11,7 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
 
 	"capnproto.org/go/capnp/v3"
 
@@ -233,7 +234,7 @@ func isTerminal(w io.Writer) bool {
 // counts and a table per non-empty table.
 func printReport(w io.Writer, rep inspect.Report) {
 	v := rep.Vat
-	name := v.Name
+	name := printable(v.Name)
 	if name == "" {
 		name = "vat"
 	}
@@ -247,13 +248,13 @@ func printReport(w io.Writer, rep inspect.Report) {
 	}
 	for _, c := range rep.Conns {
 		s := c.Snapshot
-		fmt.Fprintf(w, "\nconnection #%d  peer %s  age %s", c.ID, c.Label, roundDur(v.Now.Sub(c.Since)))
+		fmt.Fprintf(w, "\nconnection #%d  peer %s  age %s", c.ID, printable(c.Label), roundDur(v.Now.Sub(c.Since)))
 		if s.Closing {
 			fmt.Fprint(w, "  CLOSING")
 		}
 		fmt.Fprintln(w)
 		if s.Err != "" {
-			fmt.Fprintf(w, "  ended: %s\n", s.Err)
+			fmt.Fprintf(w, "  ended: %s\n", printable(s.Err))
 		}
 		fmt.Fprintf(w, "  %s  in progress=%d  queued=%s  inbound held=%s  flow in flight=%s (peak %s, %d waiting)",
 			s.Stats, s.InProgress, bytesStr(int64(s.QueuedBytes)), bytesStr(s.InboundHeldBytes),
@@ -264,7 +265,7 @@ func printReport(w io.Writer, rep inspect.Report) {
 		fmt.Fprintln(w)
 		section(w, "questions (our calls awaiting the peer)", len(s.Questions), s.Stats.Questions, "ID\tSTATE\tMETHOD\tPIPELINED", func(tw io.Writer) {
 			for _, q := range s.Questions {
-				m := q.Method
+				m := printable(q.Method)
 				if q.Bootstrap {
 					m = "(bootstrap)"
 				}
@@ -293,7 +294,7 @@ func printReport(w io.Writer, rep inspect.Report) {
 		})
 		section(w, "exports (our capabilities the peer holds)", len(s.Exports), s.Stats.Exports, "ID\tREFS\tKIND\tWHAT", func(tw io.Writer) {
 			for _, e := range s.Exports {
-				fmt.Fprintf(tw, "%d\t%d\t%s\t%s\n", e.ID, e.Refs, capKind(e.Promise, e.Resolved, e.Vine, e.Loopback), e.What)
+				fmt.Fprintf(tw, "%d\t%d\t%s\t%s\n", e.ID, e.Refs, capKind(e.Promise, e.Resolved, e.Vine, e.Loopback), printable(e.What))
 			}
 		})
 		if len(s.Embargoes) > 0 {
@@ -314,6 +315,18 @@ func printReport(w io.Writer, rep inspect.Report) {
 			fmt.Fprintf(w, "  provides (level 3): %s\n", strings.Join(ids, ", "))
 		}
 	}
+}
+
+// printable replaces the control characters of a string the vat sent
+// (a name, a label, an error): a hostile vat must not be able to move the
+// cursor or clear the screen of the terminal the report is printed on.
+func printable(s string) string {
+	return strings.Map(func(r rune) rune {
+		if unicode.IsControl(r) {
+			return '?'
+		}
+		return r
+	}, s)
 }
 
 // section prints one table of a connection, if it has entries.

@@ -245,3 +245,29 @@ func TestInspectPlainAddress(t *testing.T) {
 		t.Fatalf("captp inspect unix:…: exit %d, stdout %q, stderr %q", code, out, errOut)
 	}
 }
+
+// What the vat sends is printed without its control characters: a
+// hostile vat cannot drive the terminal.
+func TestInspectPrintsNoControls(t *testing.T) {
+	const esc = "\x1b[2J\x1b]0;owned\a"
+	rep := inspect.Report{
+		Vat: inspect.VatStatus{Name: "vat" + esc},
+		Conns: []inspect.ConnStatus{{Label: "peer" + esc, Snapshot: core.Snapshot{
+			Stats:     core.Stats{Questions: 1, Exports: 1},
+			Err:       "ended" + esc,
+			Questions: []core.QuestionInfo{{Method: "m" + esc}},
+			Exports:   []core.ExportInfo{{What: "w" + esc}},
+		}}},
+	}
+	var b strings.Builder
+	printReport(&b, rep)
+	out := b.String()
+	if strings.ContainsAny(out, "\x1b\a") {
+		t.Fatalf("report printed with control characters: %q", out)
+	}
+	for _, s := range []string{"vat?[2J", "peer?[2J", "ended?[2J", "m?[2J", "w?[2J"} {
+		if !strings.Contains(out, s) {
+			t.Errorf("report lacks %q: %q", s, out)
+		}
+	}
+}

@@ -3,6 +3,7 @@ package inspect_test
 import (
 	"context"
 	"fmt"
+	"net"
 
 	"capnproto.org/go/capnp/v3"
 
@@ -21,7 +22,7 @@ func Example() {
 
 	// An application connection, tracked as the vat accepts it, whose
 	// client holds the root capability.
-	appClientSide, appServerSide := pipePair()
+	appClientSide, appServerSide := net.Pipe()
 	appServer := core.NewConn(appServerSide, &core.Options{BootstrapClient: capnp.Client(testimpl.New("root", nil).Client())})
 	defer appServer.Close()
 	reg.Track(appServer, "app client")
@@ -35,7 +36,7 @@ func Example() {
 	}
 
 	// The inspecting side.
-	inClientSide, inServerSide := pipePair()
+	inClientSide, inServerSide := net.Pipe()
 	inServer := core.NewConn(inServerSide, &core.Options{BootstrapClient: capnp.Client(reg.Inspector())})
 	defer inServer.Close()
 	inClient := core.NewConn(inClientSide, nil)

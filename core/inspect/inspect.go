@@ -142,24 +142,24 @@ func (r *Registry) Report(maxEntries int) Report {
 	}
 	for _, t := range conns {
 		s := t.conn.Snapshot()
-		n := min(per, budget)
-		s.Questions = cut(s.Questions, n)
-		s.Answers = cut(s.Answers, n)
-		s.Imports = cut(s.Imports, n)
-		s.Exports = cut(s.Exports, n)
-		s.Embargoes = cut(s.Embargoes, n)
-		s.Provides = cut(s.Provides, n)
-		budget -= len(s.Questions) + len(s.Answers) + len(s.Imports) + len(s.Exports) + len(s.Embargoes) + len(s.Provides)
+		s.Questions = cut(s.Questions, per, &budget)
+		s.Answers = cut(s.Answers, per, &budget)
+		s.Imports = cut(s.Imports, per, &budget)
+		s.Exports = cut(s.Exports, per, &budget)
+		s.Embargoes = cut(s.Embargoes, per, &budget)
+		s.Provides = cut(s.Provides, per, &budget)
 		rep.Conns = append(rep.Conns, ConnStatus{ID: t.id, Label: t.label, Since: t.since, Snapshot: s})
 	}
 	return rep
 }
 
-func cut[T any](s []T, n int) []T {
-	if len(s) > n {
-		return s[:n:n]
-	}
-	return s
+// cut keeps at most per of s's entries, and no more than *budget, which
+// it charges: the budget is spent table by table so it never goes
+// negative.
+func cut[T any](s []T, per int, budget *int) []T {
+	n := min(len(s), per, *budget)
+	*budget -= n
+	return s[:n:n]
 }
 
 func (r *Registry) vatStatus(conns int) VatStatus {
@@ -375,8 +375,16 @@ func writeConn(w Connection, c ConnStatus) error {
 // Inspector (its methods are unimplemented).
 var ErrNotInspector = errors.New("inspect: the capability is not an Inspector")
 
+// maxFetchEntries bounds the connections and table entries Fetch decodes
+// from one reply, all together: a capnp list element may be a word on
+// the wire but is a hundred bytes or so decoded, so a hostile vat could
+// otherwise make a 64 MiB reply cost a gigabyte. It is well above what
+// a vat with the default Options sends.
+const maxFetchEntries = 1 << 18
+
 // Fetch asks an Inspector for the vat's report, listing at most
-// maxEntries entries per table (0: the vat's default).
+// maxEntries entries per table (0: the vat's default). A reply listing
+// more than 262144 connections and entries in all is refused.
 func Fetch(ctx context.Context, in Inspector, maxEntries int) (Report, error) {
 	vf, releaseVat := in.Vat(ctx, nil)
 	defer releaseVat()
@@ -405,8 +413,12 @@ func Fetch(ctx context.Context, in Inspector, maxEntries int) (Report, error) {
 	if err != nil {
 		return rep, fmt.Errorf("inspect: decode connections: %w", err)
 	}
+	budget := maxFetchEntries
+	if err := spend(&budget, list.Len()); err != nil {
+		return rep, err
+	}
 	for i := 0; i < list.Len(); i++ {
-		c, err := readConn(list.At(i))
+		c, err := readConn(list.At(i), &budget)
 		if err != nil {
 			return rep, fmt.Errorf("inspect: decode connection %d: %w", i, err)
 		}
@@ -440,7 +452,16 @@ func readVat(r VatInfo) (VatStatus, error) {
 	return v, nil
 }
 
-func readConn(r Connection) (ConnStatus, error) {
+// spend charges n decoded entries to budget.
+func spend(budget *int, n int) error {
+	if n > *budget {
+		return fmt.Errorf("inspect: reply lists more than %d connections and entries", maxFetchEntries)
+	}
+	*budget -= n
+	return nil
+}
+
+func readConn(r Connection, budget *int) (ConnStatus, error) {
 	label, err := r.Label()
 	if err != nil {
 		return ConnStatus{}, err
@@ -473,6 +494,9 @@ func readConn(r Connection) (ConnStatus, error) {
 	if err != nil {
 		return c, err
 	}
+	if err := spend(budget, qs.Len()); err != nil {
+		return c, err
+	}
 	for i := 0; i < qs.Len(); i++ {
 		q := qs.At(i)
 		m, err := q.Method()
@@ -489,6 +513,9 @@ func readConn(r Connection) (ConnStatus, error) {
 	if err != nil {
 		return c, err
 	}
+	if err := spend(budget, as.Len()); err != nil {
+		return c, err
+	}
 	for i := 0; i < as.Len(); i++ {
 		a := as.At(i)
 		s.Answers = append(s.Answers, core.AnswerInfo{
@@ -501,6 +528,9 @@ func readConn(r Connection) (ConnStatus, error) {
 	if err != nil {
 		return c, err
 	}
+	if err := spend(budget, is.Len()); err != nil {
+		return c, err
+	}
 	for i := 0; i < is.Len(); i++ {
 		im := is.At(i)
 		info := core.ImportInfo{ID: im.Id(), Refs: im.Refs(), Clients: int(im.Clients()), Promise: im.Promise(), Resolved: im.Resolved()}
@@ -511,6 +541,9 @@ func readConn(r Connection) (ConnStatus, error) {
 	}
 	es, err := r.Exports()
 	if err != nil {
+		return c, err
+	}
+	if err := spend(budget, es.Len()); err != nil {
 		return c, err
 	}
 	for i := 0; i < es.Len(); i++ {
@@ -528,11 +561,17 @@ func readConn(r Connection) (ConnStatus, error) {
 	if err != nil {
 		return c, err
 	}
+	if err := spend(budget, em.Len()); err != nil {
+		return c, err
+	}
 	for i := 0; i < em.Len(); i++ {
 		s.Embargoes = append(s.Embargoes, core.EmbargoInfo{ID: em.At(i)})
 	}
 	ps, err := r.Provides()
 	if err != nil {
+		return c, err
+	}
+	if err := spend(budget, ps.Len()); err != nil {
 		return c, err
 	}
 	for i := 0; i < ps.Len(); i++ {

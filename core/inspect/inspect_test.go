@@ -3,7 +3,7 @@ package inspect_test
 import (
 	"context"
 	"errors"
-	"io"
+	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -17,31 +17,10 @@ import (
 	"github.com/captp-go/captp/internal/testimpl"
 )
 
-// pipeEnd is one end of an in-memory full-duplex stream.
-type pipeEnd struct {
-	*io.PipeReader
-	*io.PipeWriter
-	once sync.Once
-}
-
-func (p *pipeEnd) Close() error {
-	p.once.Do(func() {
-		p.PipeReader.Close()
-		p.PipeWriter.Close()
-	})
-	return nil
-}
-
-func pipePair() (*pipeEnd, *pipeEnd) {
-	ar, bw := io.Pipe()
-	br, aw := io.Pipe()
-	return &pipeEnd{PipeReader: ar, PipeWriter: aw}, &pipeEnd{PipeReader: br, PipeWriter: bw}
-}
-
 // connect starts a connection pair: the server side offers boot.
 func connect(t *testing.T, boot capnp.Client) (client, server *core.Conn) {
 	t.Helper()
-	a, b := pipePair()
+	a, b := net.Pipe()
 	server = core.NewConn(b, &core.Options{BootstrapClient: boot})
 	client = core.NewConn(a, nil)
 	t.Cleanup(func() {
@@ -217,4 +196,81 @@ func TestRegistryConcurrent(t *testing.T) {
 		})
 	}
 	wg.Wait()
+}
+
+// MaxTotalEntries bounds a reply's entries across all tables and
+// connections: a busy connection that exhausts it leaves the others with
+// their counts only (it was once spent per connection and went negative).
+func TestReportTotalBudget(t *testing.T) {
+	ctx := testCtx(t)
+	reg := inspect.NewRegistry(&inspect.Options{MaxTotalEntries: 1})
+	root := testimpl.New("root", nil)
+	client, busy := connect(t, capnp.Client(root.Client()))
+	_, idle := connect(t, capnp.Client{})
+	reg.Track(busy, "busy")
+	reg.Track(idle, "idle")
+	boot := testcapnp.Test(client.Bootstrap(ctx))
+	defer boot.Release()
+	callCtx, cancel := context.WithCancel(ctx)
+	bf, brel := boot.Block(callCtx, nil)
+	defer brel()
+	<-root.BlockStarted()
+
+	rep := reg.Report(0) // busy has an export and an answer: two tables
+	listed := 0
+	for _, c := range rep.Conns {
+		s := c.Snapshot
+		listed += len(s.Questions) + len(s.Answers) + len(s.Imports) + len(s.Exports) + len(s.Embargoes) + len(s.Provides)
+	}
+	if s := rep.Conns[0].Snapshot.Stats; listed != 1 || s.Exports != 1 || s.Answers == 0 {
+		t.Fatalf("%d entries listed (want 1); busy stats %v, want an export and an answer counted", listed, s)
+	}
+	cancel()
+	bf.Struct()
+}
+
+// hugeInspector answers with one connection listing n embargoes: a few
+// bytes each on the wire.
+type hugeInspector struct{ n int32 }
+
+func (h hugeInspector) Vat(ctx context.Context, call inspect.Inspector_vat) error {
+	res, err := call.AllocResults()
+	if err != nil {
+		return err
+	}
+	_, err = res.NewInfo()
+	return err
+}
+
+func (h hugeInspector) Connections(ctx context.Context, call inspect.Inspector_connections) error {
+	res, err := call.AllocResults()
+	if err != nil {
+		return err
+	}
+	list, err := res.NewConns(1)
+	if err != nil {
+		return err
+	}
+	_, err = list.At(0).NewEmbargoes(h.n)
+	return err
+}
+
+// Fetch bounds what it decodes from a vat's reply, whatever the vat sends.
+func TestFetchBoundsReply(t *testing.T) {
+	ctx := testCtx(t)
+	for _, tc := range []struct {
+		n  int32
+		ok bool
+	}{{1<<18 - 1, true}, {1 << 18, false}} { // the connection counts too
+		client, _ := connect(t, capnp.Client(inspect.Inspector_ServerToClient(hugeInspector{tc.n})))
+		in := inspect.Inspector(client.Bootstrap(ctx))
+		rep, err := inspect.Fetch(ctx, in, 0)
+		in.Release()
+		switch {
+		case tc.ok && (err != nil || len(rep.Conns) != 1 || len(rep.Conns[0].Snapshot.Embargoes) != int(tc.n)):
+			t.Errorf("%d embargoes: err %v; want them all decoded", tc.n, err)
+		case !tc.ok && (err == nil || !strings.Contains(err.Error(), "more than")):
+			t.Errorf("%d embargoes: err %v, want the reply refused", tc.n, err)
+		}
+	}
 }

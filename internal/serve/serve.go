@@ -5,6 +5,7 @@ package serve
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -34,9 +35,11 @@ type acceptHookKey struct{}
 
 // WithAcceptHook returns a context under which Serve calls hook with each
 // connection it starts and its peer's address (as the adapter formats it),
-// as soon as it has started it. A command uses it to track the
-// connections of a vat (captp serve -inspect) through any adapter's Serve,
-// whose signatures stay as they are. hook must not block.
+// as soon as it has started it and before it reads the peer's first
+// message (so a registry the hook fills is never behind the peer's calls).
+// A command uses it to track the connections of a vat (captp serve
+// -inspect) through any adapter's Serve, whose signatures stay as they
+// are. hook must not block: the connection waits for it.
 func WithAcceptHook(ctx context.Context, hook func(conn *core.Conn, peer string)) context.Context {
 	return context.WithValue(ctx, acceptHookKey{}, hook)
 }
@@ -108,11 +111,16 @@ func Serve(ctx context.Context, lis net.Listener, opts *core.Options, cfg Config
 		if cfg.Wrap != nil {
 			rwc = cfg.Wrap(c)
 		}
+		var g *gate
+		if onAccept != nil {
+			g, rwc = newGate(rwc)
+		}
 		conn := core.NewConn(rwc, &o)
 		peer := cfg.FormatAddr(c.RemoteAddr())
 		log.Debug("serve: connection accepted", "peer", peer)
 		if onAccept != nil {
 			onAccept(conn, peer)
+			close(g.open)
 		}
 		wg.Go(func() {
 			select {
@@ -126,4 +134,55 @@ func Serve(ctx context.Context, lis net.Listener, opts *core.Options, cfg Config
 			log.Debug("serve: connection ended", "peer", peer, "err", conn.Err())
 		})
 	}
+}
+
+// gate holds a connection's reads until the accept hook has seen its
+// core.Conn.
+type gate struct {
+	io.ReadWriteCloser
+	open chan struct{}
+}
+
+func (g *gate) Read(p []byte) (int, error) {
+	<-g.open
+	return g.ReadWriteCloser.Read(p)
+}
+
+// CloseWrite keeps the optional half-close the core uses; the core
+// ignores its error, so a stream without one loses nothing.
+func (g *gate) CloseWrite() error {
+	if cw, ok := g.ReadWriteCloser.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return errors.New("serve: the stream has no half-close")
+}
+
+// NetConn keeps the connection findable under the gate: adapters/secure
+// looks for the TLS connection (and so the peer's identity) through
+// NetConn.
+func (g *gate) NetConn() net.Conn {
+	if c, ok := g.ReadWriteCloser.(net.Conn); ok {
+		return c
+	}
+	if n, ok := g.ReadWriteCloser.(interface{ NetConn() net.Conn }); ok {
+		return n.NetConn()
+	}
+	return nil
+}
+
+// gateBuffers is a gate on a stream that has core.BuffersWriter, which
+// it keeps.
+type gateBuffers struct{ *gate }
+
+func (g gateBuffers) WriteBuffers(bufs [][]byte) (int64, error) {
+	return g.ReadWriteCloser.(core.BuffersWriter).WriteBuffers(bufs)
+}
+
+// newGate returns a closed gate on rwc and the stream to serve.
+func newGate(rwc io.ReadWriteCloser) (*gate, io.ReadWriteCloser) {
+	g := &gate{ReadWriteCloser: rwc, open: make(chan struct{})}
+	if _, ok := rwc.(core.BuffersWriter); ok {
+		return g, gateBuffers{g}
+	}
+	return g, g
 }
