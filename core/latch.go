@@ -40,6 +40,12 @@ const maxLatchWalk = 64
 // it latches each unresolved promise import of c in the results at a path
 // that calls were pipelined on.
 func (c *Conn) latchPipelines(q *question, content capnp.Ptr) {
+	// Nothing pipelined, nothing to latch: skip the Snapshot per
+	// capability. q.pipelined no longer grows once q settled (new calls
+	// go to its results, see redirectLocked), so it is read unlocked.
+	if len(q.pipelined) == 0 {
+		return
+	}
 	seg := content.Segment()
 	if seg == nil || !c.hasUnresolvedImport(seg.Message().CapTable()) {
 		return
