@@ -105,6 +105,11 @@ func TestPromiseImportRelease(t *testing.T) {
 			aliceCap := testcapnp.Test(bob.dial("alice").Bootstrap(ctx))
 			defer aliceCap.Release()
 
+			// Alice handles nothing until Bob has sent both calls, so
+			// seq(0) is pipelined on the question rather than sent to the
+			// promise its Return named.
+			ac := alice.conn("bob")
+			ac.mu.Lock()
 			pf, prel := aliceCap.Promise(ctx, nil)
 			var f0 testcapnp.Test_seq_Results_Future
 			pending := 0
@@ -116,6 +121,7 @@ func TestPromiseImportRelease(t *testing.T) {
 				p.Release()
 				pending = 1
 			}
+			ac.unlock()
 			if _, err := pf.Struct(); err != nil {
 				t.Fatalf("promise: %v", err)
 			}
