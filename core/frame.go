@@ -626,10 +626,29 @@ func (p *bodyPool) get(n int) []byte {
 func (p *bodyPool) put(buf []byte) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if len(p.free) < maxFreeBodies && p.freeBytes+cap(buf) <= maxFreeBodyBytes {
-		p.free = append(p.free, buf[:0])
-		p.freeBytes += cap(buf)
+	p.keepLocked(buf)
+}
+
+// keepLocked adds buf to the free list. When the list is full, the
+// buffers given back longest ago make room: they belong to an earlier
+// workload (say 1 MiB echoes), and keeping them would leave every body
+// of the current one (256 KiB stream chunks) a fresh allocation.
+func (p *bodyPool) keepLocked(buf []byte) {
+	if cap(buf) > maxFreeBodyBytes {
+		return
 	}
+	drop := 0
+	for drop < len(p.free) && (len(p.free)-drop >= maxFreeBodies || p.freeBytes+cap(buf) > maxFreeBodyBytes) {
+		p.freeBytes -= cap(p.free[drop])
+		drop++
+	}
+	if drop > 0 {
+		n := copy(p.free, p.free[drop:])
+		clear(p.free[n:])
+		p.free = p.free[:n]
+	}
+	p.free = append(p.free, buf[:0])
+	p.freeBytes += cap(buf)
 }
 
 // lend records that msg's body is buf.
@@ -661,8 +680,5 @@ func (p *bodyPool) giveBack(msg *capnp.Message) {
 	delete(p.lent, msg)
 	p.lentBytes -= cap(buf)
 	p.nlent.Store(int32(len(p.lent)))
-	if len(p.free) < maxFreeBodies && p.freeBytes+cap(buf) <= maxFreeBodyBytes {
-		p.free = append(p.free, buf[:0])
-		p.freeBytes += cap(buf)
-	}
+	p.keepLocked(buf)
 }
