@@ -16,7 +16,14 @@ CAPNP_VERSION = $(shell $(GO) list -m -f '{{.Version}}' $(CAPNP_MOD))
 CAPNP_STD = $(shell $(GO) list -m -f '{{.Dir}}' $(CAPNP_MOD))/std
 CAPNPC_GO = $(GOBIN)/capnpc-go
 # Directories whose *.capnp schemas are compiled to committed *.capnp.go files.
-SCHEMA_DIRS := internal/testcapnp core/bytestream internal/sample adapters/netcap core/inspect
+SCHEMA_DIRS := internal/testcapnp core/bytestream internal/sample adapters/netcap core/inspect internal/testnative/inheritcapnp
+# capnpc-captp (./cmd/capnpc-captp) writes native stubs (*.captp.go) for
+# the interfaces of NATIVE_DIRS' schemas, next to capnpc-go's output, and
+# for internal/testcapnp into internal/testnative (core's own tests import
+# testcapnp, so its stubs, which import core, live elsewhere).
+# (Not core/*: the stubs use unsafe, which the core's allowlist forbids.)
+NATIVE_DIRS := internal/testnative/inheritcapnp
+CAPNPC_CAPTP = $(GOBIN)/capnpc-captp
 
 TEST_TIMEOUT ?= 10m
 # CI_FUZZTIME is how long `make test` fuzzes each target.
@@ -38,7 +45,7 @@ TAMAGO_OUT ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/captp-tamago
 # is missing (8 minutes, needs GitHub); `installed` skips instead (make test).
 TAMAGO_TOOLCHAIN ?= any
 
-.PHONY: help deps gen capnpc-go gen-check fmt-check vet unit wasm wasm-js wasip1 \
+.PHONY: help deps gen capnpc-go capnpc-captp gen-check fmt-check vet unit wasm wasm-js wasip1 \
 	test tamago-check tamago tamago-test demo bench bench-short bench-go fuzz-short cpp
 
 help:
@@ -49,7 +56,7 @@ help:
 	@echo 'make bench       captp vs go-capnp, the C++ reference and the raw socket floor (several minutes; BENCH_FLAGS=-json, -profile DIR, ...)'
 	@echo 'make bench-short the same comparison in under a minute'
 	@echo 'make bench-go    the go test benchmarks (go test -bench)'
-	@echo 'make gen         regenerate the committed *.capnp.go files'
+	@echo 'make gen         regenerate the committed *.capnp.go and *.captp.go files'
 	@echo 'make fuzz-short  each Fuzz* target under ./core for FUZZTIME (default $(FUZZTIME))'
 	@echo 'make tamago      core tests and board images with the TamaGo toolchain (TAMAGO=/path/to/tamago-go/bin/go), images in $(TAMAGO_OUT)'
 	@echo 'make tamago-test boot the images in QEMU and run the host-side suite (captp host, cmd/captp)'
@@ -75,20 +82,32 @@ deps:
 capnpc-go:
 	$(GO) install $(CAPNP_MOD)/capnpc-go@$(CAPNP_VERSION)
 
+capnpc-captp:
+	$(GO) build -o "$(CAPNPC_CAPTP)" ./cmd/capnpc-captp
+
 # compile_schemas OUT: compile each schema dir's *.capnp into OUT/<dir>.
 define compile_schemas
 for d in $(SCHEMA_DIRS); do \
 	mkdir -p "$(1)/$$d"; \
 	capnp compile -I "$(CAPNP_STD)" -I . -o"$(CAPNPC_GO):$(1)/$$d" --src-prefix="$$d" "$$d"/*.capnp; \
-done
+done; \
+for d in $(NATIVE_DIRS); do \
+	capnp compile -I "$(CAPNP_STD)" -I . -o"$(CAPNPC_CAPTP):$(1)/$$d" --src-prefix="$$d" "$$d"/*.capnp; \
+done; \
+mkdir -p "$(1)/internal/testnative"; \
+capnp compile -I "$(CAPNP_STD)" -I . -o- --src-prefix=internal/testcapnp internal/testcapnp/test.capnp | \
+	"$(CAPNPC_CAPTP)" -package testnative -out "$(1)/internal/testnative"
 endef
 
-gen: capnpc-go
+# captp_files lists the committed capnpc-captp outputs.
+captp_files = $(foreach d,$(NATIVE_DIRS),$(patsubst %.capnp,%.captp.go,$(wildcard $(d)/*.capnp))) internal/testnative/test.captp.go
+
+gen: capnpc-go capnpc-captp
 	@$(call compile_schemas,.)
 
 # gen-check regenerates into a temporary directory and fails if the
 # committed files differ.
-gen-check: capnpc-go
+gen-check: capnpc-go capnpc-captp
 	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	$(call compile_schemas,$$tmp); \
 	status=0; \
@@ -96,6 +115,9 @@ gen-check: capnpc-go
 		for f in "$$d"/*.capnp; do \
 			diff -u "$$f.go" "$$tmp/$$f.go" || status=1; \
 		done; \
+	done; \
+	for f in $(captp_files); do \
+		if [ -e "$$f" ] || [ -e "$$tmp/$$f" ]; then diff -u "$$f" "$$tmp/$$f" || status=1; fi; \
 	done; \
 	if [ $$status != 0 ]; then echo "gen-check: generated code is stale; run 'make gen'" >&2; exit 1; fi; \
 	echo "gen-check: generated code is up to date"

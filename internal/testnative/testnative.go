@@ -2,10 +2,13 @@
 // internal/testcapnp through captp's native path (core.Handler,
 // core.Call) instead of capnpc-go's generated server and client.
 //
-// The stubs here are written by hand; they are what a captp code
-// generator would produce from test.capnp: a method switch for the
-// server, typed call functions and pending-call wrappers for the client.
-// Struct accessors still come from capnpc-go's generated code.
+// test.captp.go holds the stubs capnpc-captp generates from test.capnp
+// (Test_Native, Test_NativeServer, ...). They live here, not next to
+// capnpc-go's output in internal/testcapnp, because core's own tests
+// import testcapnp and the stubs import core (see capnpc-captp's
+// -package flag). Object implements Test_NativeServer; Test offers the
+// calls the core tests and the benchmark use as thin wrappers over
+// Test_Native.
 package testnative
 
 import (
@@ -19,31 +22,6 @@ import (
 
 	"github.com/captp-go/captp/core"
 	"github.com/captp-go/captp/internal/testcapnp"
-)
-
-// Method ordinals of test.capnp's Test interface.
-const (
-	methodEcho     = 0
-	methodFail     = 1
-	methodBlock    = 2
-	methodChild    = 3
-	methodName     = 4
-	methodCallBack = 5
-	methodHold     = 6
-	methodDropHeld = 7
-	methodGetHeld  = 8
-	methodSeq      = 12
-	methodLog      = 13
-)
-
-func method(id uint16, name string) capnp.Method {
-	return capnp.Method{InterfaceID: testcapnp.Test_TypeID, MethodID: id, InterfaceName: "test.capnp:Test", MethodName: name}
-}
-
-var (
-	onePtr = capnp.ObjectSize{PointerCount: 1}
-	twoPtr = capnp.ObjectSize{PointerCount: 2}
-	oneU32 = capnp.ObjectSize{DataSize: 8}
 )
 
 // Object is a native Test object. Live, if set, counts objects whose
@@ -66,7 +44,7 @@ func New(name string, live *atomic.Int64) (capnp.Client, *Object) {
 	if live != nil {
 		live.Add(1)
 	}
-	return core.NewClient(o), o
+	return Test_NativeServerToClient((*server)(o)), o
 }
 
 // Log returns the numbers seq received, in order.
@@ -88,149 +66,194 @@ func (o *Object) Shutdown() {
 	}
 }
 
-// HandleCall implements core.Handler.
-func (o *Object) HandleCall(ctx context.Context, call *core.ServerCall) {
-	m := call.Method()
-	if m.InterfaceID != testcapnp.Test_TypeID {
-		call.Return(exc.New(exc.Unimplemented, "", fmt.Sprintf("testnative: interface %#x", m.InterfaceID)))
+// server is Object as a Test_NativeServer: a type of its own because
+// the server's Log method would clash with Object.Log.
+type server Object
+
+var _ Test_NativeServer = (*server)(nil)
+
+// Shutdown is the server's: see Object.Shutdown.
+func (o *server) Shutdown() { (*Object)(o).Shutdown() }
+
+// Echo returns the argument (null stays null). Large data goes back by
+// reference to the arguments' buffer, not copied.
+func (o *server) Echo(_ context.Context, call Test_echo_NativeServerCall) {
+	args := call.Args()
+	if !args.HasData() {
+		_, err := call.Results()
+		call.Return(err)
 		return
 	}
-	switch m.MethodID {
-	case methodEcho:
-		call.Return(o.echo(call))
-	case methodFail:
-		args := testcapnp.Test_fail_Params(call.Args())
-		reason, err := args.Reason()
-		if err != nil {
-			call.Return(err)
-			return
+	d, err := args.Data()
+	if err == nil {
+		if d == nil {
+			d = []byte{}
 		}
-		call.Return(exc.New(exc.Failed, "", reason))
-	case methodBlock:
-		// Blocks until cancelled: off the read loop. Later calls to this
-		// object wait behind it (unlike testimpl's, which calls Go).
-		call.Go(func(ctx context.Context, _ *core.ServerCall) error {
-			select {
-			case o.BlockStarted <- struct{}{}:
-			default:
-			}
-			<-ctx.Done()
-			return ctx.Err()
-		})
-	case methodChild:
-		name, err := testcapnp.Test_child_Params(call.Args()).Name()
-		if err == nil {
-			var res capnp.Struct
-			if res, err = call.Results(onePtr); err == nil {
-				child, _ := New(name, o.live)
-				err = testcapnp.Test_child_Results(res).SetChild(testcapnp.Test(child))
-			}
-		}
-		call.Return(err)
-	case methodName:
-		res, err := call.Results(onePtr)
-		if err == nil {
-			err = testcapnp.Test_name_Results(res).SetName(o.name)
-		}
-		call.Return(err)
-	case methodCallBack:
-		args := testcapnp.Test_callBack_Params(call.Args())
-		cb := capnp.Client(args.Cb()).AddRef()
-		d, err := args.Data()
-		if err != nil {
-			cb.Release()
-			call.Return(err)
-			return
-		}
-		data := append([]byte{}, d...)
-		call.Go(func(ctx context.Context, call *core.ServerCall) error {
-			defer cb.Release()
-			p := Test{cb}.Echo(ctx, data)
-			defer p.Release()
-			got, err := p.Data(ctx)
-			if err != nil {
-				return fmt.Errorf("callBack: %w", err)
-			}
-			res, err := call.Results(onePtr)
-			if err != nil {
-				return err
-			}
-			return testcapnp.Test_callBack_Results(res).SetData(got)
-		})
-	case methodHold:
-		c := capnp.Client(testcapnp.Test_hold_Params(call.Args()).Cap()).AddRef()
-		o.mu.Lock()
-		old := o.held
-		o.held = c
-		o.mu.Unlock()
-		old.Release()
-		call.Return(nil)
-	case methodDropHeld:
-		o.mu.Lock()
-		old := o.held
-		o.held = capnp.Client{}
-		o.mu.Unlock()
-		old.Release()
-		call.Return(nil)
-	case methodGetHeld:
-		res, err := call.Results(onePtr)
-		if err == nil {
-			o.mu.Lock()
-			c := o.held.AddRef()
-			o.mu.Unlock()
-			err = testcapnp.Test_getHeld_Results(res).SetCap(testcapnp.Test(c))
-		}
-		call.Return(err)
-	case methodSeq:
-		n := testcapnp.Test_seq_Params(call.Args()).N()
-		o.mu.Lock()
-		o.seqLog = append(o.seqLog, n)
-		o.mu.Unlock()
-		res, err := call.Results(oneU32)
-		if err == nil {
-			testcapnp.Test_seq_Results(res).SetN(n)
-		}
-		call.Return(err)
-	case methodLog:
-		o.mu.Lock()
-		log := append([]uint32(nil), o.seqLog...)
-		o.mu.Unlock()
-		res, err := call.Results(onePtr)
-		if err == nil {
-			var l capnp.UInt32List
-			if l, err = testcapnp.Test_log_Results(res).NewNs(int32(len(log))); err == nil {
-				for i, n := range log {
-					l.Set(i, n)
-				}
-			}
-		}
-		call.Return(err)
-	default:
-		call.Return(exc.New(exc.Unimplemented, "", fmt.Sprintf("testnative: method %d not implemented", m.MethodID)))
+		_, err = call.ResultsReferencingData(d)
 	}
+	call.Return(err)
 }
 
-// echo returns the argument (null stays null). Large data goes back by
-// reference to the arguments' buffer, not copied.
-func (o *Object) echo(call *core.ServerCall) error {
-	args := testcapnp.Test_echo_Params(call.Args())
-	if !args.HasData() {
-		_, err := call.Results(onePtr)
-		return err
+// Fail throws a failed exception with the given reason.
+func (o *server) Fail(_ context.Context, call Test_fail_NativeServerCall) {
+	reason, err := call.Args().Reason()
+	if err != nil {
+		call.Return(err)
+		return
 	}
+	call.Return(exc.New(exc.Failed, "", reason))
+}
+
+// Block returns only when cancelled: off the read loop. Later calls to
+// this object wait behind it (unlike testimpl's, which calls Go).
+func (o *server) Block(_ context.Context, call Test_block_NativeServerCall) {
+	call.Go(func(ctx context.Context, _ Test_block_NativeServerCall) error {
+		select {
+		case o.BlockStarted <- struct{}{}:
+		default:
+		}
+		<-ctx.Done()
+		return ctx.Err()
+	})
+}
+
+// Child returns a new native object named by the argument.
+func (o *server) Child(_ context.Context, call Test_child_NativeServerCall) {
+	name, err := call.Args().Name()
+	if err == nil {
+		var res testcapnp.Test_child_Results
+		if res, err = call.Results(); err == nil {
+			child, _ := New(name, o.live)
+			err = res.SetChild(testcapnp.Test(child))
+		}
+	}
+	call.Return(err)
+}
+
+// Name returns the object's name.
+func (o *server) Name(_ context.Context, call Test_name_NativeServerCall) {
+	res, err := call.Results()
+	if err == nil {
+		err = res.SetName(o.name)
+	}
+	call.Return(err)
+}
+
+// CallBack calls cb.echo(data) natively, off the read loop, and returns
+// what cb returned.
+func (o *server) CallBack(_ context.Context, call Test_callBack_NativeServerCall) {
+	args := call.Args()
+	cb := capnp.Client(args.Cb()).AddRef()
 	d, err := args.Data()
 	if err != nil {
-		return err
+		cb.Release()
+		call.Return(err)
+		return
 	}
-	if d == nil {
-		d = []byte{}
-	}
-	_, err = call.ResultsReferencing(onePtr, 0, d)
-	return err
+	data := append([]byte{}, d...)
+	call.Go(func(ctx context.Context, call Test_callBack_NativeServerCall) error {
+		defer cb.Release()
+		p := Test{cb}.Echo(ctx, data)
+		defer p.Release()
+		got, err := p.Data(ctx)
+		if err != nil {
+			return fmt.Errorf("callBack: %w", err)
+		}
+		res, err := call.Results()
+		if err != nil {
+			return err
+		}
+		return res.SetData(got)
+	})
 }
 
-// Test is the client stub: a capability to call natively.
+// Hold keeps a reference to the argument until DropHeld.
+func (o *server) Hold(_ context.Context, call Test_hold_NativeServerCall) {
+	c := capnp.Client(call.Args().Cap()).AddRef()
+	o.mu.Lock()
+	old := o.held
+	o.held = c
+	o.mu.Unlock()
+	old.Release()
+	call.Return(nil)
+}
+
+// DropHeld releases the held capability.
+func (o *server) DropHeld(_ context.Context, call Test_dropHeld_NativeServerCall) {
+	o.mu.Lock()
+	old := o.held
+	o.held = capnp.Client{}
+	o.mu.Unlock()
+	old.Release()
+	call.Return(nil)
+}
+
+// GetHeld returns the held capability.
+func (o *server) GetHeld(_ context.Context, call Test_getHeld_NativeServerCall) {
+	res, err := call.Results()
+	if err == nil {
+		o.mu.Lock()
+		c := o.held.AddRef()
+		o.mu.Unlock()
+		err = res.SetCap(testcapnp.Test(c))
+	}
+	call.Return(err)
+}
+
+// Promise is not implemented by native objects.
+func (o *server) Promise(_ context.Context, call Test_promise_NativeServerCall) {
+	call.Return(unimplemented("promise"))
+}
+
+// ResolvePromise is not implemented by native objects.
+func (o *server) ResolvePromise(_ context.Context, call Test_resolvePromise_NativeServerCall) {
+	call.Return(unimplemented("resolvePromise"))
+}
+
+// BreakPromise is not implemented by native objects.
+func (o *server) BreakPromise(_ context.Context, call Test_breakPromise_NativeServerCall) {
+	call.Return(unimplemented("breakPromise"))
+}
+
+func unimplemented(method string) error {
+	return exc.New(exc.Unimplemented, "", "testnative: "+method+" not implemented")
+}
+
+// Seq records n and returns it.
+func (o *server) Seq(_ context.Context, call Test_seq_NativeServerCall) {
+	n := call.Args().N()
+	o.mu.Lock()
+	o.seqLog = append(o.seqLog, n)
+	o.mu.Unlock()
+	res, err := call.Results()
+	if err == nil {
+		res.SetN(n)
+	}
+	call.Return(err)
+}
+
+// Log returns the numbers seq recorded.
+func (o *server) Log(_ context.Context, call Test_log_NativeServerCall) {
+	log := (*Object)(o).Log()
+	res, err := call.Results()
+	if err == nil {
+		var l capnp.UInt32List
+		if l, err = res.NewNs(int32(len(log))); err == nil {
+			for i, n := range log {
+				l.Set(i, n)
+			}
+		}
+	}
+	call.Return(err)
+}
+
+// Test is the client the core tests and the benchmark use: a capability
+// to call natively, with plain-Go signatures over Test_Native.
 type Test struct{ Client capnp.Client }
+
+// Native returns the generated client of the same capability (not a
+// new reference).
+func (t Test) Native() Test_Native { return Test_Native(t) }
 
 // Release releases the capability.
 func (t Test) Release() { t.Client.Release() }
@@ -239,84 +262,68 @@ func (t Test) Release() { t.Client.Release() }
 type Call struct{ core.PendingCall }
 
 // EchoCall is a pending echo.
-type EchoCall struct{ Call }
+type EchoCall struct{ Test_echo_NativeCall }
 
-// Echo sends echo(data).
+// Echo sends echo(data); nil data sends a null pointer.
 func (t Test) Echo(ctx context.Context, data []byte) EchoCall {
 	if len(data) >= 64<<10 {
 		// Large data goes out from data itself (see core.WithDataReference).
 		ctx = core.WithDataReference(ctx, 0, data)
 	}
-	return EchoCall{Call{core.Call(ctx, t.Client, capnp.Send{
-		Method:   method(methodEcho, "echo"),
-		ArgsSize: onePtr,
-		PlaceArgs: func(s capnp.Struct) error {
-			if data == nil || s.HasPtr(0) {
-				return nil // null, or placed by reference
-			}
-			return testcapnp.Test_echo_Params(s).SetData(data)
-		},
-	})}}
+	return EchoCall{t.Native().Echo(ctx, func(p testcapnp.Test_echo_Params) error {
+		if data == nil || p.HasData() {
+			return nil // null, or placed by reference
+		}
+		return p.SetData(data)
+	})}
 }
 
 // Data waits for the echo and returns its data, valid until Release.
 func (c EchoCall) Data(ctx context.Context) ([]byte, error) {
-	s, err := c.Wait(ctx)
+	res, err := c.Struct(ctx)
 	if err != nil {
 		return nil, err
 	}
-	return testcapnp.Test_echo_Results(s).Data()
+	return res.Data()
 }
 
 // ChildCall is a pending child call.
-type ChildCall struct{ Call }
+type ChildCall struct{ Test_child_NativeCall }
 
 // Child sends child(name).
 func (t Test) Child(ctx context.Context, name string) ChildCall {
-	return ChildCall{Call{core.Call(ctx, t.Client, capnp.Send{
-		Method:    method(methodChild, "child"),
-		ArgsSize:  onePtr,
-		PlaceArgs: func(s capnp.Struct) error { return testcapnp.Test_child_Params(s).SetName(name) },
-	})}}
+	return ChildCall{t.Native().Child(ctx, func(p testcapnp.Test_child_Params) error { return p.SetName(name) })}
 }
 
 // Child returns the promised child, usable before the call returns. The
 // caller releases it.
-func (c ChildCall) Child() Test { return Test{c.Pipeline(0)} }
+func (c ChildCall) Child() Test { return Test{c.Test_child_NativeCall.Child().Client} }
 
 // Seq sends seq(n).
 func (t Test) Seq(ctx context.Context, n uint32) Call {
-	return Call{core.Call(ctx, t.Client, capnp.Send{
-		Method:    method(methodSeq, "seq"),
-		ArgsSize:  oneU32,
-		PlaceArgs: func(s capnp.Struct) error { testcapnp.Test_seq_Params(s).SetN(n); return nil },
-	})}
+	return Call{t.Native().Seq(ctx, func(p testcapnp.Test_seq_Params) error { p.SetN(n); return nil }).PendingCall}
 }
 
 // Block sends block(), which returns only when cancelled.
 func (t Test) Block(ctx context.Context) Call {
-	return Call{core.Call(ctx, t.Client, capnp.Send{Method: method(methodBlock, "block")})}
+	return Call{t.Native().Block(ctx, nil).PendingCall}
 }
 
-// Name sends name().
+// Name sends name() and waits for it.
 func (t Test) Name(ctx context.Context) (string, error) {
-	c := core.Call(ctx, t.Client, capnp.Send{Method: method(methodName, "name")})
+	c := t.Native().Name(ctx, nil)
 	defer c.Release()
-	s, err := c.Wait(ctx)
+	res, err := c.Struct(ctx)
 	if err != nil {
 		return "", err
 	}
-	return testcapnp.Test_name_Results(s).Name()
+	return res.Name()
 }
 
 // Hold sends hold(cap) and waits for it.
 func (t Test) Hold(ctx context.Context, cap capnp.Client) error {
-	c := core.Call(ctx, t.Client, capnp.Send{
-		Method:   method(methodHold, "hold"),
-		ArgsSize: onePtr,
-		PlaceArgs: func(s capnp.Struct) error {
-			return testcapnp.Test_hold_Params(s).SetCap(testcapnp.Test(cap.AddRef()))
-		},
+	c := t.Native().Hold(ctx, func(p testcapnp.Test_hold_Params) error {
+		return p.SetCap(testcapnp.Test(cap.AddRef()))
 	})
 	defer c.Release()
 	_, err := c.Wait(ctx)
@@ -325,22 +332,17 @@ func (t Test) Hold(ctx context.Context, cap capnp.Client) error {
 
 // CallBack sends callBack(cb, data) and waits for the data.
 func (t Test) CallBack(ctx context.Context, cb capnp.Client, data []byte) ([]byte, error) {
-	c := core.Call(ctx, t.Client, capnp.Send{
-		Method:   method(methodCallBack, "callBack"),
-		ArgsSize: twoPtr,
-		PlaceArgs: func(s capnp.Struct) error {
-			p := testcapnp.Test_callBack_Params(s)
-			if err := p.SetCb(testcapnp.Test(cb.AddRef())); err != nil {
-				return err
-			}
-			return p.SetData(data)
-		},
+	c := t.Native().CallBack(ctx, func(p testcapnp.Test_callBack_Params) error {
+		if err := p.SetCb(testcapnp.Test(cb.AddRef())); err != nil {
+			return err
+		}
+		return p.SetData(data)
 	})
 	defer c.Release()
-	s, err := c.Wait(ctx)
+	res, err := c.Struct(ctx)
 	if err != nil {
 		return nil, err
 	}
-	d, err := testcapnp.Test_callBack_Results(s).Data()
+	d, err := res.Data()
 	return append([]byte(nil), d...), err
 }
