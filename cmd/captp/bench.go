@@ -17,7 +17,7 @@ func setupBench(fs *flag.FlagSet) func(ctx context.Context, args []string, stdou
 	asJSON := fs.Bool("json", false, "print the report as JSON instead of tables")
 	out := fs.String("o", "", "also write the JSON report to `file`")
 	reps := fs.Int("reps", 0, "repetitions of every measurement (default 5; 3 with -short)")
-	impls := fs.String("impl", "", "comma-separated `list` of implementations: raw,captp,captp-native,go-capnp,c++ (default all but captp-native, the native call path prototype)")
+	impls := fs.String("impl", "", "comma-separated `list` of implementations: raw,captp,captp-native,go-capnp,c++ (default all; captp-native is captp through capnpc-captp's native stubs)")
 	transports := fs.String("transport", "", "comma-separated `list` of transports: pipe,unix,unix-2proc,tcp,netstack (default all;\n"+
 		"tcp and netstack make up the netstack section: kernel loopback TCP next to gVisor's userspace stack, raw and captp only)")
 	noFlood := fs.Bool("noflood", false, "skip the flood of unread calls")

@@ -8,7 +8,7 @@
 //     RPC. This is the floor: what the transport costs on its own.
 //   - captp: this project's core (adapters/unix.NewConn on kernel sockets,
 //     core.NewConn on pipes and netstack).
-//   - captp-native (only when asked for): captp with native stubs
+//   - captp-native: captp with the native stubs capnpc-captp generates
 //     (internal/testnative) on core.Call and core.Handler, bypassing
 //     go-capnp's Client, Promise and server.Server.
 //   - go-capnp: capnproto.org/go/capnp/v3/rpc with rpc.NewStreamTransport.
@@ -63,8 +63,9 @@ const (
 	GoCapnp Impl = "go-capnp"
 	Cpp     Impl = "c++"
 	// CaptpNative is captp through its native call path (core.Call and
-	// core.Handler, stubs in internal/testnative) instead of capnpc-go's
-	// generated client and server: a prototype, run only when asked.
+	// core.Handler, through the stubs capnpc-captp generates in
+	// internal/testnative) instead of capnpc-go's generated client and
+	// server.
 	CaptpNative Impl = "captp-native"
 )
 
@@ -72,7 +73,7 @@ const (
 var AllImpls = []Impl{Raw, Captp, CaptpNative, GoCapnp, Cpp}
 
 // DefaultImpls are the implementations measured when Config.Impls is nil.
-var DefaultImpls = []Impl{Raw, Captp, GoCapnp, Cpp}
+var DefaultImpls = []Impl{Raw, Captp, CaptpNative, GoCapnp, Cpp}
 
 // Transport names how client and server are connected.
 type Transport string

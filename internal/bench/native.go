@@ -8,9 +8,9 @@ import (
 	"github.com/captp-go/captp/internal/testnative"
 )
 
-// nativeSession drives captp's native call path: the hand-written stubs
-// of internal/testnative (what a captp code generator would emit) on
-// core.Call, against a core.Handler server.
+// nativeSession drives captp's native call path: internal/testnative's
+// client, thin wrappers over the stubs capnpc-captp generates (core.Call),
+// against its generated server (a core.Handler).
 type nativeSession struct {
 	boot    testnative.Test
 	m       meter

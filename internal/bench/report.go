@@ -129,8 +129,11 @@ type Skip struct {
 type Target struct {
 	Goal      string    `json:"goal"`
 	Transport Transport `json:"transport,omitempty"`
-	Measured  string    `json:"measured"`
-	Met       bool      `json:"met"`
+	// Impl is the implementation checked: captp (capnpc-go's generated
+	// client and server) or captp-native (capnpc-captp's native stubs).
+	Impl     Impl   `json:"impl,omitempty"`
+	Measured string `json:"measured"`
+	Met      bool   `json:"met"`
 }
 
 func (r *Report) skip(im Impl, tr Transport, reason string) {
@@ -220,46 +223,15 @@ func (r *Report) targets() {
 		if netTransport(tr) {
 			continue // netTargets
 		}
-		ours := func(m string) *Result { return r.find(tr, Captp, m) }
-		check := func(goal string, res *Result, vs Impl, ok func(float64) bool) {
-			if res == nil {
-				return
-			}
-			other := r.find(tr, vs, res.Metric)
-			if other == nil || other.Median == 0 {
-				return
-			}
-			v := res.Median / other.Median
-			r.Targets = append(r.Targets, Target{Goal: goal, Transport: tr,
-				Measured: fmt.Sprintf("%.2f×", v), Met: ok(v)})
-		}
-		check("sequential latency median ≤ 2.0× the raw floor", ours(mSeqMedian), Raw, func(v float64) bool { return v <= 2.0 })
-		check("64 in flight: ≥ 4× go-capnp's calls/s", ours(mRate64), GoCapnp, func(v float64) bool { return v >= 4 })
-		check("64 in flight: ≥ 4× the C++ reference's calls/s", ours(mRate64), Cpp, func(v float64) bool { return v >= 4 })
-		if cl, sv := ours(mAllocs64Client), ours(mAllocs64Server); cl != nil && sv != nil {
-			r.Targets = append(r.Targets, Target{Goal: "allocations ≤ 6/call on the client and ≤ 6 on the server (64 in flight)",
-				Transport: tr, Measured: fmt.Sprintf("client %.1f, server %.1f", cl.Median, sv.Median),
-				Met: cl.Median <= 6 && sv.Median <= 6})
-		} else if both := ours(mAllocs64); both != nil {
-			r.Targets = append(r.Targets, Target{Goal: "allocations ≤ 6+6/call (client and server in one process: ≤ 12 together)",
-				Transport: tr, Measured: fmt.Sprintf("%.1f together", both.Median), Met: both.Median <= 12})
-		}
-		check("1 MiB echo ≥ 0.5× the raw floor's MB/s", ours(mEcho1MiB), Raw, func(v float64) bool { return v >= 0.5 })
-		check(fmt.Sprintf("stream: %s ByteStream ≥ 0.5× raw", size(r.Counts.StreamBytes)), ours(mStreamRate), Raw, func(v float64) bool { return v >= 0.5 })
-		if h := ours(mStreamHeap); h != nil {
-			// Bounded: the flow window and a few chunk buffers, not the
-			// bytes streamed.
-			r.Targets = append(r.Targets, Target{Goal: "stream: peak heap growth (both sides) ≤ 64 MB", Transport: tr,
-				Measured: fmt.Sprintf("%.1f MB (max %.1f MB) for %s streamed", h.Median, h.Max, size(r.Counts.StreamBytes)), Met: h.Max <= 64})
-		}
-		if p := ours(mPipe2Ratio); p != nil {
-			r.Targets = append(r.Targets, Target{Goal: "2-hop pipelined call ≤ 1.2× one round trip", Transport: tr,
-				Measured: fmt.Sprintf("%.2f×", p.Median), Met: p.Median <= 1.2})
+		// Both ways of using captp are checked: capnpc-go's generated
+		// code and capnpc-captp's native stubs.
+		for _, im := range []Impl{Captp, CaptpNative} {
+			r.implTargets(tr, im)
 		}
 	}
 	r.netTargets()
 	for _, f := range r.Floods {
-		if f.Impl != Captp {
+		if f.Impl != Captp && f.Impl != CaptpNative {
 			continue
 		}
 		grew := f.PeakRSS - f.BaseRSS
@@ -282,7 +254,48 @@ func (r *Report) targets() {
 		if !f.Finish {
 			goal = "flood (calls never finished): server memory bounded (< 64 MB), accepted calls answered or an Abort says why"
 		}
-		r.Targets = append(r.Targets, Target{Goal: goal, Transport: Unix2P, Measured: what, Met: met})
+		r.Targets = append(r.Targets, Target{Goal: goal, Transport: Unix2P, Impl: f.Impl, Measured: what, Met: met})
+	}
+}
+
+// implTargets checks issue 5's and 6's goals for implementation im on
+// transport tr, against the other implementations of the same run.
+func (r *Report) implTargets(tr Transport, im Impl) {
+	ours := func(m string) *Result { return r.find(tr, im, m) }
+	check := func(goal string, res *Result, vs Impl, ok func(float64) bool) {
+		if res == nil {
+			return
+		}
+		other := r.find(tr, vs, res.Metric)
+		if other == nil || other.Median == 0 {
+			return
+		}
+		v := res.Median / other.Median
+		r.Targets = append(r.Targets, Target{Goal: goal, Transport: tr, Impl: im,
+			Measured: fmt.Sprintf("%.2f×", v), Met: ok(v)})
+	}
+	check("sequential latency median ≤ 2.0× the raw floor", ours(mSeqMedian), Raw, func(v float64) bool { return v <= 2.0 })
+	check("64 in flight: ≥ 4× go-capnp's calls/s", ours(mRate64), GoCapnp, func(v float64) bool { return v >= 4 })
+	check("64 in flight: ≥ 4× the C++ reference's calls/s", ours(mRate64), Cpp, func(v float64) bool { return v >= 4 })
+	if cl, sv := ours(mAllocs64Client), ours(mAllocs64Server); cl != nil && sv != nil {
+		r.Targets = append(r.Targets, Target{Goal: "allocations ≤ 6/call on the client and ≤ 6 on the server (64 in flight)",
+			Transport: tr, Impl: im, Measured: fmt.Sprintf("client %.1f, server %.1f", cl.Median, sv.Median),
+			Met: cl.Median <= 6 && sv.Median <= 6})
+	} else if both := ours(mAllocs64); both != nil {
+		r.Targets = append(r.Targets, Target{Goal: "allocations ≤ 6+6/call (client and server in one process: ≤ 12 together)",
+			Transport: tr, Impl: im, Measured: fmt.Sprintf("%.1f together", both.Median), Met: both.Median <= 12})
+	}
+	check("1 MiB echo ≥ 0.5× the raw floor's MB/s", ours(mEcho1MiB), Raw, func(v float64) bool { return v >= 0.5 })
+	check(fmt.Sprintf("stream: %s ByteStream ≥ 0.5× raw", size(r.Counts.StreamBytes)), ours(mStreamRate), Raw, func(v float64) bool { return v >= 0.5 })
+	if h := ours(mStreamHeap); h != nil {
+		// Bounded: the flow window and a few chunk buffers, not the
+		// bytes streamed.
+		r.Targets = append(r.Targets, Target{Goal: "stream: peak heap growth (both sides) ≤ 64 MB", Transport: tr, Impl: im,
+			Measured: fmt.Sprintf("%.1f MB (max %.1f MB) for %s streamed", h.Median, h.Max, size(r.Counts.StreamBytes)), Met: h.Max <= 64})
+	}
+	if p := ours(mPipe2Ratio); p != nil {
+		r.Targets = append(r.Targets, Target{Goal: "2-hop pipelined call ≤ 1.2× one round trip", Transport: tr, Impl: im,
+			Measured: fmt.Sprintf("%.2f×", p.Median), Met: p.Median <= 1.2})
 	}
 }
 
@@ -293,7 +306,7 @@ func (r *Report) netTargets() {
 	ns, tcp := r.find(Netstack, Captp, mSeqMedian), r.find(TCP, Captp, mSeqMedian)
 	if ns != nil && tcp != nil && tcp.Median > 0 {
 		v := ns.Median / tcp.Median
-		r.Targets = append(r.Targets, Target{Goal: "netstack round trip ≤ 3× kernel TCP", Transport: Netstack,
+		r.Targets = append(r.Targets, Target{Goal: "netstack round trip ≤ 3× kernel TCP", Transport: Netstack, Impl: Captp,
 			Measured: fmt.Sprintf("%.2f× (median %s µs vs %s µs)", v, num(ns.Median), num(tcp.Median)), Met: v <= 3})
 	}
 	if bulk := r.find(Netstack, Captp, mStreamRate); bulk != nil {
@@ -301,7 +314,7 @@ func (r *Report) netTargets() {
 		if tcp := r.find(TCP, Captp, mStreamRate); tcp != nil {
 			what += fmt.Sprintf(" (kernel TCP %s MB/s)", num(tcp.Median))
 		}
-		r.Targets = append(r.Targets, Target{Goal: "netstack bulk ≥ 1 GB/s at MTU 65,535", Transport: Netstack,
+		r.Targets = append(r.Targets, Target{Goal: "netstack bulk ≥ 1 GB/s at MTU 65,535", Transport: Netstack, Impl: Captp,
 			Measured: what, Met: bulk.Median >= 1000})
 	}
 }
@@ -487,7 +500,7 @@ func (r *Report) WriteTable(w io.Writer) error {
 			if t.Met {
 				box = "[x]"
 			}
-			fmt.Fprintf(w, "%s %-12s %s: %s\n", box, t.Transport, t.Goal, t.Measured)
+			fmt.Fprintf(w, "%s %-12s %-13s %s: %s\n", box, t.Transport, t.Impl, t.Goal, t.Measured)
 		}
 	}
 	for _, s := range r.Skipped {
