@@ -514,6 +514,25 @@ func (fr *frameReader) read(p []byte) int {
 
 // appendFrame appends msg's stream encoding (segment table, then segments)
 // to buf. On error buf is returned unchanged.
+// growOutput makes room for n more bytes in an output buffer. Past
+// 64 KiB it at least doubles the capacity: append grows large slices in
+// steps of about 1.25×, which leave some four times the final size
+// behind as garbage while a backlog builds (a peer that stops reading
+// fills 16 MiB of queue, and the discarded buffers pushed a server's RSS
+// past 64 MB before the collector caught up).
+func growOutput(buf []byte, n int) []byte {
+	if cap(buf)-len(buf) >= n {
+		return buf
+	}
+	newCap := max(len(buf)+n, 2*cap(buf))
+	if newCap < 64<<10 {
+		return slices.Grow(buf, n)
+	}
+	out := make([]byte, len(buf), newCap)
+	copy(out, buf)
+	return out
+}
+
 func appendFrame(buf []byte, msg *capnp.Message) ([]byte, error) {
 	if msg == nil || msg.Arena == nil {
 		return buf, errors.New("encode frame: nil message")
@@ -539,7 +558,7 @@ func appendFrame(buf []byte, msg *capnp.Message) ([]byte, error) {
 		return buf, fmt.Errorf("encode frame: %d bytes is too large", size)
 	}
 
-	out := slices.Grow(buf, int(size))
+	out := growOutput(buf, int(size))
 	out = binary.LittleEndian.AppendUint32(out, uint32(nseg-1))
 	for i := range nseg {
 		seg, _ := msg.Segment(capnp.SegmentID(i)) // checked above

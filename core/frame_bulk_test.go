@@ -307,3 +307,26 @@ func TestFrameBulkGarbage(t *testing.T) {
 		}
 	}
 }
+
+// The output buffer of a connection whose peer stops reading grows
+// towards MaxQueuedBytes; each growth at least doubles it past 64 KiB, so
+// the buffers left behind for the collector add up to about the final
+// size (append's 1.25× steps left about four times as much).
+func TestGrowOutputLeavesLittleGarbage(t *testing.T) {
+	var buf []byte
+	discarded := 0
+	for len(buf) < 16<<20 {
+		old := cap(buf)
+		buf = growOutput(buf, 90) // a small Return
+		if cap(buf) != old {
+			discarded += old
+		}
+		buf = buf[:len(buf)+90]
+	}
+	if discarded > cap(buf)*3/2 {
+		t.Errorf("growing to %d bytes discarded %d bytes of buffers; want at most 1.5 times the final size", cap(buf), discarded)
+	}
+	if got := growOutput(buf[:10], 5); cap(got) != cap(buf) {
+		t.Error("growOutput reallocated a buffer with room to spare")
+	}
+}
