@@ -57,6 +57,30 @@ import (
 // would remove the NIC from under Stack.Close).
 type stopper interface{ stop() }
 
+// A Stopper is a link endpoint from another package whose goroutines
+// Stop ends early, without closing anything gVisor still uses. Close
+// (and New, when it fails) stops such a link and waits for it (its Wait)
+// before gVisor's Stack.Wait, which holds the stack's lock while it waits
+// for the link: a packet the link is delivering at that moment needs the
+// lock, and the two would wait for each other. adapters/tamago's
+// virtio-net Link implements it.
+type Stopper interface{ Stop() }
+
+// stopLink ends a link's goroutines before gVisor's Wait (see Stopper);
+// links that cannot be stopped early are left to Wait.
+func stopLink(link stack.LinkEndpoint) {
+	switch l := link.(type) {
+	case stopper:
+		l.stop()
+	case Stopper:
+		l.Stop()
+	default:
+		return
+	}
+	// Let the link's reader finish the packet it may be delivering.
+	link.Wait()
+}
+
 // nicID is the one NIC of every Stack.
 const nicID tcpip.NICID = 1
 
@@ -181,9 +205,7 @@ func New(link stack.LinkEndpoint, cfg Config) (*Stack, error) {
 		}
 		// As in Close: the link's goroutines end before Wait.
 		s.Close()
-		if l, ok := link.(stopper); ok {
-			l.stop()
-		}
+		stopLink(link)
 		s.Wait() // closes link
 		return nil, fmt.Errorf("netstack: new stack %s: "+format, append([]any{cfg.Name}, args...)...)
 	}
@@ -387,14 +409,7 @@ func (s *Stack) Close() error {
 		// fails blocked reads and writes); the link must stop before
 		// Wait, which waits for its goroutines before closing it.
 		s.s.Close()
-		if l, ok := s.link.(stopper); ok {
-			l.stop()
-			// Let the link's reader finish the packet it may be
-			// delivering before gVisor's Wait: Wait holds the stack's
-			// lock while it waits for the link, and a delivery needs
-			// that lock (a deadlock seen with a guest link under load).
-			s.link.Wait()
-		}
+		stopLink(s.link)
 		s.s.Wait()
 		for _, c := range conns {
 			<-c.Done()

@@ -175,6 +175,12 @@ func (l *Link) Close() {
 	l.stopOnce.Do(func() { close(l.stop) })
 }
 
+// Stop ends the receive loop, like Close, and marks the Link as a
+// netstack.Stopper: netstack's Stack.Close then stops it and waits for
+// the packet it may be delivering before gVisor's Wait, which holds the
+// stack's lock that the delivery needs.
+func (l *Link) Stop() { l.Close() }
+
 // Wait implements stack.LinkEndpoint. gVisor calls it when its stack is
 // torn down, before Close, so it stops the receive loop too and waits for
 // it.
