@@ -3,6 +3,8 @@ package tamago
 import (
 	"context"
 	"io"
+	"os"
+	"runtime/pprof"
 	"testing"
 	"time"
 
@@ -56,6 +58,7 @@ func TestLinkStackCloseUnderTraffic(t *testing.T) {
 		select {
 		case <-closed:
 		case <-ctx.Done():
+			pprof.Lookup("goroutine").WriteTo(os.Stderr, 2) // who waits for whom
 			t.Fatalf("round %d: the guest stack's Close did not return while traffic arrived (deadlock)", i)
 		}
 		c.Close()
