@@ -418,7 +418,12 @@ func (q *question) retireLocked(fx *effects) {
 	if q.results == nil {
 		return
 	}
-	if c.manual || c.closing {
+	// The grace is for calls on capabilities taken from the results'
+	// pipeline. A native question's pipeline clients hold it until they
+	// are released, and results without capabilities have nothing to
+	// pipeline on: such results go back at once, so a large body is
+	// reused by the next call rather than allocated again.
+	if c.manual || c.closing || q.native != nil && q.results.CapTable().Len() == 0 {
 		fx.recycleMsg(q.results)
 		q.results, q.resultContent = nil, capnp.Ptr{}
 		return
