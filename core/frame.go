@@ -512,8 +512,6 @@ func (fr *frameReader) read(p []byte) int {
 	return 0
 }
 
-// appendFrame appends msg's stream encoding (segment table, then segments)
-// to buf. On error buf is returned unchanged.
 // growOutput makes room for n more bytes in an output buffer. Past
 // 64 KiB it at least doubles the capacity: append grows large slices in
 // steps of about 1.25×, which leave some four times the final size
@@ -533,6 +531,8 @@ func growOutput(buf []byte, n int) []byte {
 	return out
 }
 
+// appendFrame appends msg's stream encoding (segment table, then segments)
+// to buf. On error buf is returned unchanged.
 func appendFrame(buf []byte, msg *capnp.Message) ([]byte, error) {
 	if msg == nil || msg.Arena == nil {
 		return buf, errors.New("encode frame: nil message")
