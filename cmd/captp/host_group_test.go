@@ -407,3 +407,58 @@ func TestHostCommandGroupSerial(t *testing.T) {
 		}
 	}
 }
+
+// When one guest of a group exits on its own (here its QEMU is killed),
+// captp host says which, stops the others and exits with a failure.
+func TestHostCommandGroupStopsWhenAGuestExits(t *testing.T) {
+	img := guestImage(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	dir, err := os.MkdirTemp("", "captp-group")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	groups := make(chan *hostGroup, 1)
+	hostGroupReady = func(hg *hostGroup) { groups <- hg }
+	t.Cleanup(func() { hostGroupReady = nil })
+	out := &syncBuffer{}
+	hctx, stop := context.WithCancel(ctx)
+	defer stop()
+	done := make(chan int, 1)
+	go func() {
+		done <- run(hctx, []string{"host", "-net", "none", "-image", "a=" + img, "-image", "b=" + img, "-listen", "unix:" + dir + "/"}, out, tWriter{t})
+	}()
+	var hg *hostGroup
+	select {
+	case hg = <-groups:
+	case code := <-done:
+		t.Fatalf("captp host exited %d before serving: %s", code, out.String())
+	case <-ctx.Done():
+		stop()
+		<-done
+		t.Fatalf("captp host did not come up: %s", out.String())
+	}
+	// Both QEMU processes run now; hg's guests do not change any more.
+	victim, other := hg.guests[0].g.cmd.Process, hg.guests[1].g.cmd.Process
+	if err := victim.Kill(); err != nil {
+		t.Fatalf("killing guest a's QEMU: %v", err)
+	}
+	select {
+	case code := <-done:
+		if code == exitOK {
+			t.Errorf("captp host exited %d after a guest died; want a failure", code)
+		}
+	case <-time.After(30 * time.Second):
+		stop()
+		<-done
+		t.Fatalf("captp host still runs 30 s after guest a's QEMU was killed: %s", out.String())
+	}
+	if !strings.Contains(out.String(), "guest a exited") || !strings.Contains(out.String(), "stopping the others") {
+		t.Errorf("captp host output does not say that guest a exited and the others are stopped: %s", out.String())
+	}
+	if err := other.Signal(syscall.Signal(0)); err == nil {
+		other.Kill()
+		t.Errorf("guest b's QEMU (pid %d) still runs after captp host returned", other.Pid)
+	}
+}
