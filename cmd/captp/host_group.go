@@ -216,9 +216,12 @@ func runHostGroup(ctx context.Context, gc hostGroupConfig, stdout io.Writer, log
 
 	exited := make(chan *groupGuest, len(hg.guests))
 	for _, gg := range hg.guests {
+		// Taken here: stop clears gg.g, and a watcher that started only
+		// then would race with it (and dereference nil).
+		guestExited := gg.g.Exited()
 		go func() {
 			select {
-			case <-gg.g.Exited():
+			case <-guestExited:
 				exited <- gg
 			case <-sctx.Done():
 			}
