@@ -109,42 +109,22 @@ func TestHostCommandGroupHandoff(t *testing.T) {
 	img := level3Image(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	// Short: Unix socket paths are limited to 108 bytes.
-	dir, err := os.MkdirTemp("", "captp-group")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-
-	groups := make(chan *hostGroup, 1)
-	hostGroupReady = func(hg *hostGroup) { groups <- hg }
-	t.Cleanup(func() { hostGroupReady = nil })
-	out := &syncBuffer{}
-	hctx, stop := context.WithCancel(ctx)
-	done := make(chan int, 1)
-	args := []string{"host", "-image", "carol=" + img, "-image", "bob=" + img, "-listen", "unix:" + dir + "/", "-forward", "4433", "-boot-timeout", "2m"}
-	go func() { done <- run(hctx, args, out, tWriter{t}) }()
+	g := startGroup(ctx, t, func(dir string) []string {
+		return []string{"host", "-image", "carol=" + img, "-image", "bob=" + img, "-listen", "unix:" + dir + "/", "-forward", "4433", "-boot-timeout", "2m"}
+	})
+	dir, out, hg := g.dir, g.out, g.hg
 	stopped := false
 	stopHost := func() {
 		if stopped {
 			return
 		}
 		stopped = true
-		stop()
-		if code := <-done; code != exitOK {
+		g.stop()
+		if code := <-g.done; code != exitOK {
 			t.Errorf("captp host exit %d; want 0:\n%s", code, out.String())
 		}
 	}
 	defer stopHost()
-	var hg *hostGroup
-	select {
-	case hg = <-groups:
-	case code := <-done:
-		stopped = true
-		t.Fatalf("captp host exited %d:\n%s", code, out.String())
-	case <-ctx.Done():
-		t.Fatalf("captp host did not come up: %v\n%s", ctx.Err(), out.String())
-	}
 	t.Logf("captp host:\n%s", out.String())
 	for _, w := range []string{"booting carol (level3vat.elf, mac 52:54:00:00:00:02, at 10.0.0.2)", "carol ready in", "bob ready in", " at 10.0.0.3; bootstrap on unix:" + filepath.Join(dir, "bob.sock")} {
 		if !strings.Contains(out.String(), w) {
@@ -414,31 +394,11 @@ func TestHostCommandGroupStopsWhenAGuestExits(t *testing.T) {
 	img := guestImage(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	dir, err := os.MkdirTemp("", "captp-group")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	groups := make(chan *hostGroup, 1)
-	hostGroupReady = func(hg *hostGroup) { groups <- hg }
-	t.Cleanup(func() { hostGroupReady = nil })
-	out := &syncBuffer{}
-	hctx, stop := context.WithCancel(ctx)
-	defer stop()
-	done := make(chan int, 1)
-	go func() {
-		done <- run(hctx, []string{"host", "-net", "none", "-image", "a=" + img, "-image", "b=" + img, "-listen", "unix:" + dir + "/"}, out, tWriter{t})
-	}()
-	var hg *hostGroup
-	select {
-	case hg = <-groups:
-	case code := <-done:
-		t.Fatalf("captp host exited %d before serving: %s", code, out.String())
-	case <-ctx.Done():
-		stop()
-		<-done
-		t.Fatalf("captp host did not come up: %s", out.String())
-	}
+	g := startGroup(ctx, t, func(dir string) []string {
+		return []string{"host", "-net", "none", "-image", "a=" + img, "-image", "b=" + img, "-listen", "unix:" + dir + "/"}
+	})
+	defer g.stop()
+	hg, out, done, stop := g.hg, g.out, g.done, g.stop
 	// Both QEMU processes run now; hg's guests do not change any more.
 	victim, other := hg.guests[0].g.cmd.Process, hg.guests[1].g.cmd.Process
 	if err := victim.Kill(); err != nil {
@@ -461,4 +421,44 @@ func TestHostCommandGroupStopsWhenAGuestExits(t *testing.T) {
 		other.Kill()
 		t.Errorf("guest b's QEMU (pid %d) still runs after captp host returned", other.Pid)
 	}
+}
+
+// groupRun is a captp host group started by startGroup.
+type groupRun struct {
+	dir  string // the socket directory
+	out  *syncBuffer
+	done chan int // captp host's exit code
+	stop context.CancelFunc
+	hg   *hostGroup
+}
+
+// startGroup runs captp host with args(dir), dir a fresh socket
+// directory, and returns once the group is served; it fails the test if
+// captp host exits or ctx ends first.
+func startGroup(ctx context.Context, t *testing.T, args func(dir string) []string) *groupRun {
+	t.Helper()
+	// Short: Unix socket paths are limited to 108 bytes.
+	dir, err := os.MkdirTemp("", "captp-group")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	groups := make(chan *hostGroup, 1)
+	hostGroupReady = func(hg *hostGroup) { groups <- hg }
+	t.Cleanup(func() { hostGroupReady = nil })
+	hctx, stop := context.WithCancel(ctx)
+	g := &groupRun{dir: dir, out: &syncBuffer{}, done: make(chan int, 1), stop: stop}
+	go func() { g.done <- run(hctx, args(dir), g.out, tWriter{t}) }()
+	select {
+	case g.hg = <-groups:
+		return g
+	case code := <-g.done:
+		stop()
+		t.Fatalf("captp host exited %d before serving:\n%s", code, g.out.String())
+	case <-ctx.Done():
+		stop()
+		<-g.done
+		t.Fatalf("captp host did not come up: %v\n%s", ctx.Err(), g.out.String())
+	}
+	return nil
 }
