@@ -8,10 +8,10 @@ import (
 	"time"
 )
 
-// TestNativeHarness runs captp-native (the native call path prototype)
-// next to captp on the in-process and two-process transports with tiny
-// counts, flood included: every metric is there, the server child serves
-// it, and the flood is answered.
+// TestNativeHarness runs captp-native (capnpc-captp's native stubs) on
+// the in-process and two-process transports with tiny counts, flood
+// included: every metric is there, the server child serves it, the flood
+// is answered, and issue 5's targets are checked for it.
 func TestNativeHarness(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
 	defer cancel()
@@ -42,6 +42,18 @@ func TestNativeHarness(t *testing.T) {
 	for _, f := range rep.Floods {
 		if f.Impl == CaptpNative && f.Finish && !f.AllAnswered() {
 			t.Errorf("captp-native flood: %+v; want every call answered", f)
+		}
+	}
+	checked := map[Transport]int{}
+	for _, tg := range rep.Targets {
+		if tg.Impl == CaptpNative {
+			checked[tg.Transport]++
+		}
+	}
+	for _, tr := range transports {
+		// latency and 1 MiB echo against raw, allocations, 2-hop
+		if checked[tr] < 4 {
+			t.Errorf("%s: %d targets checked for captp-native; want latency, allocations, 1 MiB echo and 2-hop", tr, checked[tr])
 		}
 	}
 	var table bytes.Buffer
