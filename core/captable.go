@@ -619,5 +619,6 @@ func (c *Conn) embargoLocked(target capnp.Client, writeTarget func(rpccp.Message
 	client, resolver := capnp.NewPromisedClient(em.hook)
 	em.resolver = resolver
 	c.embargoes[em.id] = em
+	c.read.wakeLoop() // the Disembargo comes back
 	return client, nil
 }

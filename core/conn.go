@@ -102,6 +102,12 @@ type Conn struct {
 	tasks        []func(fx *effects)
 	pendingTasks atomic.Int32
 
+	// read is the read role: who reads the transport (reader.go).
+	read readRole
+	// peerCalls counts the peer's calls, so that a connection the peer
+	// calls on stays read by the read loop (quietLocked).
+	peerCalls uint64
+
 	shutdownOnce sync.Once
 	readerDone   chan struct{}
 	writerDone   chan struct{}
@@ -171,6 +177,7 @@ func newConn(rwc io.ReadWriteCloser, opts *Options) *Conn {
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.flow = flow.NewPool(c.lim.Flow)
+	c.read.init()
 	return c
 }
 
@@ -320,34 +327,6 @@ func disconnected(err error) error {
 		return err
 	}
 	return &exc.Exception{Type: exc.Disconnected, Prefix: "captp", Cause: err}
-}
-
-// readLoop decodes frames and hands each message to the engine in order.
-func (c *Conn) readLoop() {
-	defer close(c.readerDone)
-	fr := newFrameReader(c.rwc, c.lim)
-	for {
-		// Backpressure: a peer that sends calls without reading our
-		// replies stops being read once they fill the outbound queue.
-		c.waitQueue(context.Background())
-		msg, err := fr.readMessage()
-		c.inboundBusy.Store(fr.buffered() > 0)
-		if err != nil {
-			var fe *FrameError
-			switch {
-			case errors.As(err, &fe):
-				c.abort(fmt.Errorf("framing: %w", err))
-			case errors.Is(err, io.EOF):
-				c.shutdown(errors.New("peer closed the connection"), false)
-			default:
-				c.shutdown(fmt.Errorf("read: %w", err), false)
-			}
-			return
-		}
-		if !c.handleMessage(msg) {
-			return
-		}
-	}
 }
 
 // writeLoop writes queued frames, batching everything queued since the

@@ -148,6 +148,7 @@ func (c *Conn) handleBootstrap(fx *effects, m rpccp.Message) error {
 }
 
 func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (bool, error) {
+	c.peerCalls++
 	call, err := m.Call()
 	if err != nil {
 		return false, violation("decode call: %w", err)

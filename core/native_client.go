@@ -168,6 +168,7 @@ func (p PendingCall) Done() <-chan struct{} { return p.done() }
 func (p PendingCall) done() <-chan struct{} {
 	switch {
 	case p.q != nil:
+		p.q.c.read.wakeLoop() // whoever selects on it does not read
 		return p.q.native.done
 	case p.ans != nil:
 		return p.ans.Done()
@@ -182,17 +183,21 @@ func (p PendingCall) Wait(ctx context.Context) (capnp.Struct, error) {
 	if p.err != nil {
 		return capnp.Struct{}, p.err
 	}
-	select {
-	case <-p.done():
-	default:
+	if p.ans != nil {
 		select {
-		case <-p.done():
+		case <-p.ans.Done():
 		case <-ctx.Done():
 			return capnp.Struct{}, ctx.Err()
 		}
-	}
-	if p.ans != nil {
 		return p.ans.Struct()
+	}
+	p.q.wait(ctx)
+	if ctx.Err() != nil {
+		select {
+		case <-p.q.native.done:
+		default:
+			return capnp.Struct{}, ctx.Err()
+		}
 	}
 	// done was closed after these were set under c.mu, and they change
 	// again only once the caller releases the question.
@@ -201,6 +206,29 @@ func (p PendingCall) Wait(ctx context.Context) (capnp.Struct, error) {
 		return capnp.Struct{}, q.resultErr
 	}
 	return q.resultContent.Struct(), nil
+}
+
+// wait blocks until q settles or ctx ends. When neither ctx nor the
+// context q was sent with can end, and the connection is otherwise quiet,
+// the caller reads its Return itself (see readRole).
+func (q *question) wait(ctx context.Context) {
+	n := q.native
+	select {
+	case <-n.done:
+		return
+	default:
+	}
+	r := &q.c.read
+	if ctx.Done() == nil && !q.cancellable {
+		if q.c.readForCaller(n.done) {
+			return
+		}
+	}
+	r.wakeLoop()
+	select {
+	case <-n.done:
+	case <-ctx.Done():
+	}
 }
 
 // Release tells the connection the results are no longer needed: Finish

@@ -53,6 +53,7 @@ type question struct {
 	paramExports  []uint32        // exports our Call carried, released by Return.releaseParamCaps
 	stopCancel    func() bool     // stops a context watch of this question's own
 	watch         *ctxWatch       // or the shared watch it is linked into
+	cancellable   bool            // sent with a context that can end
 	watchPrev     *question
 	watchNext     *question
 
@@ -74,6 +75,7 @@ func (c *Conn) newQuestionLocked(m capnp.Method) *question {
 	q.p = capnp.NewPromise(m, q, nil)
 	c.questions[q.id] = q
 	c.questionsByAns[q.p.Answer()] = q
+	c.read.wakeLoop() // its Return must be read
 	return q
 }
 
@@ -233,9 +235,20 @@ func (c *Conn) send(ctx context.Context, t callTarget, s capnp.Send, native bool
 		t.question.pipelined = append(t.question.pipelined, t.transform)
 	}
 	c.watchCancelLocked(q, ctx)
+	// A lone native call's caller reads its Return itself if the read
+	// role is free (readRole); anything else needs the read loop.
+	wakeReader := !native || !c.othersSettledLocked(q)
+	if !wakeReader && !q.cancellable {
+		// Its caller could read the Return itself: once the loop has
+		// read this one, it leaves the role free if all is quiet.
+		c.read.callerWaited.Store(true)
+	}
 	out := c.claimOutputLocked()
 	c.unlock()
 	c.writeClaimed(out)
+	if wakeReader {
+		c.read.wakeLoop()
+	}
 	if !byRef {
 		recycleMessage(msg)
 	}
@@ -396,7 +409,15 @@ func (q *question) finishLocked(fx *effects) {
 	if !q.finished {
 		q.finished = true
 		if !c.closing {
+			wake := c.wakeWriter
 			c.sendFinishLocked(q.id, false)
+			if q.returned && c.read.state.Load() != roleLoop {
+				// A Finish after the Return needs no haste: it goes
+				// out with the next frame, or when the read loop
+				// next checks the role (awaitRole). Waking the
+				// writer for it costs a thread wake-up per call.
+				c.wakeWriter = wake
+			}
 		}
 	}
 	if q.returned || c.closing {
@@ -628,6 +649,7 @@ func (c *Conn) watchCancelLocked(q *question, ctx context.Context) {
 	if ctx.Done() == nil {
 		return
 	}
+	q.cancellable = true
 	if c.manual {
 		q.ctx = ctx
 		c.pending = append(c.pending, pendingWork{cancel: q})

@@ -149,6 +149,7 @@ func (c *Conn) sendProvideLocked(v *vine, importID uint32, await capnp.Ptr) {
 	}
 	c.provides[qid] = v
 	v.qid, v.sent = qid, true
+	c.read.wakeLoop()
 }
 
 // vineUsedLocked runs when the peer calls or releases vine export e: the

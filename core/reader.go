@@ -1,0 +1,273 @@
+package core
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync/atomic"
+	"time"
+)
+
+// The read role. One goroutine at a time reads the transport and handles
+// what it reads: normally the read loop. A native caller that waits for
+// its Return on an otherwise quiet connection reads it itself instead
+// (readForCaller), the way a plain request/response client does: then the
+// goroutine that the netpoller wakes when the Return arrives is the one
+// that wanted it. Handing each Return from the read loop to its caller
+// costs a thread wake-up per call (Go's ready() wakes an idle thread,
+// which finds nothing to do and sleeps again), which is most of what
+// separates a sequential call from the raw socket round trip.
+//
+// The role moves between three states:
+//   - roleLoop: the read loop has it (it may be blocked in a read);
+//   - roleCaller: a caller in PendingCall.Wait has it;
+//   - roleFree: nobody reads. The read loop leaves the role free when the
+//     connection is quiet (nothing outstanding but settled native calls,
+//     nothing in progress for the peer, no recent call from the peer)
+//     and a caller has just waited for a Return it could have read. A
+//     caller that waits takes it; anything else that needs input read
+//     (another waiter, a pipelined or second call, Done) gives it back to
+//     the read loop; and the read loop takes it back by itself after
+//     idleReadDelay, so that input nobody waits for (the peer's calls,
+//     Resolve, Abort, the end of the stream) is read late, never lost.
+const (
+	roleLoop int32 = iota
+	roleCaller
+	roleFree
+)
+
+// idleReadDelay bounds how long input waits unread while the read role
+// is free.
+const idleReadDelay = time.Millisecond
+
+// peerCallQuiet is how long after a call from the peer the read loop keeps
+// the role: a connection the peer calls on is read by the loop.
+const peerCallQuiet = 10 * time.Millisecond
+
+// readRole is the state of the read role, and what moves it.
+type readRole struct {
+	state atomic.Int32
+	// back hands the role to the read loop (capacity 1: the role has one
+	// holder, so at most one hand-off is ever pending).
+	back chan struct{}
+	// idle is the read loop's timer while the role is away (awaitRole).
+	idle *time.Timer
+	// callerWaited is set by a call whose caller could read its Return
+	// itself (send): the loop then frees the role when the connection is
+	// quiet.
+	callerWaited atomic.Bool
+	// takes counts the callers that took the role (see awaitRole).
+	takes atomic.Uint64
+
+	// Owned by whoever holds the role.
+	fr    *frameReader
+	ended bool // reading failed or the connection ended: only the loop's exit is left
+	// lastPeerCalls and lastPeerCall record when the peer last called
+	// (see quietLocked).
+	lastPeerCalls uint64
+	lastPeerCall  time.Time
+}
+
+func (r *readRole) init() {
+	r.back = make(chan struct{}, 1)
+	r.idle = time.NewTimer(time.Hour)
+	r.idle.Stop()
+}
+
+// giveToLoop hands the role, held by the caller, to the read loop.
+func (r *readRole) giveToLoop() {
+	r.state.Store(roleLoop)
+	r.back <- struct{}{}
+}
+
+// wakeLoop gives a free role to the read loop: input is expected that no
+// caller will read.
+func (r *readRole) wakeLoop() {
+	if r.state.Load() == roleFree && r.state.CompareAndSwap(roleFree, roleLoop) {
+		r.back <- struct{}{}
+	}
+}
+
+// freeIfQuiet leaves the role, which the caller holds, to whoever comes
+// next if the connection is quiet, and reports whether it did. The state
+// changes under c.mu: a call sent after the check finds the role free
+// (and takes it or wakes the loop), one sent before makes it not quiet.
+func (c *Conn) freeIfQuiet() bool {
+	r := &c.read
+	if r.fr.buffered() > 0 {
+		return false
+	}
+	c.mu.Lock()
+	quiet := c.quietLocked()
+	if quiet {
+		r.state.Store(roleFree)
+	}
+	c.unlock()
+	return quiet
+}
+
+// readLoop reads and handles the peer's messages while it holds the read
+// role, and waits for the role while a caller has it or it is free.
+func (c *Conn) readLoop() {
+	defer close(c.readerDone)
+	r := &c.read
+	r.fr = newFrameReader(c.rwc, c.lim)
+	for {
+		if r.ended {
+			return
+		}
+		if !c.readOne() {
+			return
+		}
+		if r.callerWaited.Load() && c.freeIfQuiet() {
+			r.callerWaited.Store(false)
+			c.awaitRole()
+		}
+	}
+}
+
+// awaitRole returns once the read loop holds the read role again. While
+// the role is free it checks every idleReadDelay whether a caller took it
+// since the last check, and takes it when none did: callers read whatever
+// arrives while they come and go, and once they stop, the loop reads.
+// (A timer reset per call would cost a wake-up of the netpoller each
+// time, as much as the hand-off the role saves.)
+func (c *Conn) awaitRole() {
+	r := &c.read
+	takes := r.takes.Load()
+	r.idle.Reset(idleReadDelay)
+	defer r.idle.Stop()
+	defer c.flushLazy()
+	for {
+		select {
+		case <-r.back:
+			return
+		case <-r.idle.C:
+			c.flushLazy()
+			if now := r.takes.Load(); now != takes {
+				takes = now
+				r.idle.Reset(idleReadDelay)
+				continue
+			}
+		case <-c.ctx.Done():
+			// Shutting down: take the role as soon as it is free; a
+			// caller that has it gives it back once its read fails
+			// (Close) or its call settles.
+			if r.state.CompareAndSwap(roleFree, roleLoop) {
+				return
+			}
+			<-r.back
+			return
+		}
+		if r.state.CompareAndSwap(roleFree, roleLoop) {
+			return
+		}
+		// A caller has it: it gives it back through r.back, or frees
+		// it, and then the next check takes it.
+		r.idle.Reset(idleReadDelay)
+	}
+}
+
+// flushLazy wakes the writer for frames queued without waking it (a
+// Finish after its Return, see finishLocked).
+func (c *Conn) flushLazy() {
+	c.mu.Lock()
+	if c.queuedLocked() > 0 {
+		c.wakeWriter = true
+	}
+	c.unlock()
+}
+
+// readOne reads one message and handles it. It reports false once the
+// connection has ended, for whichever goroutine holds the role.
+func (c *Conn) readOne() bool {
+	r := &c.read
+	// Backpressure: a peer that sends calls without reading our replies
+	// stops being read once they fill the outbound queue.
+	c.waitQueue(context.Background())
+	msg, err := r.fr.readMessage()
+	c.inboundBusy.Store(r.fr.buffered() > 0)
+	if err != nil {
+		r.ended = true
+		var fe *FrameError
+		switch {
+		case errors.As(err, &fe):
+			c.abort(fmt.Errorf("framing: %w", err))
+		case errors.Is(err, io.EOF):
+			c.shutdown(errors.New("peer closed the connection"), false)
+		default:
+			c.shutdown(fmt.Errorf("read: %w", err), false)
+		}
+		return false
+	}
+	if !c.handleMessage(msg) {
+		r.ended = true
+		return false
+	}
+	return true
+}
+
+// quietLocked reports whether the connection expects no input that a
+// waiting caller would not read itself: no call of ours outstanding
+// (returned ones may be), no call of the peer's in progress, no embargo, and no call
+// from the peer lately.
+func (c *Conn) quietLocked() bool {
+	r := &c.read
+	if c.closing || len(c.answers) > 0 || c.inProgress > 0 || len(c.embargoes) > 0 ||
+		len(c.questions) > 4 || len(c.provides) > 0 || c.queuedLocked() > c.lim.MaxQueuedBytes {
+		return false
+	}
+	for _, q := range c.questions {
+		if !q.settled {
+			return false
+		}
+	}
+	if c.peerCalls != r.lastPeerCalls {
+		r.lastPeerCalls = c.peerCalls
+		r.lastPeerCall = time.Now()
+		return false
+	}
+	return r.lastPeerCall.IsZero() || time.Since(r.lastPeerCall) > peerCallQuiet
+}
+
+// readForCaller reads and handles input on the calling goroutine until
+// done is closed, if the read role is free; it reports whether it did.
+// The caller's contexts cannot end (a read cannot be interrupted), so
+// done closes only when its Return arrives or the connection ends.
+func (c *Conn) readForCaller(done <-chan struct{}) bool {
+	r := &c.read
+	if r.state.Load() != roleFree || !r.state.CompareAndSwap(roleFree, roleCaller) {
+		return false
+	}
+	r.takes.Add(1)
+	for !r.ended {
+		select {
+		case <-done:
+			if !c.freeIfQuiet() {
+				r.giveToLoop()
+			}
+			return true
+		default:
+		}
+		c.readOne()
+	}
+	// The connection ended; the read loop exits once it has the role.
+	r.giveToLoop()
+	<-done
+	return true
+}
+
+// othersSettledLocked reports whether every question but q has settled: a
+// caller waiting for q alone can read its Return itself.
+func (c *Conn) othersSettledLocked(q *question) bool {
+	if len(c.questions) > 4 {
+		return false
+	}
+	for _, o := range c.questions {
+		if o != q && !o.settled {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,188 @@
+package core
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"capnproto.org/go/capnp/v3"
+)
+
+// The read role (reader.go): a caller that waits for its Return on a quiet
+// connection reads it itself; input nobody waits for is still read.
+
+// countingHandler counts its calls and answers with empty results; with
+// hold set, it holds every call until hold is closed.
+type countingHandler struct {
+	calls atomic.Int64
+	hold  chan struct{}
+}
+
+func (h *countingHandler) HandleCall(_ context.Context, sc *ServerCall) {
+	h.calls.Add(1)
+	if h.hold != nil {
+		sc.Go(func(ctx context.Context, _ *ServerCall) error {
+			select {
+			case <-h.hold:
+				return nil
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		})
+		return
+	}
+	_, err := sc.Results(capnp.ObjectSize{})
+	sc.Return(err)
+}
+
+// ctx5 is a context that ends the test's waits after five seconds.
+func ctx5(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+var testMethod = capnp.Method{InterfaceID: 0x1234, MethodID: 0}
+
+// rolePair connects a client to a server whose bootstrap capability is
+// server; the client offers client as its own bootstrap capability.
+func rolePair(t *testing.T, server, client capnp.Client) (cli, srv *Conn) {
+	t.Helper()
+	a, b := net.Pipe()
+	srv = NewConn(b, &Options{BootstrapClient: server})
+	cli = NewConn(a, &Options{BootstrapClient: client})
+	t.Cleanup(func() {
+		cli.Close()
+		srv.Close()
+		<-cli.Done()
+		<-srv.Done()
+	})
+	return cli, srv
+}
+
+// callOnce makes one native call and waits for it with ctx.
+func callOnce(t *testing.T, ctx context.Context, target capnp.Client) {
+	t.Helper()
+	p := Call(ctx, target, capnp.Send{Method: testMethod})
+	if _, err := p.Wait(ctx); err != nil {
+		t.Fatalf("call: %v", err)
+	}
+	p.Release()
+}
+
+func TestCallerReadsItsOwnReturn(t *testing.T) {
+	h := &countingHandler{}
+	cli, _ := rolePair(t, NewClient(h), capnp.Client{})
+	boot := cli.Bootstrap(context.Background())
+	defer boot.Release()
+
+	for range 20 {
+		callOnce(t, context.Background(), boot)
+	}
+	if n := cli.read.takes.Load(); n < 15 {
+		t.Errorf("callers read %d of 20 Returns themselves; want nearly all (the first wakes the role free)", n)
+	}
+
+	// A context that can end cannot interrupt a read: such a caller
+	// waits for the read loop.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	before := cli.read.takes.Load()
+	for range 5 {
+		callOnce(t, ctx, boot)
+	}
+	if n := cli.read.takes.Load() - before; n != 0 {
+		t.Errorf("callers with cancellable contexts took the read role %d times", n)
+	}
+	if got := h.calls.Load(); got != 25 {
+		t.Errorf("server saw %d calls, want 25", got)
+	}
+}
+
+// Once callers stop, a free role goes back to the read loop: the peer's
+// calls are answered, the Finishes that waited for the next frame go out,
+// and the end of the stream is noticed.
+func TestFreeRoleStillReads(t *testing.T) {
+	served := &countingHandler{}
+	callback := &countingHandler{}
+	cli, srv := rolePair(t, NewClient(served), NewClient(callback))
+	boot := cli.Bootstrap(context.Background())
+	defer boot.Release()
+	back := srv.Bootstrap(context.Background())
+	defer back.Release()
+	callOnce(t, context.Background(), back) // the client's bootstrap answers
+
+	// The loop keeps the role for peerCallQuiet after the peer's call.
+	for end := time.Now().Add(5 * peerCallQuiet); time.Now().Before(end); {
+		callOnce(t, context.Background(), boot)
+		time.Sleep(100 * time.Microsecond)
+	}
+	if cli.read.takes.Load() == 0 {
+		t.Fatal("no caller read its own Return; the test does not exercise the free role")
+	}
+	waitFor(t, ctx5(t), "the client's Finishes reach the server", func() bool { return srv.Stats().Answers == 0 })
+
+	// The server calls the client while no client call is outstanding.
+	start := time.Now()
+	callOnce(t, context.Background(), back)
+	if callback.calls.Load() != 2 {
+		t.Fatalf("client served %d calls, want 2", callback.calls.Load())
+	}
+	t.Logf("call into an idle client answered in %v", time.Since(start))
+
+	for range 10 {
+		callOnce(t, context.Background(), boot)
+	}
+	srv.Close()
+	select {
+	case <-cli.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("client did not notice the server closing while its read role was free")
+	}
+	if err := cli.Err(); err == nil {
+		t.Error("client ended with no error after the server closed")
+	}
+}
+
+// A caller reading its own Return when the connection is closed returns
+// with the connection's error, and the read loop ends.
+func TestCloseWhileCallerReads(t *testing.T) {
+	h := &countingHandler{}
+	cli, _ := rolePair(t, NewClient(h), capnp.Client{})
+	boot := cli.Bootstrap(context.Background())
+	defer boot.Release()
+	callOnce(t, context.Background(), boot)
+	callOnce(t, context.Background(), boot)
+
+	h.hold = make(chan struct{})
+	defer close(h.hold)
+	p := Call(context.Background(), boot, capnp.Send{Method: testMethod})
+	defer p.Release()
+	errc := make(chan error, 1)
+	go func() {
+		_, err := p.Wait(context.Background())
+		errc <- err
+	}()
+	waitFor(t, ctx5(t), "the caller holds the read role", func() bool { return cli.read.state.Load() == roleCaller })
+	cli.Close()
+	select {
+	case err := <-errc:
+		if err == nil {
+			t.Fatal("Wait returned no error after Close")
+		}
+		var dummy interface{ Error() string }
+		if !errors.As(err, &dummy) {
+			t.Fatalf("unexpected error %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a caller reading its Return did not return after Close")
+	}
+	select {
+	case <-cli.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the connection did not finish closing")
+	}
+}
