@@ -103,7 +103,8 @@ type Conn struct {
 	pendingTasks atomic.Int32
 
 	// read is the read role: who reads the transport (reader.go).
-	read readRole
+	read      readRole
+	deadliner readDeadliner // the transport's, if it has one
 	// peerCalls counts the peer's calls, so that a connection the peer
 	// calls on stays read by the read loop (quietLocked).
 	peerCalls uint64
@@ -178,6 +179,7 @@ func newConn(rwc io.ReadWriteCloser, opts *Options) *Conn {
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.flow = flow.NewPool(c.lim.Flow)
 	c.read.init()
+	c.deadliner, _ = rwc.(readDeadliner)
 	return c
 }
 

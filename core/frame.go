@@ -344,6 +344,66 @@ func (fr *frameReader) fill(n int) error {
 	return nil
 }
 
+// peekFrame reports whether readMessage can return the next message
+// without reading (it is wholly buffered, or readMessage will report an
+// error), and whether the next frame fits buf, so that readSome can
+// complete it. A frame that does not fit, or a stream of large frames, is
+// left to the read loop (see readForCaller).
+func (fr *frameReader) peekFrame() (complete, fits bool) {
+	if fr.err != nil || fr.rerr != nil {
+		return true, true
+	}
+	if fr.small != nil || fr.bulk > 0 {
+		return false, false
+	}
+	have := fr.buffered()
+	if have < 8 {
+		return false, true
+	}
+	b := fr.buf[fr.rpos:fr.wpos]
+	nseg := uint64(binary.LittleEndian.Uint32(b)) + 1
+	if nseg == 1<<32 || int64(nseg) > int64(fr.lim.MaxSegments) {
+		return true, true // readMessage reports it
+	}
+	total := (nseg/2 + 1) * 8
+	if total > frameBufSize {
+		return false, false
+	}
+	if uint64(have) < total {
+		return false, true
+	}
+	for i := range nseg {
+		total += uint64(binary.LittleEndian.Uint32(b[4+4*i:])) * 8
+	}
+	if total > frameBufSize {
+		return false, false
+	}
+	return uint64(have) >= total, true
+}
+
+// readSome makes one Read into buf's free space, after moving the unread
+// bytes to its start, and returns the Read's result without recording an
+// error: the caller decides whether it ends the stream (rerr). The caller
+// has checked with peekFrame that the next frame fits buf and is not
+// complete, so there is free space.
+func (fr *frameReader) readSome() (int, error) {
+	if fr.buf == nil {
+		fr.buf = make([]byte, frameBufSize)
+	}
+	if fr.rpos > 0 {
+		copy(fr.buf, fr.buf[fr.rpos:fr.wpos])
+		fr.wpos -= fr.rpos
+		fr.rpos = 0
+	}
+	free := fr.buf[fr.wpos:]
+	n, err := fr.r.Read(free)
+	if n < 0 || n > len(free) {
+		return 0, errors.New("reader returned an invalid count")
+	}
+	fr.wpos += n
+	return n, err
+}
+
 // readBody consumes the n-byte frame body and returns it in a slice with
 // len == cap == n that shares no bytes with any other message: a capped
 // slice means an arena that appends to a segment reallocates instead of

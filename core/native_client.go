@@ -124,6 +124,7 @@ func (n *nativeQuestion) takeLocked() {
 // failNativeLocked settles a native question with err (cancellation,
 // shutdown, a call that could not be sent).
 func (q *question) failNativeLocked(fx *effects, err error) {
+	q.c.interruptReaderLocked(q)
 	q.resultErr = err
 	n := q.native
 	n.takeLocked()
@@ -219,10 +220,8 @@ func (q *question) wait(ctx context.Context) {
 	default:
 	}
 	r := &q.c.read
-	if ctx.Done() == nil && !q.cancellable {
-		if q.c.readForCaller(n.done) {
-			return
-		}
+	if q.c.canReadFor(q, ctx) && q.c.readForCaller(q) {
+		return
 	}
 	r.wakeLoop()
 	select {

@@ -60,6 +60,11 @@ type readRole struct {
 	// takes counts the callers that took the role (see awaitRole).
 	takes atomic.Uint64
 
+	// reader is the question whose caller holds the role, if its context
+	// can end; interrupted says its Read was interrupted. Under c.mu.
+	reader      *question
+	interrupted atomic.Bool
+
 	// Owned by whoever holds the role.
 	fr    *frameReader
 	ended bool // reading failed or the connection ended: only the loop's exit is left
@@ -232,30 +237,110 @@ func (c *Conn) quietLocked() bool {
 }
 
 // readForCaller reads and handles input on the calling goroutine until
-// done is closed, if the read role is free; it reports whether it did.
-// The caller's contexts cannot end (a read cannot be interrupted), so
-// done closes only when its Return arrives or the connection ends.
-func (c *Conn) readForCaller(done <-chan struct{}) bool {
+// q, a native question, settles, if the read role is free; it reports
+// whether q settled so. It reads only frames that fit the frame buffer,
+// one Read at a time, and completes a frame before it handles it, so
+// that it can stop between any two reads: when the next frame is large
+// (left to the read loop, which reads those into their own buffers), or
+// when q settles otherwise, cancelled through its context, which
+// interrupts the Read (interruptReaderLocked).
+func (c *Conn) readForCaller(q *question) bool {
 	r := &c.read
 	if r.state.Load() != roleFree || !r.state.CompareAndSwap(roleFree, roleCaller) {
 		return false
 	}
 	r.takes.Add(1)
-	for !r.ended {
+	if q.cancellable {
+		c.mu.Lock()
+		r.reader = q
+		c.unlock()
+	}
+	done := q.native.done
+	empty := 0
+	for {
 		select {
 		case <-done:
-			if !c.freeIfQuiet() {
-				r.giveToLoop()
-			}
+			c.leaveRole(true)
 			return true
 		default:
 		}
-		c.readOne()
+		if r.ended {
+			c.leaveRole(false)
+			return false
+		}
+		complete, fits := r.fr.peekFrame()
+		if complete {
+			c.readOne()
+			continue
+		}
+		if !fits {
+			c.leaveRole(false)
+			return false
+		}
+		n, err := r.fr.readSome()
+		switch {
+		case err != nil && r.interrupted.Load():
+			<-done // being cancelled: settled right after the interrupt
+		case err != nil:
+			r.fr.rerr = err // readOne reports it after what is buffered
+		case n == 0:
+			if empty++; empty >= maxEmptyReads {
+				r.fr.rerr = io.ErrNoProgress
+			}
+		default:
+			empty = 0
+		}
 	}
-	// The connection ended; the read loop exits once it has the role.
-	r.giveToLoop()
-	<-done
-	return true
+}
+
+// leaveRole ends a caller's turn with the read role: the role is left
+// free if mayFree and the connection is quiet, else given to the read
+// loop. An interrupted read's deadline is cleared first.
+func (c *Conn) leaveRole(mayFree bool) {
+	r := &c.read
+	c.mu.Lock()
+	if r.interrupted.Load() {
+		_ = c.deadliner.SetReadDeadline(time.Time{})
+		r.interrupted.Store(false)
+	}
+	r.reader = nil
+	free := mayFree && !r.ended && r.fr.buffered() == 0 && c.quietLocked()
+	if free {
+		r.state.Store(roleFree)
+	}
+	c.unlock()
+	if !free {
+		r.giveToLoop()
+	}
+}
+
+// interruptReaderLocked stops the Read of q's caller, if it has the read
+// role: q settled otherwise (its context ended).
+func (c *Conn) interruptReaderLocked(q *question) {
+	r := &c.read
+	if r.reader == q && !r.interrupted.Load() {
+		r.interrupted.Store(true)
+		_ = c.deadliner.SetReadDeadline(longAgo)
+	}
+}
+
+// longAgo is a read deadline that has passed.
+var longAgo = time.Unix(1, 0)
+
+// readDeadliner is what a transport needs for callers with contexts that
+// can end to read their own Returns: a Read it can interrupt.
+type readDeadliner interface {
+	SetReadDeadline(t time.Time) error
+}
+
+// canReadFor reports whether the caller of q, waiting with ctx, may take
+// the read role: a read can be interrupted when the call is cancelled,
+// and ctx ends only with it (or never).
+func (c *Conn) canReadFor(q *question, ctx context.Context) bool {
+	if d := ctx.Done(); d != nil && d != q.ctxDone {
+		return false
+	}
+	return !q.cancellable || c.deadliner != nil
 }
 
 // othersSettledLocked reports whether every question but q has settled: a

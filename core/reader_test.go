@@ -3,6 +3,7 @@ package core
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"sync/atomic"
 	"testing"
@@ -86,16 +87,16 @@ func TestCallerReadsItsOwnReturn(t *testing.T) {
 		t.Errorf("callers read %d of 20 Returns themselves; want nearly all (the first wakes the role free)", n)
 	}
 
-	// A context that can end cannot interrupt a read: such a caller
-	// waits for the read loop.
+	// A context that can end: the caller's read can be interrupted
+	// (net.Pipe has read deadlines), so it reads its Return too.
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	before := cli.read.takes.Load()
 	for range 5 {
 		callOnce(t, ctx, boot)
 	}
-	if n := cli.read.takes.Load() - before; n != 0 {
-		t.Errorf("callers with cancellable contexts took the read role %d times", n)
+	if n := cli.read.takes.Load() - before; n < 4 {
+		t.Errorf("callers with cancellable contexts read %d of 5 Returns themselves", n)
 	}
 	if got := h.calls.Load(); got != 25 {
 		t.Errorf("server saw %d calls, want 25", got)
@@ -184,5 +185,79 @@ func TestCloseWhileCallerReads(t *testing.T) {
 	case <-cli.Done():
 	case <-time.After(5 * time.Second):
 		t.Fatal("the connection did not finish closing")
+	}
+}
+
+// noDeadlines hides a transport's read deadlines.
+type noDeadlines struct{ net.Conn }
+
+func (c noDeadlines) Read(p []byte) (int, error)  { return c.Conn.Read(p) }
+func (c noDeadlines) Write(p []byte) (int, error) { return c.Conn.Write(p) }
+func (c noDeadlines) Close() error                { return c.Conn.Close() }
+
+// Over a transport whose reads cannot be interrupted, only callers whose
+// contexts cannot end read their own Returns.
+func TestCallerReadsOnlyIfInterruptible(t *testing.T) {
+	a, b := net.Pipe()
+	srv := NewConn(b, &Options{BootstrapClient: NewClient(&countingHandler{})})
+	cli := NewConn(struct{ io.ReadWriteCloser }{noDeadlines{a}}, nil)
+	defer func() { cli.Close(); srv.Close(); <-cli.Done(); <-srv.Done() }()
+	boot := cli.Bootstrap(context.Background())
+	defer boot.Release()
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	for range 10 {
+		callOnce(t, ctx, boot)
+	}
+	if n := cli.read.takes.Load(); n != 0 {
+		t.Errorf("callers with cancellable contexts took the read role %d times over a transport without deadlines", n)
+	}
+	for range 10 {
+		callOnce(t, context.Background(), boot)
+	}
+	if n := cli.read.takes.Load(); n < 5 {
+		t.Errorf("callers whose contexts cannot end read %d of 10 Returns themselves", n)
+	}
+}
+
+// Cancelling a call whose caller is reading interrupts the read: Wait
+// returns the context's error, and the connection reads on normally.
+func TestCancelWhileCallerReads(t *testing.T) {
+	h := &countingHandler{}
+	cli, _ := rolePair(t, NewClient(h), capnp.Client{})
+	boot := cli.Bootstrap(context.Background())
+	defer boot.Release()
+	callOnce(t, context.Background(), boot)
+	callOnce(t, context.Background(), boot)
+
+	h.hold = make(chan struct{})
+	ctx, cancel := context.WithCancel(context.Background())
+	p := Call(ctx, boot, capnp.Send{Method: testMethod})
+	errc := make(chan error, 1)
+	go func() {
+		_, err := p.Wait(ctx)
+		errc <- err
+	}()
+	waitFor(t, ctx5(t), "the caller holds the read role", func() bool { return cli.read.state.Load() == roleCaller })
+	cancel()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("Wait after cancel: %v, want context.Canceled", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("cancelling the call did not interrupt its caller's read")
+	}
+	p.Release()
+	close(h.hold) // later calls go through Go and return at once
+
+	// The interrupt's deadline is gone: calls keep working, read by
+	// their callers or by the loop.
+	for range 10 {
+		callOnce(t, context.Background(), boot)
+	}
+	if err := cli.Err(); err != nil {
+		t.Fatalf("connection failed after an interrupted read: %v", err)
 	}
 }

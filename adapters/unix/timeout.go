@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"sync/atomic"
 	"time"
 )
 
@@ -164,6 +165,16 @@ type deadlineConn struct {
 	frame, idle time.Duration
 	fs          frameScanner
 	armed       bool // a read deadline is set
+	// interrupted holds a deadline set from outside (the core interrupts
+	// a caller's Read with one): Read keeps it rather than arming its own.
+	interrupted atomic.Bool
+}
+
+// SetReadDeadline lets the core interrupt a Read; a zero t clears that.
+// Read arms its own stall deadlines only while none is set this way.
+func (c *deadlineConn) SetReadDeadline(t time.Time) error {
+	c.interrupted.Store(!t.IsZero())
+	return c.Conn.SetReadDeadline(t)
 }
 
 func (c *deadlineConn) WriteBuffers(bufs [][]byte) (int64, error) { return writeBuffers(c.Conn, bufs) }
@@ -171,6 +182,9 @@ func (c *deadlineConn) CloseWrite() error                         { return close
 func (c *deadlineConn) NetConn() net.Conn                         { return c.Conn }
 
 func (c *deadlineConn) Read(p []byte) (int, error) {
+	if c.interrupted.Load() {
+		return 0, os.ErrDeadlineExceeded
+	}
 	d := c.idle
 	if c.fs.inFrame() && c.frame > 0 && (d <= 0 || c.frame < d) {
 		d = c.frame
@@ -186,6 +200,10 @@ func (c *deadlineConn) Read(p []byte) (int, error) {
 			return 0, err
 		}
 		c.armed = false
+	}
+	if c.interrupted.Load() {
+		// Interrupted while arming: our deadline may have replaced it.
+		return 0, os.ErrDeadlineExceeded
 	}
 	n, err := c.Conn.Read(p)
 	c.fs.scan(p[:n])
