@@ -1,11 +1,13 @@
 package unix
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"io"
 	"math/rand/v2"
 	"net"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -274,5 +276,92 @@ func TestTimeoutsOff(t *testing.T) {
 	}
 	if got := newConfig([]Option{WithFrameTimeout(time.Second)}).wrap(a); got == a {
 		t.Error("wrap with a frame timeout returned the conn itself")
+	}
+}
+
+// holdHandler answers method 0 at once and holds method 1 until its
+// context ends.
+type holdHandler struct{}
+
+func (holdHandler) HandleCall(_ context.Context, sc *core.ServerCall) {
+	if sc.Method().MethodID == 1 {
+		sc.Go(func(ctx context.Context, _ *core.ServerCall) error {
+			<-ctx.Done()
+			return ctx.Err()
+		})
+		return
+	}
+	_, err := sc.Results(capnp.ObjectSize{})
+	sc.Return(err)
+}
+
+// A caller reading its own Return (see core's read role) over a
+// connection with stall timeouts: cancelling the call interrupts the read
+// at once, although Read arms a long idle deadline of its own, and the
+// connection goes on working.
+func TestIdleTimeoutCancelInterruptsCaller(t *testing.T) {
+	a, b := net.Pipe()
+	srv := core.NewConn(b, &core.Options{BootstrapClient: core.NewClient(holdHandler{})})
+	cli := NewConn(a, nil, WithIdleTimeout(time.Minute))
+	defer func() { cli.Close(); srv.Close(); <-cli.Done(); <-srv.Done() }()
+	boot := cli.Bootstrap(context.Background())
+	defer boot.Release()
+	call := func(ctx context.Context, method uint16) error {
+		p := core.Call(ctx, boot, capnp.Send{Method: capnp.Method{InterfaceID: 1, MethodID: method}})
+		defer p.Release()
+		_, err := p.Wait(ctx)
+		return err
+	}
+	for range 3 {
+		if err := call(context.Background(), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	if err := call(ctx, 1); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("held call: %v, want context.DeadlineExceeded", err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("the cancelled call returned after %v", d)
+	}
+	for range 3 {
+		if err := call(context.Background(), 0); err != nil {
+			t.Fatalf("call after the interrupted read: %v", err)
+		}
+	}
+}
+
+// An interrupt deadline set before Read arms its own stall deadline is
+// kept: Read returns at once instead of waiting for the idle timeout.
+func TestDeadlineConnKeepsInterrupt(t *testing.T) {
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	c := &deadlineConn{Conn: a, idle: time.Minute}
+	if err := c.SetReadDeadline(time.Unix(1, 0)); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.Read(make([]byte, 8))
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("interrupted Read: %v, want os.ErrDeadlineExceeded", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Read replaced the interrupt deadline with its idle deadline")
+	}
+	// Cleared, Read waits for data again.
+	if err := c.SetReadDeadline(time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	go b.Write([]byte("12345678"))
+	if n, err := c.Read(make([]byte, 8)); n != 8 || err != nil {
+		t.Fatalf("Read after clearing: %d, %v", n, err)
 	}
 }
