@@ -260,6 +260,7 @@ func (q *question) releaseNativeLocked(fx *effects) {
 		return
 	}
 	q.released = true
+	q.cancelIfEndedLocked(fx)
 	q.c.unwatchLocked(q)
 	if q.settled && !q.settling {
 		q.finishLocked(fx)

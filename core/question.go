@@ -54,7 +54,7 @@ type question struct {
 	stopCancel    func() bool     // stops a context watch of this question's own
 	watch         *ctxWatch       // or the shared watch it is linked into
 	cancellable   bool            // sent with a context that can end
-	ctxDone       <-chan struct{} // that context's Done
+	sentCtx       context.Context // that context
 	watchPrev     *question
 	watchNext     *question
 
@@ -354,8 +354,14 @@ func (q *question) cancel(err error) {
 	c := q.c
 	var fx effects
 	c.mu.Lock()
+	q.cancelLocked(&fx, err)
+	c.unlock()
+	fx.run()
+}
+
+func (q *question) cancelLocked(fx *effects, err error) {
+	c := q.c
 	if q.settled || c.closing {
-		c.unlock()
 		return
 	}
 	q.settled = true
@@ -364,9 +370,7 @@ func (q *question) cancel(err error) {
 		c.sendFinishLocked(q.id, true)
 	}
 	if q.native != nil {
-		q.failNativeLocked(&fx, err)
-		c.unlock()
-		fx.run()
+		q.failNativeLocked(fx, err)
 		return
 	}
 	p, br := q.p, q.bootResolver
@@ -377,8 +381,20 @@ func (q *question) cancel(err error) {
 			br.Reject(err)
 		}
 	})
-	c.unlock()
-	fx.run()
+}
+
+// cancelIfEndedLocked cancels q if the context it was sent with has ended
+// but the watch has not run yet. A caller that saw the context end (its
+// wait returned) and released q would otherwise unwatch it first: the
+// call then stayed outstanding, never cancelled, and a callee holding it
+// (a native object serving one call at a time) held up every later call.
+func (q *question) cancelIfEndedLocked(fx *effects) {
+	if q.sentCtx == nil || q.settled {
+		return
+	}
+	if err := q.sentCtx.Err(); err != nil {
+		q.cancelLocked(fx, err)
+	}
 }
 
 // release is the ReleaseFunc of an answer: the caller no longer needs the
@@ -392,6 +408,7 @@ func (q *question) release() {
 		return
 	}
 	q.released = true
+	q.cancelIfEndedLocked(&fx)
 	q.c.unwatchLocked(q)
 	if q.settled && !q.settling {
 		// (While settling, afterSettle finishes: the results must stay
@@ -650,7 +667,7 @@ func (c *Conn) watchCancelLocked(q *question, ctx context.Context) {
 	if ctx.Done() == nil {
 		return
 	}
-	q.cancellable, q.ctxDone = true, ctx.Done()
+	q.cancellable, q.sentCtx = true, ctx
 	if c.manual {
 		q.ctx = ctx
 		c.pending = append(c.pending, pendingWork{cancel: q})

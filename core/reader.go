@@ -337,7 +337,7 @@ type readDeadliner interface {
 // the read role: a read can be interrupted when the call is cancelled,
 // and ctx ends only with it (or never).
 func (c *Conn) canReadFor(q *question, ctx context.Context) bool {
-	if d := ctx.Done(); d != nil && d != q.ctxDone {
+	if d := ctx.Done(); d != nil && (q.sentCtx == nil || d != q.sentCtx.Done()) {
 		return false
 	}
 	return !q.cancellable || c.deadliner != nil
