@@ -3,8 +3,10 @@ package core
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -260,4 +262,113 @@ func TestCancelWhileCallerReads(t *testing.T) {
 	if err := cli.Err(); err != nil {
 		t.Fatalf("connection failed after an interrupted read: %v", err)
 	}
+}
+
+// holdOrAnswer answers method 0 at once and holds method 1 until its
+// context ends (the caller cancels it).
+type holdOrAnswer struct{ calls atomic.Int64 }
+
+func (h *holdOrAnswer) HandleCall(_ context.Context, sc *ServerCall) {
+	h.calls.Add(1)
+	if sc.Method().MethodID == 1 {
+		sc.Go(func(ctx context.Context, _ *ServerCall) error {
+			<-ctx.Done()
+			return ctx.Err()
+		})
+		return
+	}
+	_, err := sc.Results(capnp.ObjectSize{})
+	sc.Return(err)
+}
+
+// Many goroutines share a connection: native callers with and without
+// contexts that end, cancelled calls, calls through go-capnp's path, and
+// the peer calling back, so the read role moves between the loop and
+// callers all the time. Every call must finish as it should, and the
+// tables must empty.
+func TestReadRoleStress(t *testing.T) {
+	srvObj, cliObj := &holdOrAnswer{}, &holdOrAnswer{}
+	cli, srv := rolePair(t, NewClient(srvObj), NewClient(cliObj))
+	boot := cli.Bootstrap(context.Background())
+	defer boot.Release()
+	back := srv.Bootstrap(context.Background())
+	defer back.Release()
+
+	const rounds = 300
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	errc := make(chan error, 16)
+	run := func(f func(i int) error) {
+		go func() {
+			for i := range rounds {
+				if err := f(i); err != nil {
+					errc <- err
+					return
+				}
+			}
+			errc <- nil
+		}()
+	}
+	native := func(ctx context.Context, target capnp.Client, method uint16) error {
+		p := Call(ctx, target, capnp.Send{Method: capnp.Method{InterfaceID: 0x1234, MethodID: method}})
+		defer p.Release()
+		_, err := p.Wait(ctx)
+		return err
+	}
+	workers := 0
+	for w := range 4 {
+		workers++
+		run(func(i int) error {
+			callCtx := context.Background()
+			if w%2 == 1 {
+				callCtx = ctx
+			}
+			if w >= 2 && i%10 == 0 {
+				// A call cancelled while its caller may be reading.
+				c, stop := context.WithTimeout(ctx, time.Duration(i%3)*100*time.Microsecond)
+				defer stop()
+				if err := native(c, boot, 1); !errors.Is(err, context.DeadlineExceeded) {
+					return fmt.Errorf("cancelled call: %v", err)
+				}
+				return nil
+			}
+			if err := native(callCtx, boot, 0); err != nil {
+				return fmt.Errorf("native call: %w", err)
+			}
+			return nil
+		})
+	}
+	workers++
+	run(func(int) error { // go-capnp's path
+		ans, rel := boot.SendCall(ctx, capnp.Send{Method: capnp.Method{InterfaceID: 0x1234, MethodID: 0}})
+		defer rel()
+		_, err := ans.Struct()
+		return err
+	})
+	workers++
+	run(func(i int) error { // the peer calls the client
+		if i%3 != 0 {
+			return nil
+		}
+		return native(ctx, back, 0)
+	})
+	for range workers {
+		select {
+		case err := <-errc:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-ctx.Done():
+			buf := make([]byte, 1<<20)
+			t.Logf("goroutines:\n%s", buf[:runtime.Stack(buf, true)])
+			t.Fatal("calls did not finish: a waiter was left without a reader?")
+		}
+	}
+	if cli.read.takes.Load() == 0 {
+		t.Error("no caller took the read role; the test does not exercise it")
+	}
+	waitFor(t, ctx5(t), "the tables empty", func() bool {
+		s, c := srv.Stats(), cli.Stats()
+		return s.Questions == 0 && s.Answers == 0 && c.Questions == 0 && c.Answers == 0
+	})
 }
