@@ -313,6 +313,14 @@ func (c *Conn) returnLocked(fx *effects, a *answer) {
 			return marshalException(e, a.err)
 		})
 	}
+	dropAtReturn := a.msg != nil && c.noFinishNeededLocked(a)
+	if dropAtReturn {
+		a.ret.SetNoFinishNeeded(true)
+		if c.finishOptional == nil {
+			c.finishOptional = make(map[uint32]struct{})
+		}
+		c.finishOptional[a.id] = struct{}{}
+	}
 	if a.msg == nil {
 		c.log.Error("captp: could not build return", "answer", a.id)
 	} else if _, err := c.sendByRefLocked(a.msg, a); err != nil {
@@ -324,9 +332,29 @@ func (c *Conn) returnLocked(fx *effects, a *answer) {
 		fx.recycleMsg(a.msg)
 		a.msg = nil
 	}
-	if a.finished {
+	if a.finished || dropAtReturn {
 		c.retireAnswerLocked(fx, a)
 	}
+}
+
+// noFinishNeededLocked decides whether a's Return tells the peer that no
+// Finish is needed (rpc.capnp's Return.noFinishNeeded): results without
+// capabilities leave nothing to pipeline on or to release, so the answer is dropped at once and the peer saves a message
+// per call. Peers that predate the flag send their Finish anyway; we
+// remember the ids (finishOptional) to ignore those Finishes, and to
+// answer calls pipelined on the dropped results (which had no capability
+// to reach) with an error instead of treating them as violations. A peer
+// that never finishes nor reuses its ids fills that set; then answers
+// wait for their Finish again, bounded by the answer table.
+func (c *Conn) noFinishNeededLocked(a *answer) bool {
+	if a.finished || a.sendElsewhere || a.provision != nil || a.accept != nil ||
+		len(a.resultExports) > 0 || len(a.takers) > 0 || c.manual ||
+		len(c.finishOptional) >= answerTableLimit(c.lim) {
+		return false
+	}
+	// An exception stays until Finish: calls pipelined on it must fail
+	// with it.
+	return a.err == nil && a.msg != nil && a.msg.CapTable().Len() == 0
 }
 
 // returnElsewhereLocked completes a tail call: the peer gets a Return

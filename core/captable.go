@@ -461,6 +461,9 @@ func (c *Conn) importCapLocked(fx *effects, d rpccp.CapDescriptor, inResolve boo
 			return capnp.Client{}, false, fmt.Errorf("decode receiverAnswer: %w", err)
 		}
 		a, transform, err := c.promisedAnswerLocked(pa)
+		if _, ok := c.finishOptional[pa.QuestionId()]; err != nil && ok {
+			return capnp.ErrorClient(errNoCapability), true, nil
+		}
 		if err != nil {
 			return capnp.Client{}, false, fmt.Errorf("receiverAnswer: %w", err)
 		}
@@ -491,6 +494,10 @@ func (c *Conn) answerClientLocked(a *answer, transform []capnp.PipelineOp) capnp
 		return cl
 	}
 }
+
+// errNoCapability fails calls pipelined on results that held no
+// capability, after those results were dropped (noFinishNeededLocked).
+var errNoCapability = errors.New("captp: pipelined call on results without capabilities")
 
 // promisedAnswerLocked resolves a PromisedAnswer naming one of our answers.
 func (c *Conn) promisedAnswerLocked(pa rpccp.PromisedAnswer) (*answer, []capnp.PipelineOp, error) {

@@ -53,6 +53,10 @@ type Conn struct {
 	questionsByAns map[*capnp.Answer]*question
 	answers        map[uint32]*answer
 	inProgress     int // answers whose call has not returned yet
+	// finishOptional holds the ids of answers dropped at their Return
+	// (noFinishNeeded) until the peer sends a Finish anyway or reuses the
+	// id (answer.go, noFinishNeededLocked).
+	finishOptional map[uint32]struct{}
 	imports        map[uint32]*importEntry
 	exports        map[uint32]*export
 	exportIDs      idAllocator

@@ -190,7 +190,12 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 		}
 		targetAns, transform, err = c.promisedAnswerLocked(pa)
 		if err != nil {
-			return false, violation("call target: %w", err)
+			if _, ok := c.finishOptional[pa.QuestionId()]; !ok {
+				return false, violation("call target: %w", err)
+			}
+			// Pipelined before the peer saw that the results, which had
+			// no capability, were dropped: it fails as it would have.
+			target = capnp.ErrorClient(errNoCapability)
 		}
 	default:
 		return false, violation("unknown call target type %d", mt.Which())
@@ -339,6 +344,9 @@ func (c *Conn) handleReturn(fx *effects, msg *capnp.Message, m rpccp.Message) (b
 	}
 	q.paramExports = nil
 	q.returned = true
+	if ret.NoFinishNeeded() {
+		q.finished = true // the callee dropped its answer: send no Finish
+	}
 	c.unwatchLocked(q)
 	if q.settled {
 		// Cancelled earlier: Finish (with releaseResultCaps) is already
@@ -500,6 +508,11 @@ func (c *Conn) handleFinish(fx *effects, m rpccp.Message) error {
 	}
 	a := c.answers[f.QuestionId()]
 	if a == nil {
+		if _, ok := c.finishOptional[f.QuestionId()]; ok {
+			// We said no Finish was needed; the peer sent one anyway.
+			delete(c.finishOptional, f.QuestionId())
+			return nil
+		}
 		return violation("finish for unknown question %d", f.QuestionId())
 	}
 	if a.finished {
@@ -810,6 +823,9 @@ func resolvesToHook(client capnp.Client, hook capnp.ClientHook) bool {
 func (c *Conn) checkNewAnswerLocked(what string, qid uint32) error {
 	if c.answers[qid] != nil {
 		return violation("%s reuses question id %d still in use", what, qid)
+	}
+	if len(c.finishOptional) > 0 {
+		delete(c.finishOptional, qid) // the peer knew it needed no Finish
 	}
 	if len(c.answers) >= answerTableLimit(c.lim) {
 		return violation("peer keeps more than %d calls unfinished", answerTableLimit(c.lim))
