@@ -180,6 +180,14 @@ func (p PendingCall) done() <-chan struct{} {
 // Wait blocks until the call returns or ctx ends, and returns the
 // results, which stay valid until Release. Ending ctx stops only the
 // wait; the call is cancelled through the context it was sent with.
+//
+// When this is the connection's only call outstanding and the
+// connection is otherwise quiet, Wait reads the Return from the
+// transport itself instead of waiting for the connection's read loop to
+// hand it over (one thread wake-up less per call); it then also handles
+// whatever else arrives meanwhile, as the read loop would. That needs
+// ctx to be the call's own context or one that never ends, and, if it
+// can end, a transport with SetReadDeadline (to interrupt the read).
 func (p PendingCall) Wait(ctx context.Context) (capnp.Struct, error) {
 	if p.err != nil {
 		return capnp.Struct{}, p.err
