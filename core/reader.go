@@ -23,7 +23,7 @@ import (
 //   - roleLoop: the read loop has it (it may be blocked in a read);
 //   - roleCaller: a caller in PendingCall.Wait has it;
 //   - roleFree: nobody reads. The read loop leaves the role free when the
-//     connection is quiet (nothing outstanding but settled native calls,
+//     connection is quiet (no call of ours waiting for its Return,
 //     nothing in progress for the peer, no recent call from the peer)
 //     and a caller has just waited for a Return it could have read. A
 //     caller that waits takes it; anything else that needs input read
@@ -37,9 +37,10 @@ const (
 	roleFree
 )
 
-// idleReadDelay bounds how long input waits unread while the read role
-// is free.
-const idleReadDelay = time.Millisecond
+// idleReadDelay is how often the read loop checks a free read role; input
+// that arrives once callers stop waits unread at most about twice this.
+// A variable only so that tests can keep the role free.
+var idleReadDelay = time.Millisecond
 
 // peerCallQuiet is how long after a call from the peer the read loop keeps
 // the role: a connection the peer calls on is read by the loop.
@@ -268,6 +269,12 @@ func (c *Conn) readForCaller(q *question) bool {
 			c.leaveRole(false)
 			return false
 		}
+		if c.outputBacklogged() {
+			// readOne would wait for the writer, which the caller's
+			// context cannot interrupt: the loop waits instead.
+			c.leaveRole(false)
+			return false
+		}
 		complete, fits := r.fr.peekFrame()
 		if complete {
 			c.readOne()
@@ -291,6 +298,14 @@ func (c *Conn) readForCaller(q *question) bool {
 			empty = 0
 		}
 	}
+}
+
+// outputBacklogged reports whether the outbound queue is over its bound,
+// so that a reader would stop reading until the writer drains it.
+func (c *Conn) outputBacklogged() bool {
+	c.mu.Lock()
+	defer c.unlock()
+	return c.queuedLocked() > c.lim.MaxQueuedBytes
 }
 
 // leaveRole ends a caller's turn with the read role: the role is left

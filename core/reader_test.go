@@ -66,6 +66,16 @@ func rolePair(t *testing.T, server, client capnp.Client) (cli, srv *Conn) {
 	return cli, srv
 }
 
+// keepRoleFree stops the read loop from taking a free read role back
+// for the rest of the test, so that the next waiting caller is sure to
+// find it free (on a slow single-threaded platform, js/wasm, the loop's
+// check could otherwise come first).
+func keepRoleFree(t *testing.T) {
+	saved := idleReadDelay
+	idleReadDelay = time.Hour
+	t.Cleanup(func() { idleReadDelay = saved })
+}
+
 // callOnce makes one native call and waits for it with ctx.
 func callOnce(t *testing.T, ctx context.Context, target capnp.Client) {
 	t.Helper()
@@ -118,10 +128,12 @@ func TestFreeRoleStillReads(t *testing.T) {
 	defer back.Release()
 	callOnce(t, context.Background(), back) // the client's bootstrap answers
 
-	// The loop keeps the role for peerCallQuiet after the peer's call.
-	for end := time.Now().Add(5 * peerCallQuiet); time.Now().Before(end); {
+	// The loop keeps the role for peerCallQuiet after it first sees
+	// that the peer called (at the first call's Return).
+	callOnce(t, context.Background(), boot)
+	time.Sleep(2 * peerCallQuiet)
+	for range 10 {
 		callOnce(t, context.Background(), boot)
-		time.Sleep(100 * time.Microsecond)
 	}
 	if cli.read.takes.Load() == 0 {
 		t.Fatal("no caller read its own Return; the test does not exercise the free role")
@@ -153,6 +165,7 @@ func TestFreeRoleStillReads(t *testing.T) {
 // A caller reading its own Return when the connection is closed returns
 // with the connection's error, and the read loop ends.
 func TestCloseWhileCallerReads(t *testing.T) {
+	keepRoleFree(t)
 	h := &countingHandler{}
 	cli, _ := rolePair(t, NewClient(h), capnp.Client{})
 	boot := cli.Bootstrap(context.Background())
@@ -226,6 +239,7 @@ func TestCallerReadsOnlyIfInterruptible(t *testing.T) {
 // Cancelling a call whose caller is reading interrupts the read: Wait
 // returns the context's error, and the connection reads on normally.
 func TestCancelWhileCallerReads(t *testing.T) {
+	keepRoleFree(t)
 	h := &countingHandler{}
 	cli, _ := rolePair(t, NewClient(h), capnp.Client{})
 	boot := cli.Bootstrap(context.Background())
@@ -364,8 +378,21 @@ func TestReadRoleStress(t *testing.T) {
 			t.Fatal("calls did not finish: a waiter was left without a reader?")
 		}
 	}
-	if cli.read.takes.Load() == 0 {
-		t.Error("no caller took the read role; the test does not exercise it")
+	t.Logf("callers took the read role %d times", cli.read.takes.Load())
+
+	// Once the peer stops calling, callers read their Returns again.
+	before := cli.read.takes.Load()
+	if err := native(context.Background(), boot, 0); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * peerCallQuiet)
+	for range 10 {
+		if err := native(ctx, boot, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if cli.read.takes.Load() == before {
+		t.Error("no caller took the read role after the stress")
 	}
 	waitFor(t, ctx5(t), "the tables empty", func() bool {
 		s, c := srv.Stats(), cli.Stats()
