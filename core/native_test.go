@@ -306,7 +306,12 @@ func TestNativeLocalPipelining(t *testing.T) {
 	bf, brel := gen.Block(bctx, nil)
 	<-root.BlockStarted
 	cf, crel := gen.Child(ctx, func(p testcapnp.Test_child_Params) error { return p.SetName("kid") })
-	ef, erel := cf.Child().Echo(ctx, func(p testcapnp.Test_echo_Params) error { return p.SetData([]byte("queued")) })
+	// cf.Child() once: go-capnp v3.1.0-alpha.2 leaves an unresolved
+	// promise locked when Future.Client is called on it twice (README,
+	// Known issues), and cf may still be resolving below, as pipelined
+	// calls reach the result capabilities before the Return completes.
+	child := cf.Child()
+	ef, erel := child.Echo(ctx, func(p testcapnp.Test_echo_Params) error { return p.SetData([]byte("queued")) })
 	select {
 	case <-ef.Done():
 		t.Fatal("a call pipelined behind a blocked object returned")
@@ -324,7 +329,7 @@ func TestNativeLocalPipelining(t *testing.T) {
 		t.Fatalf("pipelined echo returned %q", d)
 	}
 	// And once it is idle, straight through.
-	nf, nrel := cf.Child().Name(ctx, nil)
+	nf, nrel := child.Name(ctx, nil)
 	nres, err := nf.Struct()
 	if err != nil {
 		t.Fatal(err)
