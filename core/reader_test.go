@@ -129,10 +129,10 @@ func TestFreeRoleStillReads(t *testing.T) {
 	callOnce(t, context.Background(), back) // the client's bootstrap answers
 
 	// The loop keeps the role for peerCallQuiet after it first sees
-	// that the peer called (at the first call's Return).
-	callOnce(t, context.Background(), boot)
-	time.Sleep(2 * peerCallQuiet)
-	for range 10 {
+	// that the peer called; then callers take it.
+	// (No pause between calls: the loop takes a free role back when no
+	// caller came for idleReadDelay.)
+	for end := time.Now().Add(5 * time.Second); cli.read.takes.Load() == 0 && time.Now().Before(end); {
 		callOnce(t, context.Background(), boot)
 	}
 	if cli.read.takes.Load() == 0 {
@@ -382,11 +382,7 @@ func TestReadRoleStress(t *testing.T) {
 
 	// Once the peer stops calling, callers read their Returns again.
 	before := cli.read.takes.Load()
-	if err := native(context.Background(), boot, 0); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(2 * peerCallQuiet)
-	for range 10 {
+	for end := time.Now().Add(5 * time.Second); cli.read.takes.Load() == before && time.Now().Before(end); {
 		if err := native(ctx, boot, 0); err != nil {
 			t.Fatal(err)
 		}
