@@ -339,13 +339,14 @@ func (c *Conn) returnLocked(fx *effects, a *answer) {
 
 // noFinishNeededLocked decides whether a's Return tells the peer that no
 // Finish is needed (rpc.capnp's Return.noFinishNeeded): results without
-// capabilities leave nothing to pipeline on or to release, so the answer is dropped at once and the peer saves a message
-// per call. Peers that predate the flag send their Finish anyway; we
-// remember the ids (finishOptional) to ignore those Finishes, and to
-// answer calls pipelined on the dropped results (which had no capability
-// to reach) with an error instead of treating them as violations. A peer
-// that never finishes nor reuses its ids fills that set; then answers
-// wait for their Finish again, bounded by the answer table.
+// capabilities leave nothing to pipeline on or to release, so the answer
+// is dropped at once and the peer saves a message per call. Peers that
+// predate the flag send their Finish anyway; we remember the ids
+// (finishOptional) to ignore those Finishes, and to answer calls
+// pipelined on the dropped results (which had no capability to reach)
+// with an error instead of treating them as violations. A peer that
+// never finishes nor reuses its ids fills that set; then answers wait
+// for their Finish again, bounded by the answer table.
 func (c *Conn) noFinishNeededLocked(a *answer) bool {
 	if a.finished || a.sendElsewhere || a.provision != nil || a.accept != nil ||
 		len(a.resultExports) > 0 || len(a.takers) > 0 || c.manual ||

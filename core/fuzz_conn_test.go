@@ -856,6 +856,11 @@ type ledger struct {
 
 	connQuestions map[uint32]int
 	connFinishes  map[uint32]int
+	// peerNoFinish counts the peer's Returns with noFinishNeeded by id:
+	// the Conn may then reuse the id without a Finish (the Return may
+	// have been sent before the Conn asked, and read after), and a
+	// Finish that crossed such a Return is allowed.
+	peerNoFinish map[uint32]int
 	connReturns   map[uint32]int
 	connPromises  map[uint32]int // senderPromise descriptors sent
 	connResolves  map[uint32]int
@@ -880,6 +885,7 @@ func newLedger() *ledger {
 		peerLoopbacks: map[uint32]int{},
 		connQuestions: map[uint32]int{},
 		connFinishes:  map[uint32]int{},
+		peerNoFinish:  map[uint32]int{},
 		connReturns:   map[uint32]int{},
 		connPromises:  map[uint32]int{},
 		connResolves:  map[uint32]int{},
@@ -924,6 +930,9 @@ func (l *ledger) notePeer(m rpccp.Message) {
 	case rpccp.Message_Which_return:
 		if r, err := m.Return(); err == nil {
 			l.peerReturns[r.AnswerId()]++
+			if r.NoFinishNeeded() {
+				l.peerNoFinish[r.AnswerId()]++
+			}
 			if r.Which() == rpccp.Return_Which_results {
 				countImports(r.Results())
 			}
@@ -1042,7 +1051,7 @@ func (l *ledger) noteConn(m rpccp.Message) {
 			return
 		}
 		id := f.QuestionId()
-		if l.connFinishes[id] >= l.connQuestions[id] {
+		if l.connFinishes[id] >= l.connQuestions[id] && l.peerNoFinish[id] == 0 {
 			l.problem("Conn sent Finish for question %d, which it asked %d times and finished %d times", id, l.connQuestions[id], l.connFinishes[id])
 		}
 		l.connFinishes[id]++
@@ -1122,7 +1131,7 @@ func (l *ledger) noteConn(m rpccp.Message) {
 // peer returned it and the Conn finished it.
 func (l *ledger) connQuestion(id uint32) {
 	n := l.connQuestions[id]
-	if l.connFinishes[id] < n {
+	if l.connFinishes[id]+l.peerNoFinish[id] < n {
 		l.problem("Conn reused question id %d before finishing it", id)
 	}
 	if l.peerReturns[id] < n {
