@@ -860,7 +860,7 @@ type ledger struct {
 	// the Conn may then reuse the id without a Finish (the Return may
 	// have been sent before the Conn asked, and read after), and a
 	// Finish that crossed such a Return is allowed.
-	peerNoFinish map[uint32]int
+	peerNoFinish  map[uint32]int
 	connReturns   map[uint32]int
 	connPromises  map[uint32]int // senderPromise descriptors sent
 	connResolves  map[uint32]int
