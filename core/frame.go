@@ -326,15 +326,7 @@ func (fr *frameReader) fill(n int) error {
 	if fr.buffered() >= n {
 		return nil
 	}
-	if fr.buf == nil {
-		fr.buf = make([]byte, frameBufSize)
-	}
-	if fr.rpos > 0 {
-		// Fewer than n bytes remain, so this copy is cheap.
-		copy(fr.buf, fr.buf[fr.rpos:fr.wpos])
-		fr.wpos -= fr.rpos
-		fr.rpos = 0
-	}
+	fr.compact() // fewer than n bytes remain, so this copy is cheap
 	for fr.buffered() < n {
 		if fr.rerr != nil {
 			return fr.rerr
@@ -381,12 +373,9 @@ func (fr *frameReader) peekFrame() (complete, fits bool) {
 	return uint64(have) >= total, true
 }
 
-// readSome makes one Read into buf's free space, after moving the unread
-// bytes to its start, and returns the Read's result without recording an
-// error: the caller decides whether it ends the stream (rerr). The caller
-// has checked with peekFrame that the next frame fits buf and is not
-// complete, so there is free space.
-func (fr *frameReader) readSome() (int, error) {
+// compact allocates buf on first use and moves the unread bytes to its
+// start, making room to read into.
+func (fr *frameReader) compact() {
 	if fr.buf == nil {
 		fr.buf = make([]byte, frameBufSize)
 	}
@@ -395,6 +384,15 @@ func (fr *frameReader) readSome() (int, error) {
 		fr.wpos -= fr.rpos
 		fr.rpos = 0
 	}
+}
+
+// readSome makes one Read into buf's free space, after moving the unread
+// bytes to its start, and returns the Read's result without recording an
+// error: the caller decides whether it ends the stream (rerr). The caller
+// has checked with peekFrame that the next frame fits buf and is not
+// complete, so there is free space.
+func (fr *frameReader) readSome() (int, error) {
+	fr.compact()
 	free := fr.buf[fr.wpos:]
 	n, err := fr.r.Read(free)
 	if n < 0 || n > len(free) {

@@ -76,6 +76,19 @@ func keepRoleFree(t *testing.T) {
 	t.Cleanup(func() { idleReadDelay = saved })
 }
 
+// freeRolePair is rolePair with a counting server, after two calls that
+// leave the client's read role free, and kept free (keepRoleFree).
+func freeRolePair(t *testing.T) (*Conn, capnp.Client, *countingHandler) {
+	keepRoleFree(t)
+	h := &countingHandler{}
+	cli, _ := rolePair(t, NewClient(h), capnp.Client{})
+	boot := cli.Bootstrap(context.Background())
+	t.Cleanup(boot.Release)
+	callOnce(t, context.Background(), boot)
+	callOnce(t, context.Background(), boot)
+	return cli, boot, h
+}
+
 // callOnce makes one native call and waits for it with ctx.
 func callOnce(t *testing.T, ctx context.Context, target capnp.Client) {
 	t.Helper()
@@ -165,13 +178,7 @@ func TestFreeRoleStillReads(t *testing.T) {
 // A caller reading its own Return when the connection is closed returns
 // with the connection's error, and the read loop ends.
 func TestCloseWhileCallerReads(t *testing.T) {
-	keepRoleFree(t)
-	h := &countingHandler{}
-	cli, _ := rolePair(t, NewClient(h), capnp.Client{})
-	boot := cli.Bootstrap(context.Background())
-	defer boot.Release()
-	callOnce(t, context.Background(), boot)
-	callOnce(t, context.Background(), boot)
+	cli, boot, h := freeRolePair(t)
 
 	h.hold = make(chan struct{})
 	defer close(h.hold)
@@ -239,13 +246,7 @@ func TestCallerReadsOnlyIfInterruptible(t *testing.T) {
 // Cancelling a call whose caller is reading interrupts the read: Wait
 // returns the context's error, and the connection reads on normally.
 func TestCancelWhileCallerReads(t *testing.T) {
-	keepRoleFree(t)
-	h := &countingHandler{}
-	cli, _ := rolePair(t, NewClient(h), capnp.Client{})
-	boot := cli.Bootstrap(context.Background())
-	defer boot.Release()
-	callOnce(t, context.Background(), boot)
-	callOnce(t, context.Background(), boot)
+	cli, boot, h := freeRolePair(t)
 
 	h.hold = make(chan struct{})
 	ctx, cancel := context.WithCancel(context.Background())
