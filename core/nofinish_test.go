@@ -28,20 +28,18 @@ func TestNoFinishNeeded(t *testing.T) {
 	defer a.Close()
 	next := func() rpccp.Message {
 		t.Helper()
-		for {
-			m, err := p.recv()
-			if err != nil {
-				t.Fatalf("receive: %v", err)
-			}
-			if m.Which() != rpccp.Message_Which_return {
-				reason := ""
-				if ab, err := m.Abort(); err == nil {
-					reason, _ = ab.Reason()
-				}
-				t.Fatalf("got %v %q, want a Return", m.Which(), reason)
-			}
-			return m
+		m, err := p.recv()
+		if err != nil {
+			t.Fatalf("receive: %v", err)
 		}
+		if m.Which() != rpccp.Message_Which_return {
+			reason := ""
+			if ab, err := m.Abort(); err == nil {
+				reason, _ = ab.Reason()
+			}
+			t.Fatalf("got %v %q, want a Return", m.Which(), reason)
+		}
+		return m
 	}
 	finish := func(qid uint32) {
 		p.send(func(m rpccp.Message) error {
