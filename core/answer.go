@@ -349,7 +349,7 @@ func (c *Conn) returnLocked(fx *effects, a *answer) {
 // for their Finish again, bounded by the answer table.
 func (c *Conn) noFinishNeededLocked(a *answer) bool {
 	if a.finished || a.sendElsewhere || a.provision != nil || a.accept != nil ||
-		len(a.resultExports) > 0 || len(a.takers) > 0 || c.manual ||
+		len(a.resultExports) > 0 || len(a.takers) > 0 ||
 		len(c.finishOptional) >= answerTableLimit(c.lim) {
 		return false
 	}

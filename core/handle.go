@@ -344,9 +344,8 @@ func (c *Conn) handleReturn(fx *effects, msg *capnp.Message, m rpccp.Message) (b
 	}
 	q.paramExports = nil
 	q.returned = true
-	if ret.NoFinishNeeded() {
-		q.finished = true // the callee dropped its answer: send no Finish
-	}
+	// The callee dropped its answer: release sends no Finish.
+	q.noFinish = ret.NoFinishNeeded()
 	c.unwatchLocked(q)
 	if q.settled {
 		// Cancelled earlier: Finish (with releaseResultCaps) is already

@@ -53,6 +53,7 @@ type question struct {
 	paramExports  []uint32        // exports our Call carried, released by Return.releaseParamCaps
 	stopCancel    func() bool     // stops a context watch of this question's own
 	watch         *ctxWatch       // or the shared watch it is linked into
+	noFinish      bool            // the Return said noFinishNeeded
 	cancellable   bool            // sent with a context that can end
 	sentCtx       context.Context // that context
 	watchPrev     *question
@@ -426,7 +427,7 @@ func (q *question) finishLocked(fx *effects) {
 	c := q.c
 	if !q.finished {
 		q.finished = true
-		if !c.closing {
+		if !c.closing && !q.noFinish {
 			wake := c.wakeWriter
 			c.sendFinishLocked(q.id, false)
 			if q.returned && c.read.state.Load() != roleLoop {
