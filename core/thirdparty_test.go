@@ -336,6 +336,11 @@ func TestThirdPartyHandoff(t *testing.T) {
 		defer snap.Release()
 		return callqueue.Unsettled(snap.Brand())
 	})
+	// Alice writes the forwarded calls and the Resolve on different
+	// connections: Bob may learn before her writer has sent them all.
+	waitFor(t, ctx, "Alice to forward the calls Bob made on her promise", func() bool {
+		return alice.calls(t, "carol") >= before
+	})
 	throughAlice := alice.calls(t, "carol")
 	if throughAlice < before {
 		t.Errorf("Alice forwarded %d calls to Carol; want the %d Bob made on her promise", throughAlice, before)
