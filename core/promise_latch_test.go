@@ -26,6 +26,24 @@ func resultsFreed(c *Conn, pending int) bool {
 // good (Resolve on it never returned); on js/wasm the Resolve routinely
 // came that late, which hung TestThirdPartyHandoff.
 func TestPipelinedPromiseResolvesAfterResultsFreed(t *testing.T) {
+	// The scenario needs seq(0) pipelined on the Promise call before its
+	// Return is read; rarely, on a loaded machine, the Return wins and
+	// the call goes straight to the import (the uncovered case in the
+	// README's Known issues). Such an attempt is not the case under test:
+	// run it again.
+	for attempt := 1; ; attempt++ {
+		if pipelinedPromiseAttempt(t) {
+			return
+		}
+		if attempt == 5 {
+			t.Fatal("in 5 attempts the Return always came before the pipelined call")
+		}
+	}
+}
+
+// pipelinedPromiseAttempt runs TestPipelinedPromiseResolvesAfterResultsFreed
+// once; it reports false if seq(0) was not pipelined on the Promise call.
+func pipelinedPromiseAttempt(t *testing.T) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	n := newTestNet(t)
@@ -55,6 +73,15 @@ func TestPipelinedPromiseResolvesAfterResultsFreed(t *testing.T) {
 	if !ok {
 		t.Fatalf("before the Resolve the capability is %v, not Alice's promise", snap)
 	}
+	bc := bob.conn("alice")
+	bc.mu.Lock()
+	ie := bc.imports[before.id]
+	latched := ie != nil && len(ie.latches) > 0
+	bc.unlock()
+	if !latched {
+		t.Logf("seq(0) was not pipelined on the Promise call; trying again")
+		return false
+	}
 
 	localCall(t, aliceObj, func(c testcapnp.Test) (*capnp.Future, capnp.ReleaseFunc) {
 		f, rel := c.ResolvePromise(ctx, func(p testcapnp.Test_resolvePromise_Params) error { return p.SetCap(target.AddRef()) })
@@ -81,6 +108,7 @@ func TestPipelinedPromiseResolvesAfterResultsFreed(t *testing.T) {
 	if log := targetObj.Log(); len(log) != 2 || log[0] != 0 || log[1] != 1 {
 		t.Fatalf("target's log %v; want [0 1]", log)
 	}
+	return true
 }
 
 // A promise import that calls were pipelined on is kept, even with every
