@@ -7,28 +7,11 @@ import (
 	"testing"
 	"time"
 
-	"capnproto.org/go/capnp/v3"
-
 	"github.com/captp-go/captp/adapters/secure"
 	"github.com/captp-go/captp/core"
 	"github.com/captp-go/captp/core/sturdyref"
+	"github.com/captp-go/captp/internal/testnative"
 )
-
-// holdHandler answers method 0 at once and holds method 1 until its
-// context ends.
-type holdHandler struct{}
-
-func (holdHandler) HandleCall(_ context.Context, sc *core.ServerCall) {
-	if sc.Method().MethodID == 1 {
-		sc.Go(func(ctx context.Context, _ *core.ServerCall) error {
-			<-ctx.Done()
-			return ctx.Err()
-		})
-		return
-	}
-	_, err := sc.Results(capnp.ObjectSize{})
-	sc.Return(err)
-}
 
 // A caller reading its own Return over TLS (core's read role) is
 // interrupted with a read deadline when its call is cancelled. A TLS
@@ -48,6 +31,7 @@ func TestCancelledCallerReadOverTLS(t *testing.T) {
 	}
 	lis := secure.NewListener(raw, serverID)
 	defer lis.Close()
+	root, _ := testnative.New("root", nil) // echo answers, block holds until cancelled
 	srvc := make(chan *core.Conn, 1)
 	go func() {
 		c, err := lis.Accept()
@@ -55,7 +39,7 @@ func TestCancelledCallerReadOverTLS(t *testing.T) {
 			srvc <- nil
 			return
 		}
-		srvc <- core.NewConn(c, &core.Options{BootstrapClient: core.NewClient(holdHandler{})})
+		srvc <- core.NewConn(c, &core.Options{BootstrapClient: root})
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -76,21 +60,27 @@ func TestCancelledCallerReadOverTLS(t *testing.T) {
 	defer func() { cli.Close(); srv.Close(); <-cli.Done(); <-srv.Done() }()
 	boot := cli.Bootstrap(ctx)
 	defer boot.Release()
-	call := func(ctx context.Context, method uint16) error {
-		p := core.Call(ctx, boot, capnp.Send{Method: capnp.Method{InterfaceID: 1, MethodID: method}})
-		defer p.Release()
-		_, err := p.Wait(ctx)
+	test := testnative.Test{Client: boot}
+	call := func(ctx context.Context, block bool) error {
+		var c core.PendingCall
+		if block {
+			c = test.Block(ctx).PendingCall // held until cancelled
+		} else {
+			c = test.Echo(ctx, nil).PendingCall
+		}
+		defer c.Release()
+		_, err := c.Wait(ctx)
 		return err
 	}
 	for round := range 3 {
 		for range 5 {
-			if err := call(ctx, 0); err != nil {
+			if err := call(ctx, false); err != nil {
 				t.Fatalf("round %d: %v", round, err)
 			}
 		}
 		held, stop := context.WithTimeout(ctx, 30*time.Millisecond)
 		start := time.Now()
-		err := call(held, 1)
+		err := call(held, true)
 		stop()
 		if !errors.Is(err, context.DeadlineExceeded) {
 			t.Fatalf("round %d: held call: %v, want context.DeadlineExceeded", round, err)
@@ -99,7 +89,7 @@ func TestCancelledCallerReadOverTLS(t *testing.T) {
 			t.Fatalf("round %d: the cancelled call returned after %v", round, d)
 		}
 	}
-	if err := call(ctx, 0); err != nil {
+	if err := call(ctx, false); err != nil {
 		t.Fatalf("call after interrupted reads: %v", err)
 	}
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/captp-go/captp/core"
 	"github.com/captp-go/captp/internal/testcapnp"
+	"github.com/captp-go/captp/internal/testnative"
 )
 
 // rawFrame encodes a stream frame with the given segment sizes in words
@@ -279,55 +280,46 @@ func TestTimeoutsOff(t *testing.T) {
 	}
 }
 
-// holdHandler answers method 0 at once and holds method 1 until its
-// context ends.
-type holdHandler struct{}
-
-func (holdHandler) HandleCall(_ context.Context, sc *core.ServerCall) {
-	if sc.Method().MethodID == 1 {
-		sc.Go(func(ctx context.Context, _ *core.ServerCall) error {
-			<-ctx.Done()
-			return ctx.Err()
-		})
-		return
-	}
-	_, err := sc.Results(capnp.ObjectSize{})
-	sc.Return(err)
-}
-
 // A caller reading its own Return (see core's read role) over a
 // connection with stall timeouts: cancelling the call interrupts the read
 // at once, although Read arms a long idle deadline of its own, and the
 // connection goes on working.
 func TestIdleTimeoutCancelInterruptsCaller(t *testing.T) {
 	a, b := net.Pipe()
-	srv := core.NewConn(b, &core.Options{BootstrapClient: core.NewClient(holdHandler{})})
+	root, _ := testnative.New("root", nil) // echo answers, block holds until cancelled
+	srv := core.NewConn(b, &core.Options{BootstrapClient: root})
 	cli := NewConn(a, nil, WithIdleTimeout(time.Minute))
 	defer func() { cli.Close(); srv.Close(); <-cli.Done(); <-srv.Done() }()
 	boot := cli.Bootstrap(context.Background())
 	defer boot.Release()
-	call := func(ctx context.Context, method uint16) error {
-		p := core.Call(ctx, boot, capnp.Send{Method: capnp.Method{InterfaceID: 1, MethodID: method}})
-		defer p.Release()
-		_, err := p.Wait(ctx)
+	test := testnative.Test{Client: boot}
+	call := func(ctx context.Context, block bool) error {
+		var c core.PendingCall
+		if block {
+			c = test.Block(ctx).PendingCall // held until cancelled
+		} else {
+			c = test.Echo(ctx, nil).PendingCall
+		}
+		defer c.Release()
+		_, err := c.Wait(ctx)
 		return err
 	}
 	for range 3 {
-		if err := call(context.Background(), 0); err != nil {
+		if err := call(context.Background(), false); err != nil {
 			t.Fatal(err)
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	start := time.Now()
-	if err := call(ctx, 1); !errors.Is(err, context.DeadlineExceeded) {
+	if err := call(ctx, true); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("held call: %v, want context.DeadlineExceeded", err)
 	}
 	if d := time.Since(start); d > 10*time.Second {
 		t.Fatalf("the cancelled call returned after %v", d)
 	}
 	for range 3 {
-		if err := call(context.Background(), 0); err != nil {
+		if err := call(context.Background(), false); err != nil {
 			t.Fatalf("call after the interrupted read: %v", err)
 		}
 	}
