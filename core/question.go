@@ -54,8 +54,7 @@ type question struct {
 	stopCancel    func() bool     // stops a context watch of this question's own
 	watch         *ctxWatch       // or the shared watch it is linked into
 	noFinish      bool            // the Return said noFinishNeeded
-	cancellable   bool            // sent with a context that can end
-	sentCtx       context.Context // that context
+	sentCtx       context.Context // the context it was sent with, if that can end
 	watchPrev     *question
 	watchNext     *question
 
@@ -240,7 +239,7 @@ func (c *Conn) send(ctx context.Context, t callTarget, s capnp.Send, native bool
 	// A lone native call's caller reads its Return itself if the read
 	// role is free (readRole); anything else needs the read loop.
 	wakeReader := !native || !c.othersSettledLocked(q)
-	if !wakeReader && (!q.cancellable || c.deadliner != nil) {
+	if !wakeReader && (q.sentCtx == nil || c.deadliner != nil) {
 		// Its caller could read the Return itself: once the loop has
 		// read this one, it leaves the role free if all is quiet.
 		c.read.callerWaited.Store(true)
@@ -668,7 +667,7 @@ func (c *Conn) watchCancelLocked(q *question, ctx context.Context) {
 	if ctx.Done() == nil {
 		return
 	}
-	q.cancellable, q.sentCtx = true, ctx
+	q.sentCtx = ctx
 	if c.manual {
 		q.ctx = ctx
 		c.pending = append(c.pending, pendingWork{cancel: q})

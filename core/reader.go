@@ -188,10 +188,16 @@ func (c *Conn) flushLazy() {
 // readOne reads one message and handles it. It reports false once the
 // connection has ended, for whichever goroutine holds the role.
 func (c *Conn) readOne() bool {
-	r := &c.read
 	// Backpressure: a peer that sends calls without reading our replies
 	// stops being read once they fill the outbound queue.
 	c.waitQueue(context.Background())
+	return c.handleNext()
+}
+
+// handleNext reads the next message and handles it, without waitQueue's
+// backpressure (the caller has seen to that).
+func (c *Conn) handleNext() bool {
+	r := &c.read
 	msg, err := r.fr.readMessage()
 	c.inboundBusy.Store(r.fr.buffered() > 0)
 	if err != nil {
@@ -251,7 +257,7 @@ func (c *Conn) readForCaller(q *question) bool {
 		return false
 	}
 	r.takes.Add(1)
-	if q.cancellable {
+	if q.sentCtx != nil {
 		c.mu.Lock()
 		r.reader = q
 		c.unlock()
@@ -269,15 +275,15 @@ func (c *Conn) readForCaller(q *question) bool {
 			c.leaveRole(false)
 			return false
 		}
-		if c.outputBacklogged() {
-			// readOne would wait for the writer, which the caller's
-			// context cannot interrupt: the loop waits instead.
+		complete, fits := r.fr.peekFrame()
+		if complete && c.outputBacklogged() {
+			// Handling it would wait for the writer (waitQueue), which
+			// the caller's context cannot interrupt: the loop waits.
 			c.leaveRole(false)
 			return false
 		}
-		complete, fits := r.fr.peekFrame()
 		if complete {
-			c.readOne()
+			c.handleNext()
 			continue
 		}
 		if !fits {
@@ -355,7 +361,7 @@ func (c *Conn) canReadFor(q *question, ctx context.Context) bool {
 	if d := ctx.Done(); d != nil && (q.sentCtx == nil || d != q.sentCtx.Done()) {
 		return false
 	}
-	return !q.cancellable || c.deadliner != nil
+	return q.sentCtx == nil || c.deadliner != nil
 }
 
 // othersSettledLocked reports whether every question but q has settled: a
