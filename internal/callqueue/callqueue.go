@@ -333,6 +333,33 @@ func (w *watchReturner) ReleaseResults() {
 	w.inner.ReleaseResults()
 }
 
+// Guard wraps the hook of a go-capnp server (server.Server) so that calls
+// pipelined on its calls wait here for the call's results, never in the
+// server's own AnswerQueue. That queue dereferences the nil caller of a
+// queued call that completes at once, which happens whenever the result
+// is a go-capnp import whose call returns before the import's Recv looks
+// (a fast peer, a preempted goroutine): a crash that depends on timing.
+func Guard(h capnp.ClientHook) capnp.ClientHook { return &guard{h} }
+
+type guard struct{ capnp.ClientHook }
+
+func (g *guard) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
+	if _, watched := r.Returner.(*watchReturner); watched {
+		// Delivered from one of our queues, whose pipe already waits for
+		// the results (deliverWatched ignores the server's AnswerQueue).
+		// A second pipe here would fail calls that the outer one drains
+		// into it after the results were released.
+		return g.ClientHook.Recv(ctx, r)
+	}
+	p := new(pipe)
+	deliverWatched(p, r, func(r capnp.Recv) capnp.PipelineCaller { return g.ClientHook.Recv(ctx, r) })
+	return p
+}
+
+func (g *guard) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
+	return SendAsRecv(ctx, s, g.Recv)
+}
+
 // SendAsRecv turns a Send into a Recv for hooks that only implement Recv:
 // it places the arguments in a fresh message and collects the results in
 // an answer.

@@ -278,3 +278,77 @@ func TestPipelineOnServerCallWhoseResultReturnsAtOnce(t *testing.T) {
 		t.Errorf("log %v, want [r:5]", log)
 	}
 }
+
+// aqServer completes calls the way go-capnp's server.Server does: its Recv
+// returns a capnp.AnswerQueue for calls pipelined on the call, and finish
+// fulfills that queue between PrepareReturn and Return.
+type aqServer struct{ calls chan aqCall }
+
+type aqCall struct {
+	r  capnp.Recv
+	aq *capnp.AnswerQueue
+}
+
+func (s *aqServer) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
+	aq := capnp.NewAnswerQueue(r.Method)
+	s.calls <- aqCall{r, aq}
+	return aq
+}
+
+func (s *aqServer) Send(ctx context.Context, send capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
+	return callqueue.SendAsRecv(ctx, send, s.Recv)
+}
+
+func (s *aqServer) Brand() capnp.Brand { return capnp.Brand{Value: s} }
+func (s *aqServer) String() string     { return "answer-queue server" }
+func (s *aqServer) Shutdown()          {}
+
+// finish returns results holding result, as server.Server's handleCall does.
+func (c aqCall) finish(t *testing.T, result capnp.Client) {
+	t.Helper()
+	c.r.ReleaseArgs()
+	res, err := c.r.Returner.AllocResults(capnp.ObjectSize{PointerCount: 1})
+	if err == nil {
+		id := res.Message().CapTable().Add(result)
+		err = res.SetPtr(0, capnp.NewInterface(res.Segment(), id).ToPtr())
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.r.Returner.PrepareReturn(nil)
+	c.aq.Fulfill(res.ToPtr()) // crashes if it holds a call whose delivery returns nil
+	c.r.Returner.Return()
+	c.r.Returner.ReleaseResults()
+}
+
+// A call pipelined on a guarded server's unreturned call waits for the
+// call's results in the guard, not in the server's AnswerQueue, so its
+// delivery to a result that completes it at once (the recorder, as
+// go-capnp's imports do when the Return beat them) does not crash.
+func TestGuardKeepsPipelinedCallsOutOfAnswerQueue(t *testing.T) {
+	ctx := context.Background()
+	w := new(world)
+	srv := &aqServer{calls: make(chan aqCall, 1)}
+	c := capnp.NewClient(callqueue.Guard(srv))
+	defer c.Release()
+	// Released at the end, not deferred: a release waits for its call,
+	// so a deferred one would turn the crash this test looks for into a
+	// hang.
+	a, rel := call(ctx, c, 1)
+	p, prel := pipelined(ctx, a, 2)
+	sc := <-srv.calls
+	if log, _ := w.snapshot(); len(log) != 0 {
+		t.Fatalf("pipelined call delivered before its call returned: %v", log)
+	}
+	sc.finish(t, newRecorder("r", w))
+	await(t, a)
+	await(t, p)
+	q, qrel := pipelined(ctx, a, 3) // after the Return: straight to the result
+	await(t, q)
+	if log, _ := w.snapshot(); !slices.Equal(log, []string{"r:2", "r:3"}) {
+		t.Errorf("log %v, want [r:2 r:3]", log)
+	}
+	qrel()
+	prel()
+	rel()
+}

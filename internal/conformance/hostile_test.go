@@ -307,7 +307,7 @@ func runHostileKind(t *testing.T, hc hostileCase, k kind) {
 	live := new(testimpl.Live)
 	raw, sc := socketPair(t)
 	defer raw.Close()
-	srv := newEndpoint(t, k, sc, capnp.Client(testimpl.New("root", live).Client()))
+	srv := newEndpoint(t, k, sc, capnp.Client(testimpl.NewGuarded("root", live).Client()))
 	defer srv.Close()
 	w := &rawPeer{c: raw, enc: capnp.NewEncoder(raw)}
 

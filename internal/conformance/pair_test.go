@@ -136,7 +136,7 @@ func newEnv(t *testing.T, p pairing) *env {
 		serverLive: new(testimpl.Live),
 		clientLive: new(testimpl.Live),
 	}
-	e.root = testimpl.New("root", e.serverLive)
+	e.root = testimpl.NewGuarded("root", e.serverLive)
 	// A scenario stuck outside an await (e.g. inside a call's Send) would
 	// otherwise hang until go test's global timeout; crash early with
 	// every goroutine's stack instead.
@@ -243,7 +243,7 @@ func waitStatsZero(s statser, timeout time.Duration) (core.Stats, bool) {
 // local returns a new object hosted by the client, counted in clientLive.
 // Its reference is released at cleanup.
 func (e *env) local(t *testing.T, name string) (*testimpl.Object, testcapnp.Test) {
-	o := testimpl.New(name, e.clientLive)
+	o := testimpl.NewGuarded(name, e.clientLive)
 	c := o.Client()
 	t.Cleanup(c.Release)
 	return o, c
