@@ -82,7 +82,13 @@ func (h *importClient) Shutdown() {
 		fx.releaseClient(ie.resolution)
 		ie.resolution = capnp.Client{}
 		if !c.closing {
+			wake := c.wakeWriter
 			c.sendReleaseLocked(h.id, ie.refs)
+			if c.read.state.Load() != roleLoop {
+				// No haste, as for a Finish after its Return
+				// (finishLocked): it goes with the next frame.
+				c.wakeWriter = wake
+			}
 		}
 	})
 }

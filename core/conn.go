@@ -95,6 +95,13 @@ type Conn struct {
 	// directly could block on a full socket instead of taking the next
 	// call, so the writer goroutine writes.
 	inboundBusy atomic.Bool
+	// corked is set while frames wait in out for a native caller to write
+	// them when it waits (corkableLocked); set under c.mu.
+	corked atomic.Bool
+	// readerOwes is set while Returns that the read role's holder held
+	// back, because more input was buffered, wait in out for it to write
+	// them once the input runs dry (claimInlineLocked); set under c.mu.
+	readerOwes atomic.Bool
 	// inboundHeld counts the bytes of the peer's calls whose arguments
 	// are held (see Limits.MaxInboundBytes).
 	inboundHeld atomic.Int64
@@ -341,6 +348,9 @@ func (c *Conn) writeLoop() {
 	defer close(c.writerDone)
 	for {
 		<-c.outWake
+		if hook := testWriterWoken.Load(); hook != nil {
+			(*hook)(c)
+		}
 		for {
 			c.mu.Lock()
 			if c.writing || c.queuedLocked() == 0 {
@@ -360,6 +370,10 @@ func (c *Conn) writeLoop() {
 		}
 	}
 }
+
+// testWriterWoken, set only by tests, is called each time a writer
+// goroutine wakes.
+var testWriterWoken atomic.Pointer[func(*Conn)]
 
 // output is a batch of frames taken for writing: the bytes of small
 // frames and headers, and the segments of large frames to write at their
@@ -404,6 +418,8 @@ func (c *Conn) queuedLocked() int { return len(c.out) + c.largeBytes }
 // takeOutputLocked hands the queued frames to the caller, who must write
 // them with write. The caller holds c.mu and has checked !c.writing.
 func (c *Conn) takeOutputLocked() output {
+	c.corked.Store(false)
+	c.readerOwes.Store(false)
 	o := output{buf: c.out, large: c.outLarge}
 	c.out, c.spare = c.spare[:0], nil
 	c.outLarge, c.largeBytes = nil, 0
@@ -427,6 +443,47 @@ func (c *Conn) claimOutputLocked() output {
 	return c.takeOutputLocked()
 }
 
+// corkableLocked reports whether the native Call just queued may wait in
+// the queue for its caller to write it when it waits for a result
+// (uncork), instead of being written now: then the calls a caller makes
+// before it waits (a call and the calls pipelined on it) leave in one
+// write, and the peer reads them together. Only where the caller would
+// have written it directly (claimOutputLocked), or more calls join frames
+// already corked, and only while the read role is free: the read loop is
+// then in awaitRole, which flushes the queue at its next check, so a call
+// whose caller never waits still goes out within about idleReadDelay.
+// wake is whether the writer was to be woken before the Call was queued.
+func (c *Conn) corkableLocked(wake bool) bool {
+	if wake || c.manual || c.writing || c.closing || c.dispatching.Load() || c.inboundBusy.Load() ||
+		c.largeBytes > 0 || c.queuedLocked() > inlineWriteBytes || c.read.state.Load() != roleFree {
+		return false
+	}
+	return c.corked.Load() || len(c.questions) <= 1 && c.inProgress == 0
+}
+
+// uncork writes the frames left for a native caller (corkableLocked), or
+// has the writer write them; a caller calls it before it waits.
+func (c *Conn) uncork() {
+	if !c.corked.Load() {
+		return
+	}
+	c.mu.Lock()
+	var out output
+	if c.corked.Load() {
+		c.corked.Store(false)
+		switch {
+		case c.queuedLocked() == 0 || c.writing || c.closing:
+			// Taken already, or the writer takes it after this write.
+		case c.dispatching.Load():
+			c.wakeWriter = true // never block the read role on the socket
+		default:
+			out = c.takeOutputLocked()
+		}
+	}
+	c.unlock()
+	c.writeClaimed(out)
+}
+
 // claimInlineLocked is claimOutputLocked for the Return of a native
 // handler that ran inline, perhaps on the read loop itself (native.go).
 // The read loop writes it directly, saving the wake-up of the writer
@@ -440,18 +497,54 @@ func (c *Conn) claimOutputLocked() output {
 // peer whose read loop has stopped for its own full outbound queue
 // (Limits.MaxQueuedBytes) at that very moment, over a transport with no
 // buffer of its own.
+//
+// While more input is buffered, a Return that could be written so is
+// held back instead (readerOwes), and written with those that follow
+// when the input runs dry (payReaderDebt): a peer's calls that arrived
+// together, a call and the calls pipelined on it, are answered in one
+// write.
 func (c *Conn) claimInlineLocked() output {
 	if !c.dispatching.Load() {
 		return c.claimOutputLocked()
 	}
-	if c.manual || c.writing || c.closing || c.inboundBusy.Load() || c.largeBytes > 0 ||
-		c.inProgress > 0 || len(c.questions) > 0 {
+	if !c.inlineWritableLocked() {
 		return output{}
 	}
-	if n := c.queuedLocked(); n == 0 || n > inlineWriteBytes {
+	if c.inboundBusy.Load() {
+		c.wakeWriter = false
+		c.readerOwes.Store(true)
 		return output{}
 	}
 	return c.takeOutputLocked()
+}
+
+// inlineWritableLocked reports whether the read role's holder may write
+// the queue itself: see claimInlineLocked.
+func (c *Conn) inlineWritableLocked() bool {
+	if c.manual || c.writing || c.closing || c.largeBytes > 0 || c.inProgress > 0 || len(c.questions) > 0 {
+		return false
+	}
+	n := c.queuedLocked()
+	return n > 0 && n <= inlineWriteBytes
+}
+
+// payReaderDebt writes the Returns held back while input was buffered
+// (claimInlineLocked), or has the writer write them if the exchange is
+// no longer quiet. The read role's holder calls it when the input it has
+// buffered runs dry, before it reads again.
+func (c *Conn) payReaderDebt() {
+	c.mu.Lock()
+	var out output
+	if c.readerOwes.Load() {
+		c.readerOwes.Store(false)
+		if c.inlineWritableLocked() {
+			out = c.takeOutputLocked()
+		} else if c.queuedLocked() > 0 {
+			c.wakeWriter = true
+		}
+	}
+	c.unlock()
+	c.writeClaimed(out)
 }
 
 // inlineWriteBytes bounds what the read loop writes itself.
@@ -630,6 +723,7 @@ func (c *Conn) waitQueue(ctx context.Context) error {
 			c.unlock()
 			return nil
 		}
+		c.wakeWriter = true // frames left for later (uncork, payReaderDebt) go now
 		if c.outDrained == nil {
 			c.outDrained = make(chan struct{})
 		}

@@ -169,6 +169,7 @@ func (p PendingCall) Done() <-chan struct{} { return p.done() }
 func (p PendingCall) done() <-chan struct{} {
 	switch {
 	case p.q != nil:
+		p.q.c.uncork()
 		p.q.c.read.wakeLoop() // whoever selects on it does not read
 		return p.q.native.done
 	case p.ans != nil:
@@ -221,6 +222,7 @@ func (p PendingCall) Wait(ctx context.Context) (capnp.Struct, error) {
 // context q was sent with can end, and the connection is otherwise quiet,
 // the caller reads its Return itself (see readRole).
 func (q *question) wait(ctx context.Context) {
+	q.c.uncork()
 	n := q.native
 	select {
 	case <-n.done:
@@ -246,6 +248,7 @@ func (p PendingCall) Release() {
 	case p.q != nil:
 		q := p.q
 		c := q.c
+		c.uncork() // a call released unawaited still goes out now
 		var fx effects
 		c.mu.Lock()
 		if !q.native.callerReleased {

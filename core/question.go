@@ -218,6 +218,7 @@ func (c *Conn) send(ctx context.Context, t callTarget, s capnp.Send, native bool
 	}
 	var byRef bool
 	var written chan struct{}
+	wake := c.wakeWriter
 	if err == nil {
 		byRef, err = c.sendByRefLocked(msg, nil)
 		if byRef && ref != nil {
@@ -244,7 +245,13 @@ func (c *Conn) send(ctx context.Context, t callTarget, s capnp.Send, native bool
 		// read this one, it leaves the role free if all is quiet.
 		c.read.callerWaited.Store(true)
 	}
-	out := c.claimOutputLocked()
+	var out output
+	if native && !byRef && c.corkableLocked(wake) {
+		c.wakeWriter = false
+		c.corked.Store(true)
+	} else {
+		out = c.claimOutputLocked()
+	}
 	c.unlock()
 	c.writeClaimed(out)
 	if wakeReader {

@@ -217,6 +217,11 @@ func (c *Conn) handleNext() bool {
 		r.ended = true
 		return false
 	}
+	if c.readerOwes.Load() {
+		if complete, _ := r.fr.peekFrame(); !complete {
+			c.payReaderDebt() // the next read may block: answer first
+		}
+	}
 	return true
 }
 

@@ -49,23 +49,32 @@ func TestStreamRatio(t *testing.T) {
 // TestLatencyRatio measures, as `captp bench` does on the unix transport,
 // the sequential 16-byte call latency (captp and the raw floor) and the
 // two-hop pipelined call, and logs the ratios: a quick A/B check for
-// latency work. It runs only when CAPTP_LAT_REPS is set.
+// latency work. It runs only when CAPTP_LAT_REPS is set; CAPTP_LAT_IMPL
+// picks the implementation (default captp; captp-native for the native
+// stubs) and CAPTP_LAT_TRANSPORT the transport (default unix).
 func TestLatencyRatio(t *testing.T) {
 	reps, _ := strconv.Atoi(os.Getenv("CAPTP_LAT_REPS"))
 	if reps <= 0 {
 		t.Skip("set CAPTP_LAT_REPS to run the latency A/B measurement")
 	}
+	impl, tr := Captp, Unix
+	if v := os.Getenv("CAPTP_LAT_IMPL"); v != "" {
+		impl = Impl(v)
+	}
+	if v := os.Getenv("CAPTP_LAT_TRANSPORT"); v != "" {
+		tr = Transport(v)
+	}
 	ctx := t.Context()
 	cfg := &Config{Counts: ShortCounts()}
 	open := func(im Impl) session {
-		s, err := openSession(ctx, cfg, nil, im, Unix)
+		s, err := openSession(ctx, cfg, nil, im, tr)
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { s.close() })
 		return s
 	}
-	raw, cp := open(Raw), open(Captp)
+	raw, cp := open(Raw), open(impl)
 	for r := 0; r < reps; r++ {
 		rl, err := raw.lat(ctx, 5000, 16)
 		if err != nil {

@@ -1,0 +1,170 @@
+package core
+
+import (
+	"context"
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"capnproto.org/go/capnp/v3"
+)
+
+// Batching without a writer goroutine: calls a native caller makes before
+// it waits leave in one write (corkableLocked, uncork), and Returns the
+// read role's holder writes for input that arrived together leave in one
+// write (claimInlineLocked, payReaderDebt).
+
+// countingConn counts the Writes made on a transport.
+type countingConn struct {
+	net.Conn
+	writes atomic.Int64
+}
+
+func (c *countingConn) Write(p []byte) (int, error) {
+	c.writes.Add(1)
+	return c.Conn.Write(p)
+}
+
+// corkPair connects a client to a holdOrAnswer server over transports
+// that count their writes, and makes two calls, after which the client's
+// read role is free and kept free (keepRoleFree).
+func corkPair(t *testing.T) (cli *Conn, boot capnp.Client, h *holdOrAnswer, cw, sw *countingConn) {
+	t.Helper()
+	keepRoleFree(t)
+	a, b := net.Pipe()
+	cw, sw = &countingConn{Conn: a}, &countingConn{Conn: b}
+	h = &holdOrAnswer{}
+	srv := NewConn(sw, &Options{BootstrapClient: NewClient(h)})
+	cli = NewConn(cw, nil)
+	t.Cleanup(func() {
+		cli.Close()
+		srv.Close()
+		<-cli.Done()
+		<-srv.Done()
+	})
+	boot = cli.Bootstrap(context.Background())
+	t.Cleanup(boot.Release)
+	callOnce(t, context.Background(), boot)
+	callOnce(t, context.Background(), boot)
+	if cli.read.state.Load() != roleFree {
+		t.Fatal("the client's read role is not free after two calls; the test does not exercise corking")
+	}
+	return cli, boot, h, cw, sw
+}
+
+func TestCallsBeforeWaitLeaveInOneWrite(t *testing.T) {
+	cli, boot, h, cw, sw := corkPair(t)
+	ctx := ctx5(t)
+	served := h.calls.Load()
+	c0, s0 := cw.writes.Load(), sw.writes.Load()
+	var srvWoken atomic.Int64
+	hook := func(c *Conn) {
+		if c != cli {
+			srvWoken.Add(1)
+		}
+	}
+	testWriterWoken.Store(&hook)
+	t.Cleanup(func() { testWriterWoken.Store(nil) })
+
+	p1 := Call(ctx, boot, capnp.Send{Method: testMethod})
+	defer p1.Release()
+	p2 := Call(ctx, boot, capnp.Send{Method: testMethod})
+	defer p2.Release()
+	if !cli.corked.Load() {
+		t.Fatal("calls made while the read role is free were not corked")
+	}
+	if n := cw.writes.Load() - c0; n != 0 {
+		t.Fatalf("the client wrote %d times before anyone waited, want 0", n)
+	}
+	if _, err := p2.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p1.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := h.calls.Load() - served; n != 2 {
+		t.Fatalf("server served %d calls, want 2", n)
+	}
+	if n := cw.writes.Load() - c0; n != 1 {
+		t.Errorf("two calls made before waiting took %d writes, want 1", n)
+	}
+	// The server read both calls at once and answered both in one write,
+	// its read loop's own: it did not wake its writer goroutine for the
+	// first Return.
+	if n := sw.writes.Load() - s0; n != 1 {
+		t.Errorf("the server answered two calls that arrived together in %d writes, want 1", n)
+	}
+	if n := srvWoken.Load(); n != 0 {
+		t.Errorf("the server woke its writer goroutine %d times for two calls that arrived together, want 0", n)
+	}
+}
+
+// A corked call goes out when its caller releases it unawaited, or selects
+// on Done, without waiting for the read loop's next check.
+func TestCorkedCallFlushedByReleaseAndDone(t *testing.T) {
+	cli, boot, h, _, _ := corkPair(t)
+	ctx := ctx5(t)
+	served := h.calls.Load()
+
+	p := Call(ctx, boot, capnp.Send{Method: testMethod})
+	if !cli.corked.Load() {
+		t.Fatal("call not corked")
+	}
+	select {
+	case <-p.Done():
+	case <-ctx.Done():
+		t.Fatal("a corked call selected on with Done never returned")
+	}
+	p.Release()
+	if got := h.calls.Load(); got != served+1 {
+		t.Errorf("server served %d calls, want %d", got, served+1)
+	}
+
+	// Done gave the role to the loop; it frees it again once it has read
+	// the Return, the connection being quiet.
+	waitFor(t, ctx, "the read role is free again", func() bool { return cli.read.state.Load() == roleFree })
+	p = Call(ctx, boot, capnp.Send{Method: testMethod})
+	if !cli.corked.Load() {
+		t.Fatal("call not corked")
+	}
+	p.Release()
+	waitFor(t, ctx, "the released call reaches the server", func() bool { return h.calls.Load() == served+2 })
+}
+
+// A corked call whose caller neither waits nor releases it goes out when
+// the read loop next checks the free role (awaitRole).
+func TestCorkedCallGoesOutUnawaited(t *testing.T) {
+	saved := idleReadDelay
+	t.Cleanup(func() { idleReadDelay = saved })
+	for attempt := 0; ; attempt++ {
+		idleReadDelay = 20 * time.Millisecond
+		a, b := net.Pipe()
+		h := &holdOrAnswer{}
+		srv := NewConn(b, &Options{BootstrapClient: NewClient(h)})
+		cli := NewConn(a, nil)
+		boot := cli.Bootstrap(context.Background())
+		callOnce(t, context.Background(), boot)
+		callOnce(t, context.Background(), boot)
+		p := Call(context.Background(), boot, capnp.Send{Method: testMethod})
+		corked := cli.corked.Load()
+		if corked {
+			ctx := ctx5(t)
+			waitFor(t, ctx, "an unawaited corked call reaches the server", func() bool { return h.calls.Load() == 3 })
+		}
+		p.Release()
+		boot.Release()
+		cli.Close()
+		srv.Close()
+		<-cli.Done()
+		<-srv.Done()
+		if corked {
+			return
+		}
+		// The loop took the role back before the call (a slow machine):
+		// it was written at once, which is not the case under test.
+		if attempt == 20 {
+			t.Fatal("no call was corked in 20 attempts; the test does not exercise the fallback")
+		}
+	}
+}
