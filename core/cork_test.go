@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"capnproto.org/go/capnp/v3"
+
+	"github.com/captp-go/captp/core/flow"
 )
 
 // Batching without a writer goroutine: calls a native caller makes before
@@ -166,5 +168,81 @@ func TestCorkedCallGoesOutUnawaited(t *testing.T) {
 		if attempt == 20 {
 			t.Fatal("no call was corked in 20 attempts; the test does not exercise the fallback")
 		}
+	}
+}
+
+// Calls made without waiting on an import whose flow-control window is
+// smaller than them: the caller blocks in flow control with calls still
+// corked, and must not wait for them forever. The second call wakes the
+// read loop (it is not alone), and the loop flushes the queue as it takes
+// the role back (awaitRole), so the window opens as the Returns arrive.
+func TestCorkedCallsUnderFlowControl(t *testing.T) {
+	keepRoleFree(t)
+	a, b := net.Pipe()
+	h := &holdOrAnswer{}
+	srv := NewConn(b, &Options{BootstrapClient: NewClient(h)})
+	cli := NewConn(a, &Options{Limits: Limits{Flow: flow.Config{
+		Mode: flow.Fixed, Window: 2048, MinWindow: 1024, MaxWindow: 4096,
+	}}})
+	t.Cleanup(func() {
+		cli.Close()
+		srv.Close()
+		<-cli.Done()
+		<-srv.Done()
+	})
+	boot := cli.Bootstrap(context.Background())
+	defer boot.Release()
+	callOnce(t, context.Background(), boot)
+	callOnce(t, context.Background(), boot)
+	if cli.read.state.Load() != roleFree {
+		t.Fatal("the client's read role is not free after two calls")
+	}
+
+	ctx := ctx5(t)
+	data := make([]byte, 1000)
+	send := capnp.Send{
+		Method:   testMethod,
+		ArgsSize: capnp.ObjectSize{PointerCount: 1},
+		PlaceArgs: func(s capnp.Struct) error {
+			d, err := capnp.NewData(s.Segment(), data)
+			if err != nil {
+				return err
+			}
+			return s.SetPtr(0, d.ToPtr())
+		},
+	}
+	done := make(chan []PendingCall, 1)
+	go func() {
+		var calls []PendingCall
+		for i := range 8 {
+			calls = append(calls, Call(ctx, boot, send))
+			if i == 0 && !cli.corked.Load() {
+				t.Error("the first call was not corked")
+			}
+		}
+		done <- calls
+	}()
+	var calls []PendingCall
+	select {
+	case calls = <-done:
+	case <-ctx.Done():
+		t.Fatal("calls beyond the flow-control window never got the window: the corked calls before them were not sent")
+	}
+	for i, p := range calls {
+		if _, err := p.Wait(ctx); err != nil {
+			t.Errorf("call %d: %v", i, err)
+		}
+		p.Release()
+	}
+	var waits uint64
+	cli.mu.Lock()
+	for _, ie := range cli.imports {
+		if ie.hook.lim != nil {
+			waits += uint64(ie.hook.lim.Stats().Waits)
+		}
+	}
+	cli.mu.Unlock()
+	if waits == 0 {
+		t.Error("no call waited for the flow-control window; the test does not exercise it")
 	}
 }
