@@ -55,29 +55,14 @@ func corkPair(t *testing.T) (cli *Conn, boot capnp.Client, h *holdOrAnswer, cw, 
 
 // waitCorkable waits until cli's read role is free and nothing of the
 // calls before is still outstanding or being written (a Finish, the
-// bootstrap's), so that the next lone call is corked. The read loop frees
-// the role only after reading a Return it was hinted about while the
-// connection was quiet; if it kept the role (it was not quiet at that
-// moment, or it read the Return before the hint), a call gives it
-// another chance.
+// bootstrap's), so that the next lone call is corked.
 func waitCorkable(t *testing.T, cli *Conn, boot capnp.Client) {
 	t.Helper()
-	corkable := func() bool {
+	waitRoleFree(t, cli, boot, func() bool {
 		cli.mu.Lock()
 		defer cli.mu.Unlock()
-		return cli.read.state.Load() == roleFree && !cli.writing && cli.queuedLocked() == 0 &&
-			len(cli.questions) == 0 && len(cli.outWake) == 0
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for tries := 0; !corkable(); tries++ {
-		if time.Now().After(deadline) {
-			t.Fatal("timed out waiting for the client to be idle with its read role free")
-		}
-		if tries%10 == 9 {
-			callOnce(t, context.Background(), boot)
-		}
-		time.Sleep(time.Millisecond)
-	}
+		return !cli.writing && cli.queuedLocked() == 0 && len(cli.questions) == 0 && len(cli.outWake) == 0
+	})
 }
 
 // corkAttempts bounds the retries of a scenario that a stale writer

@@ -83,7 +83,30 @@ func freeRolePair(t *testing.T) (*Conn, capnp.Client) {
 	t.Cleanup(boot.Release)
 	callOnce(t, context.Background(), boot)
 	callOnce(t, context.Background(), boot)
+	waitRoleFree(t, cli, boot, nil)
 	return cli, boot
+}
+
+// waitRoleFree waits until cli's read role is free and idle holds too,
+// if given. The read loop frees the role only after reading a Return it
+// was hinted about while the connection was quiet; if it kept the role
+// (under load it may not have been quiet at that moment), another call
+// gives it another chance.
+func waitRoleFree(t *testing.T, cli *Conn, boot capnp.Client, idle func() bool) {
+	t.Helper()
+	ready := func() bool {
+		return cli.read.state.Load() == roleFree && (idle == nil || idle())
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for tries := 0; !ready(); tries++ {
+		if time.Now().After(deadline) {
+			t.Fatal("timed out waiting for the client's read role to be free")
+		}
+		if tries%10 == 9 {
+			callOnce(t, context.Background(), boot)
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // callOnce makes one native call and waits for it with ctx.
