@@ -84,11 +84,7 @@ func (h *importClient) Shutdown() {
 		if !c.closing {
 			wake := c.wakeWriter
 			c.sendReleaseLocked(h.id, ie.refs)
-			if c.read.state.Load() != roleLoop {
-				// No haste, as for a Finish after its Return
-				// (finishLocked): it goes with the next frame.
-				c.wakeWriter = wake
-			}
+			c.noHasteLocked(wake)
 		}
 	})
 }
@@ -467,10 +463,10 @@ func (c *Conn) importCapLocked(fx *effects, d rpccp.CapDescriptor, inResolve boo
 			return capnp.Client{}, false, fmt.Errorf("decode receiverAnswer: %w", err)
 		}
 		a, transform, err := c.promisedAnswerLocked(pa)
-		if _, ok := c.finishOptional[pa.QuestionId()]; err != nil && ok {
-			return capnp.ErrorClient(errNoCapability), true, nil
-		}
 		if err != nil {
+			if _, ok := c.finishOptional[pa.QuestionId()]; ok {
+				return capnp.ErrorClient(errNoCapability), true, nil
+			}
 			return capnp.Client{}, false, fmt.Errorf("receiverAnswer: %w", err)
 		}
 		return c.answerClientLocked(a, transform), true, nil

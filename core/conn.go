@@ -461,6 +461,19 @@ func (c *Conn) corkableLocked(wake bool) bool {
 	return c.corked.Load() || len(c.questions) <= 1 && c.inProgress == 0
 }
 
+// noHasteLocked is called right after queueing a frame that can wait for
+// the next one out (a Finish after its Return, a Release), with wake, the
+// writer's wake-up flag before it was queued: unless the read loop holds
+// the read role (then nothing else would send it soon), the frame does
+// not wake the writer itself, which would cost a thread wake-up and a
+// write of its own. It goes with the next frame, or when the read loop
+// next checks the free role (awaitRole, flushLazy).
+func (c *Conn) noHasteLocked(wake bool) {
+	if c.read.state.Load() != roleLoop {
+		c.wakeWriter = wake
+	}
+}
+
 // uncork writes the frames left for a native caller (corkableLocked), or
 // has the writer write them; a caller calls it before it waits.
 func (c *Conn) uncork() {

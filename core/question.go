@@ -436,12 +436,8 @@ func (q *question) finishLocked(fx *effects) {
 		if !c.closing && !q.noFinish {
 			wake := c.wakeWriter
 			c.sendFinishLocked(q.id, false)
-			if q.returned && c.read.state.Load() != roleLoop {
-				// A Finish after the Return needs no haste: it goes
-				// out with the next frame, or when the read loop
-				// next checks the role (awaitRole). Waking the
-				// writer for it costs a thread wake-up per call.
-				c.wakeWriter = wake
+			if q.returned {
+				c.noHasteLocked(wake) // the callee is done already
 			}
 		}
 	}

@@ -176,7 +176,8 @@ func (c *Conn) awaitRole() {
 }
 
 // flushLazy wakes the writer for frames queued without waking it (a
-// Finish after its Return, see finishLocked).
+// Finish after its Return or a Release, see noHasteLocked; corked calls,
+// see corkableLocked).
 func (c *Conn) flushLazy() {
 	c.mu.Lock()
 	if c.queuedLocked() > 0 {

@@ -61,26 +61,15 @@ func TestCancelledCallerReadOverTLS(t *testing.T) {
 	boot := cli.Bootstrap(ctx)
 	defer boot.Release()
 	test := testnative.Test{Client: boot}
-	call := func(ctx context.Context, block bool) error {
-		var c core.PendingCall
-		if block {
-			c = test.Block(ctx).PendingCall // held until cancelled
-		} else {
-			c = test.Echo(ctx, nil).PendingCall
-		}
-		defer c.Release()
-		_, err := c.Wait(ctx)
-		return err
-	}
 	for round := range 3 {
 		for range 5 {
-			if err := call(ctx, false); err != nil {
+			if err := test.EchoOrBlock(ctx, false); err != nil {
 				t.Fatalf("round %d: %v", round, err)
 			}
 		}
 		held, stop := context.WithTimeout(ctx, 30*time.Millisecond)
 		start := time.Now()
-		err := call(held, true)
+		err := test.EchoOrBlock(held, true)
 		stop()
 		if !errors.Is(err, context.DeadlineExceeded) {
 			t.Fatalf("round %d: held call: %v, want context.DeadlineExceeded", round, err)
@@ -89,7 +78,7 @@ func TestCancelledCallerReadOverTLS(t *testing.T) {
 			t.Fatalf("round %d: the cancelled call returned after %v", round, d)
 		}
 	}
-	if err := call(ctx, false); err != nil {
+	if err := test.EchoOrBlock(ctx, false); err != nil {
 		t.Fatalf("call after interrupted reads: %v", err)
 	}
 }

@@ -293,33 +293,22 @@ func TestIdleTimeoutCancelInterruptsCaller(t *testing.T) {
 	boot := cli.Bootstrap(context.Background())
 	defer boot.Release()
 	test := testnative.Test{Client: boot}
-	call := func(ctx context.Context, block bool) error {
-		var c core.PendingCall
-		if block {
-			c = test.Block(ctx).PendingCall // held until cancelled
-		} else {
-			c = test.Echo(ctx, nil).PendingCall
-		}
-		defer c.Release()
-		_, err := c.Wait(ctx)
-		return err
-	}
 	for range 3 {
-		if err := call(context.Background(), false); err != nil {
+		if err := test.EchoOrBlock(context.Background(), false); err != nil {
 			t.Fatal(err)
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	start := time.Now()
-	if err := call(ctx, true); !errors.Is(err, context.DeadlineExceeded) {
+	if err := test.EchoOrBlock(ctx, true); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("held call: %v, want context.DeadlineExceeded", err)
 	}
 	if d := time.Since(start); d > 10*time.Second {
 		t.Fatalf("the cancelled call returned after %v", d)
 	}
 	for range 3 {
-		if err := call(context.Background(), false); err != nil {
+		if err := test.EchoOrBlock(context.Background(), false); err != nil {
 			t.Fatalf("call after the interrupted read: %v", err)
 		}
 	}

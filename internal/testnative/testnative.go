@@ -309,6 +309,20 @@ func (t Test) Block(ctx context.Context) Call {
 	return Call{t.Native().Block(ctx, nil).PendingCall}
 }
 
+// EchoOrBlock sends echo() with no data, or block() if block is set, and
+// waits for it with ctx: block returns only once ctx ends.
+func (t Test) EchoOrBlock(ctx context.Context, block bool) error {
+	var c core.PendingCall
+	if block {
+		c = t.Block(ctx).PendingCall
+	} else {
+		c = t.Echo(ctx, nil).PendingCall
+	}
+	defer c.Release()
+	_, err := c.Wait(ctx)
+	return err
+}
+
 // Name sends name() and waits for it.
 func (t Test) Name(ctx context.Context) (string, error) {
 	c := t.Native().Name(ctx, nil)
