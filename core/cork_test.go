@@ -206,9 +206,9 @@ func TestCorkedCallGoesOutUnawaited(t *testing.T) {
 
 // Calls made without waiting on an import whose flow-control window is
 // smaller than them: the caller blocks in flow control with calls still
-// corked, and must not wait for them forever. The second call wakes the
-// read loop (it is not alone), and the loop flushes the queue as it takes
-// the role back (awaitRole), so the window opens as the Returns arrive.
+// corked, and must not wait for them forever: before a call waits for the
+// window, it sends what is corked and wakes the read loop (startFlow), so
+// the window opens as the Returns arrive.
 func TestCorkedCallsUnderFlowControl(t *testing.T) {
 	keepRoleFree(t)
 	for attempt := 1; ; attempt++ {

@@ -98,9 +98,16 @@ func Call(ctx context.Context, target capnp.Client, s capnp.Send) PendingCall {
 // was sent, as go-capnp's SendCall does: the caller waits while the
 // object's window is full.
 func (c *Conn) startFlow(ctx context.Context, q *question, lim *flow.Limiter, size uint64) {
-	done, err := lim.StartMessage(ctx, size)
-	if err != nil {
-		return // ctx ended; the call itself reports that
+	done, ok := lim.TryStartMessage(size)
+	if !ok {
+		// The window opens as Returns arrive: calls still corked must go
+		// out, and someone must read while this caller blocks.
+		c.uncork()
+		c.read.wakeLoop()
+		var err error
+		if done, err = lim.StartMessage(ctx, size); err != nil {
+			return // ctx ended; the call itself reports that
+		}
 	}
 	c.mu.Lock()
 	n := q.native

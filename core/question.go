@@ -237,10 +237,11 @@ func (c *Conn) send(ctx context.Context, t callTarget, s capnp.Send, native bool
 		t.question.pipelined = append(t.question.pipelined, t.transform)
 	}
 	c.watchCancelLocked(q, ctx)
-	// A lone native call's caller reads its Return itself if the read
-	// role is free (readRole); anything else needs the read loop.
-	wakeReader := !native || !c.othersSettledLocked(q)
-	if !wakeReader && (q.sentCtx == nil || c.deadliner != nil) {
+	// A native call's caller reads its Return itself if the read role is
+	// free when it waits (readRole), along with the Returns of any calls
+	// made with it; a call whose caller will not read needs the loop.
+	wakeReader := !native
+	if native && (q.sentCtx == nil || c.deadliner != nil) {
 		// Its caller could read the Return itself: once the loop has
 		// read this one, it leaves the role free if all is quiet.
 		c.read.callerWaited.Store(true)

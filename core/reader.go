@@ -26,9 +26,11 @@ import (
 //     connection is quiet (no call of ours waiting for its Return,
 //     nothing in progress for the peer, no recent call from the peer)
 //     and a caller has just waited for a Return it could have read. A
-//     caller that waits takes it; anything else that needs input read
-//     (another waiter, a pipelined or second call, Done) gives it back to
-//     the read loop; and the read loop takes it back by itself after
+//     caller that waits takes it, and reads the Returns of all the calls
+//     outstanding until its own arrives; anything else that needs input
+//     read (a waiter that cannot take it, a call go-capnp sent, Done, a
+//     call blocked in flow control) gives it back to the read loop; and
+//     the read loop takes it back by itself after
 //     idleReadDelay, so that input nobody waits for (the peer's calls,
 //     Resolve, Abort, the end of the stream) is read late, never lost.
 const (
@@ -368,18 +370,4 @@ func (c *Conn) canReadFor(q *question, ctx context.Context) bool {
 		return false
 	}
 	return q.sentCtx == nil || c.deadliner != nil
-}
-
-// othersSettledLocked reports whether every question but q has settled: a
-// caller waiting for q alone can read its Return itself.
-func (c *Conn) othersSettledLocked(q *question) bool {
-	if len(c.questions) > 4 {
-		return false
-	}
-	for _, o := range c.questions {
-		if o != q && !o.settled {
-			return false
-		}
-	}
-	return true
 }

@@ -149,6 +149,31 @@ func TestCallerReadsItsOwnReturn(t *testing.T) {
 	}
 }
 
+// Calls a caller makes together (a call and calls pipelined on it, or
+// several it then waits for) leave the read role free: the caller that
+// waits reads all their Returns itself, instead of the second call
+// handing the role to the read loop, whose hand-over of each Return
+// costs a thread wake-up.
+func TestCallerReadsReturnsOfCallsMadeTogether(t *testing.T) {
+	cli, boot := freeRolePair(t)
+	ctx := ctx5(t)
+	before := cli.read.takes.Load()
+	for range 10 {
+		first := Call(ctx, boot, capnp.Send{Method: testMethod})
+		second := Call(ctx, boot, capnp.Send{Method: testMethod})
+		for _, p := range []PendingCall{second, first} {
+			if _, err := p.Wait(ctx); err != nil {
+				t.Fatalf("call: %v", err)
+			}
+		}
+		first.Release()
+		second.Release()
+	}
+	if n := cli.read.takes.Load() - before; n < 8 {
+		t.Errorf("callers read the Returns of %d of 10 call pairs themselves; want nearly all", n)
+	}
+}
+
 // Once callers stop, a free role goes back to the read loop: the peer's
 // calls are answered, the Finishes that waited for the next frame go out,
 // and the end of the stream is noticed.

@@ -244,6 +244,20 @@ type waiter struct {
 	granted *token
 }
 
+// TryStartMessage is StartMessage when the message fits at once; it
+// reports false, admitting nothing, when StartMessage would wait (a
+// caller that holds back output it should send first, say).
+func (l *Limiter) TryStartMessage(size uint64) (gotResponse func(), ok bool) {
+	p := l.p
+	n := int(min(size, uint64(p.cfg.ConnWindow)+1))
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if l.waiting == 0 && l.fitsLocked(n) {
+		return l.admitLocked(n, p.cfg.Clock()).done, true
+	}
+	return nil, false
+}
+
 // StartMessage waits until a message of size bytes fits in the window
 // and the pool's budget, or ctx is done. On success the caller must call
 // gotResponse once, when the call's Return arrives.
