@@ -55,6 +55,13 @@ type fakeQueue struct {
 // fakeNet is a virtio-net device (the device's side of the split queues)
 // for tests: frames the driver transmits go to out; inject delivers
 // frames into the driver's receive buffers.
+//
+// Like QEMU's virtio-net, it does not drop a frame that finds no receive
+// buffer: it holds it (QEMU keeps it in its net queue, or stops reading
+// the backend) until the driver posts buffers and notifies the receive
+// queue, which flushes the held frames in order (virtio_net_handle_rx).
+// A frame beyond maxHeld held ones is dropped, as QEMU's net queue drops
+// beyond 10000 packets.
 type fakeNet struct {
 	mem *fakeMemory
 
@@ -70,12 +77,14 @@ type fakeNet struct {
 	out      func(frame []byte)
 	errs     []error
 	notifies int
-	dropped  int // injected frames with no receive buffer
+	held     [][]byte // frames waiting for a receive buffer, oldest first
+	maxHeld  int
+	dropped  int // injected frames beyond maxHeld
 	hdrs     [][]byte
 }
 
 func newFakeNet(mem *fakeMemory) *fakeNet {
-	return &fakeNet{mem: mem, features: featVersion1 | featNetMAC | featNetStatus, maxQueue: 256,
+	return &fakeNet{mem: mem, features: featVersion1 | featNetMAC | featNetStatus, maxQueue: 256, maxHeld: 10000,
 		mac: [6]byte{0x52, 0x54, 0, 0x12, 0x34, 0x56}}
 }
 
@@ -100,6 +109,7 @@ func (d *fakeNet) SetStatus(s uint32) {
 	defer d.mu.Unlock()
 	if s == 0 {
 		d.queues = [2]fakeQueue{}
+		d.held = nil
 	}
 	if s&statusFeaturesOK != 0 && (d.refuse || d.driver&^d.features != 0) {
 		s &^= statusFeaturesOK
@@ -166,9 +176,15 @@ func (d *fakeNet) use(q *fakeQueue, id uint16, n uint32) {
 	atomic.StoreUint32(word(q.used, 0), uint32(q.usedIdx)<<16)
 }
 
+// Notify on the receive queue delivers the frames held for want of a
+// buffer into the buffers the driver has posted; on the transmit queue it
+// sends every frame the driver has posted.
 func (d *fakeNet) Notify(q int) {
 	d.mu.Lock()
 	d.notifies++
+	if q == rxQueue {
+		d.flushHeld()
+	}
 	if q != txQueue || d.stallTx {
 		d.mu.Unlock()
 		return
@@ -197,21 +213,51 @@ func (d *fakeNet) Notify(q int) {
 	}
 }
 
-// inject delivers frame to the driver, or drops it when it has posted no
-// buffer.
+// inject delivers frame to the driver. When the driver has posted no
+// buffer, or frames are already held, the frame is held until the driver
+// notifies the receive queue (dropped beyond maxHeld held frames).
 func (d *fakeNet) inject(frame []byte) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if len(d.held) == 0 && d.receive(frame) {
+		return
+	}
+	if len(d.held) >= d.maxHeld {
+		d.dropped++
+		return
+	}
+	d.held = append(d.held, append([]byte(nil), frame...))
+}
+
+// flushHeld delivers held frames, oldest first, while the driver has
+// buffers posted.
+func (d *fakeNet) flushHeld() {
+	for len(d.held) > 0 && d.receive(d.held[0]) {
+		d.held[0] = nil
+		d.held = d.held[1:]
+	}
+}
+
+// receive writes frame into the next posted receive buffer, or reports
+// false when there is none.
+func (d *fakeNet) receive(frame []byte) bool {
 	rq := &d.queues[rxQueue]
 	id, buf, ok := d.next(rq, true)
 	if !ok {
-		d.dropped++
-		return
+		return false
 	}
 	clear(buf[:netHdrLen])
 	binary.LittleEndian.PutUint16(buf[10:], 1) // num_buffers
 	n := copy(buf[netHdrLen:], frame)
 	d.use(rq, id, uint32(netHdrLen+n))
+	return true
+}
+
+// counts returns how many frames the device holds and has dropped.
+func (d *fakeNet) counts() (held, dropped int) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.held), d.dropped
 }
 
 // raw writes a used entry for the receive queue as a hostile device

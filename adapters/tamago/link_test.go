@@ -35,6 +35,11 @@ func cable(t *testing.T) (*NIC, *NIC) {
 			if errs := d.errors(); len(errs) > 0 {
 				t.Errorf("fake device: %v", errs)
 			}
+			// The cable loses nothing: a lost frame costs TCP a
+			// retransmission timeout (seconds after a lost burst).
+			if _, dropped := d.counts(); dropped > 0 {
+				t.Errorf("fake device %x dropped %d frames", d.mac, dropped)
+			}
 		}
 	})
 	return na, nb

@@ -223,6 +223,10 @@ func (n *NIC) Receive(p []byte) (int, bool, error) {
 	if !ok {
 		return 0, false, nil
 	}
+	// The buffer goes back, then the notification: a device with no
+	// buffer left holds arriving frames (QEMU's virtio-net queues them)
+	// until the driver notifies the receive queue, and delivers them then
+	// into the buffers it finds posted.
 	defer func() {
 		q.offer(id, frameBuf, descFWrite)
 		n.t.Notify(rxQueue)
