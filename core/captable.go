@@ -67,26 +67,27 @@ func (h *importClient) String() string { return fmt.Sprintf("captp import %d", h
 
 // Shutdown runs when the last local reference is dropped: it gives every
 // reference received for this import back to the peer in one Release.
-func (h *importClient) Shutdown() {
-	h.c.schedule(func(fx *effects) {
-		c := h.c
-		ie := c.imports[h.id]
-		if ie == nil || ie.hook != h {
-			return // the connection is gone
-		}
-		if ie.clients--; ie.clients > 0 {
-			return
-		}
-		delete(c.imports, h.id)
-		ie.resolvers = nil // and no latches: each holds a client
-		fx.releaseClient(ie.resolution)
-		ie.resolution = capnp.Client{}
-		if !c.closing {
-			wake := c.wakeWriter
-			c.sendReleaseLocked(h.id, ie.refs)
-			c.noHasteLocked(wake)
-		}
-	})
+func (h *importClient) Shutdown() { h.c.scheduleTask(h) }
+
+// runTask is Shutdown's work, under c.mu.
+func (h *importClient) runTask(fx *effects) {
+	c := h.c
+	ie := c.imports[h.id]
+	if ie == nil || ie.hook != h {
+		return // the connection is gone
+	}
+	if ie.clients--; ie.clients > 0 {
+		return
+	}
+	delete(c.imports, h.id)
+	ie.resolvers = nil // and no latches: each holds a client
+	fx.releaseClient(ie.resolution)
+	ie.resolution = capnp.Client{}
+	if !c.closing {
+		wake := c.wakeWriter
+		c.sendReleaseLocked(h.id, ie.refs)
+		c.noHasteLocked(wake)
+	}
 }
 
 func (c *Conn) sendReleaseLocked(id, count uint32) {
@@ -112,7 +113,13 @@ func (c *Conn) addImportLocked(id uint32, promise bool) (capnp.Client, error) {
 		if len(c.imports) >= c.lim.MaxImports {
 			return capnp.Client{}, fmt.Errorf("import limit reached (%d capabilities)", c.lim.MaxImports)
 		}
-		ie = &importEntry{id: id, hook: &importClient{c: c, id: id, lim: c.flow.NewLimiter()}, promise: promise}
+		both := &struct {
+			e importEntry
+			h importClient
+		}{} // one allocation for both
+		both.h = importClient{c: c, id: id, lim: c.flow.NewLimiter()}
+		both.e = importEntry{id: id, hook: &both.h, promise: promise}
+		ie = &both.e
 		c.imports[id] = ie
 	}
 	ie.refs++

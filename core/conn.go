@@ -110,8 +110,10 @@ type Conn struct {
 	// the same goroutine (a hook shut down by go-capnp while we inspect a
 	// client); they run at the next unlock. See schedule.
 	taskMu       sync.Mutex
-	tasks        []func(fx *effects)
+	tasks        []task
+	spareTasks   []task // the last batch's array, for the next (under taskMu)
 	pendingTasks atomic.Int32
+	spareFx      atomic.Pointer[effects] // runTasksAndUnlock's, reused
 
 	// read is the read role: who reads the transport (reader.go).
 	read      readRole
@@ -1090,9 +1092,21 @@ func sortedKeys[V any](m map[uint32]V) []uint32 {
 // free, else when its holder (possibly this very goroutine, deeper in the
 // stack) unlocks. go-capnp shuts hooks down from inside Snapshot and
 // Release, which we call with c.mu held, so hooks must not lock.
-func (c *Conn) schedule(task func(fx *effects)) {
+func (c *Conn) schedule(f func(fx *effects)) { c.scheduleTask(taskFunc(f)) }
+
+// A task is work for schedule. Hooks whose Shutdown runs on every
+// capability's release implement it themselves, so that scheduling
+// their shutdown allocates no closure.
+type task interface{ runTask(fx *effects) }
+
+type taskFunc func(fx *effects)
+
+func (f taskFunc) runTask(fx *effects) { f(fx) }
+
+// scheduleTask is schedule for a task value.
+func (c *Conn) scheduleTask(t task) {
 	c.taskMu.Lock()
-	c.tasks = append(c.tasks, task)
+	c.tasks = append(c.tasks, t)
 	c.taskMu.Unlock()
 	c.pendingTasks.Add(1)
 	if c.mu.TryLock() {
@@ -1120,19 +1134,39 @@ func (c *Conn) unlock() {
 // runTasksAndUnlock runs the scheduled tasks, releases c.mu and runs their
 // effects. Kept apart so the common unlock allocates nothing.
 func (c *Conn) runTasksAndUnlock() {
-	var fx effects
+	// The effects list escapes (tasks are dynamic calls), so one is kept
+	// for the next batch; a nested batch (an effect that unlocks) makes
+	// its own.
+	fx := c.spareFx.Swap(nil)
+	if fx == nil {
+		fx = new(effects)
+	}
 	c.taskMu.Lock()
 	tasks := c.tasks
-	c.tasks = nil
+	c.tasks, c.spareTasks = c.spareTasks, nil
 	c.pendingTasks.Add(-int32(len(tasks)))
 	c.taskMu.Unlock()
 	for _, t := range tasks {
-		t(&fx)
+		t.runTask(fx)
 	}
+	// Batches run under c.mu, one at a time: tasks' array is this
+	// batch's alone until handed back.
+	clear(tasks)
+	c.taskMu.Lock()
+	if c.spareTasks == nil && cap(tasks) <= maxSpareTasks {
+		c.spareTasks = tasks[:0]
+	}
+	c.taskMu.Unlock()
 	c.signalWriterLocked()
 	c.mu.Unlock()
 	fx.run()
+	if cap(fx.more) <= maxSpareTasks {
+		c.spareFx.Store(fx)
+	}
 }
+
+// maxSpareTasks bounds the task and effect arrays kept for reuse.
+const maxSpareTasks = 64
 
 // signalWriterLocked wakes the writer goroutine for frames queued since
 // the last signal, unless a writer is busy (it checks again when done).

@@ -302,10 +302,15 @@ func (p PendingCall) Pipeline(fields ...uint16) capnp.Client {
 	}
 	q := p.q
 	c := q.c
-	transform := make([]capnp.PipelineOp, len(fields))
-	for i, f := range fields {
-		transform[i] = capnp.PipelineOp{Field: f}
+	hook := &nativePipeline{q: q}
+	transform := hook.ops[:0]
+	if len(fields) > len(hook.ops) {
+		transform = make([]capnp.PipelineOp, 0, len(fields))
 	}
+	for _, f := range fields {
+		transform = append(transform, capnp.PipelineOp{Field: f})
+	}
+	hook.transform = transform
 	c.mu.Lock()
 	if q.settled {
 		c.unlock()
@@ -323,7 +328,6 @@ func (p PendingCall) Pipeline(fields ...uint16) capnp.Client {
 		c.unlock()
 		return capnp.ErrorClient(errors.New("captp: Pipeline on a released call"))
 	}
-	hook := &nativePipeline{q: q, transform: transform}
 	cl, r := capnp.NewPromisedClient(hook)
 	q.native.pipelines = append(q.native.pipelines, nativePipe{transform: transform, resolver: r})
 	q.native.pipeRefs++
@@ -336,6 +340,7 @@ func (p PendingCall) Pipeline(fields ...uint16) capnp.Client {
 type nativePipeline struct {
 	q         *question
 	transform []capnp.PipelineOp
+	ops       [2]capnp.PipelineOp // transform's array when it is short
 }
 
 func (h *nativePipeline) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
@@ -351,13 +356,14 @@ func (h *nativePipeline) String() string     { return "captp native pipeline" }
 
 // Shutdown runs once no call can use the hook any more (released, or
 // resolved and switched over): the question may then be finished.
-func (h *nativePipeline) Shutdown() {
+func (h *nativePipeline) Shutdown() { h.q.c.scheduleTask(h) }
+
+// runTask is Shutdown's work, under c.mu.
+func (h *nativePipeline) runTask(fx *effects) {
 	q := h.q
-	q.c.schedule(func(fx *effects) {
-		n := q.native
-		n.pipeRefs--
-		if n.pipeRefs == 0 && n.callerReleased {
-			q.releaseNativeLocked(fx)
-		}
-	})
+	n := q.native
+	n.pipeRefs--
+	if n.pipeRefs == 0 && n.callerReleased {
+		q.releaseNativeLocked(fx)
+	}
 }
