@@ -129,8 +129,11 @@ fmt-check:
 vet:
 	$(GO) vet ./...
 
+# The allocation-count test runs again without the race detector, which
+# allocates (it is built only without it).
 unit:
 	$(GO) test -race -count=1 -timeout=$(TEST_TIMEOUT) ./...
+	$(GO) test -count=1 -run '^TestNativeCallAllocations$$' ./core
 
 # The core's tests compiled to js/wasm and run under node.
 wasm-js:

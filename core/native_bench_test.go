@@ -19,7 +19,7 @@ import (
 // one (echo_bench_test.go), over a Unix socket pair; allocs/op counts
 // both sides. captp bench -transport unix-2proc splits them.
 
-func nativePair(b *testing.B) (testnative.Test, func()) {
+func nativePair(b testing.TB) (testnative.Test, func()) {
 	ca, cb := testsock.Pair(b)
 	root, _ := testnative.New("bench", nil)
 	server := core.NewConn(cb, &core.Options{BootstrapClient: root})

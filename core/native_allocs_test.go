@@ -1,0 +1,52 @@
+//go:build unix && !race
+
+package core_test
+
+import (
+	"context"
+	"testing"
+)
+
+// Allocations per call on the native path, both sides in one process
+// (issue 5's target is 6 per side): a regression here shows up in the
+// benchmark's allocation figures. Not under -race, which allocates.
+func TestNativeCallAllocations(t *testing.T) {
+	boot, done := nativePair(t)
+	defer done()
+	ctx := context.Background()
+	echo := func() {
+		p := boot.Echo(ctx, payload16)
+		if _, err := p.Data(ctx); err != nil {
+			t.Fatal(err)
+		}
+		p.Release()
+	}
+	twoHop := func() {
+		c := boot.Child(ctx, "x")
+		child := c.Child()
+		p := child.Echo(ctx, payload16)
+		if _, err := p.Data(ctx); err != nil {
+			t.Fatal(err)
+		}
+		p.Release()
+		child.Release()
+		c.Release()
+	}
+	for _, tc := range []struct {
+		name string
+		call func()
+		max  float64
+	}{
+		{"echo", echo, 8},     // 7: client 5, server 2
+		{"2-hop", twoHop, 84}, // 78–79 in session 8
+	} {
+		for range 100 {
+			tc.call() // warm the pools
+		}
+		if got := testing.AllocsPerRun(500, tc.call); got > tc.max {
+			t.Errorf("%s: %.1f allocations per call, both sides; want at most %.0f", tc.name, got, tc.max)
+		} else {
+			t.Logf("%s: %.1f allocations per call, both sides", tc.name, got)
+		}
+	}
+}
