@@ -44,6 +44,10 @@ type answer struct {
 	// resultExports counts export references carried by the Return, which
 	// Finish(releaseResultCaps) gives back.
 	resultExports []uint32
+	// resultNatives holds, by cap table index, the native objects among
+	// the results' capabilities (nil if none): calls pipelined on them
+	// go straight to the object (pipelinedNativeLocked).
+	resultNatives []*nativeServer
 	// sendElsewhere is set for a call with sendResultsTo.yourself: its
 	// Return says resultsSentElsewhere and the results stay here for the
 	// takers, questions the peer answered with takeFromOtherQuestion.
@@ -215,6 +219,9 @@ func (c *Conn) prepareLocked(fx *effects, a *answer, err error) {
 	payload, err := a.outRet.Results()
 	if err == nil {
 		a.resultExports, err = c.fillCapTableLocked(fx, payload, a.out.CapTable())
+	}
+	if err == nil && len(a.resultExports) > 0 {
+		a.resultNatives = c.resultNativesLocked(payload)
 	}
 	if err != nil {
 		a.outErr = fmt.Errorf("captp: encode results: %w", err)
@@ -392,7 +399,7 @@ func (c *Conn) releaseResultExportsLocked(fx *effects, a *answer) {
 	for _, id := range a.resultExports {
 		_ = c.releaseExportLocked(fx, id, 1)
 	}
-	a.resultExports = nil
+	a.resultExports, a.resultNatives = nil, nil
 }
 
 // replaceMessage swaps the results message for a fresh Return built by fill.
@@ -400,7 +407,7 @@ func (a *answer) replaceMessage(fx *effects, fill func(rpccp.Return) error) {
 	if old := a.msg; old != nil {
 		fx.recycleMsg(old)
 	}
-	a.msg, a.results = nil, capnp.Ptr{}
+	a.msg, a.results, a.resultNatives = nil, capnp.Ptr{}, nil
 	msg, m, err := newMessage()
 	if err != nil {
 		return
@@ -558,6 +565,54 @@ func (c *Conn) pipelineCall(ta *answer, ctx context.Context, transform []capnp.P
 	client, err := ta.resultCapLocked(transform)
 	c.unlock()
 	deliverTo(client, err, ctx, recv)
+}
+
+// resultNativesLocked lists, by cap table index, the native objects that
+// payload's cap table carries as our exports, or returns nil if none.
+func (c *Conn) resultNativesLocked(payload rpccp.Payload) []*nativeServer {
+	list, err := payload.CapTable()
+	if err != nil {
+		return nil
+	}
+	var natives []*nativeServer
+	for i := 0; i < list.Len(); i++ {
+		d := list.At(i)
+		if d.Which() != rpccp.CapDescriptor_Which_senderHosted {
+			continue
+		}
+		if e := c.exports[d.SenderHosted()]; e != nil && e.native != nil {
+			if natives == nil {
+				natives = make([]*nativeServer, list.Len())
+			}
+			natives[i] = e.native
+		}
+	}
+	return natives
+}
+
+// pipelinedNativeLocked returns the native object at transform in a's
+// results, if a has returned with one there and no call pipelined
+// earlier waits to be delivered (pipelineCall would deliver at once):
+// then a call pipelined on it can go to the object the way a call to an
+// export does, with no capnp.Client.RecvCall. The object lives while a's
+// results hold it, until the Finish, which the reader handles only after
+// this delivery.
+func (a *answer) pipelinedNativeLocked(transform []capnp.PipelineOp) *nativeServer {
+	if a.resultNatives == nil || !a.returned || a.flushing || a.finished || a.err != nil || a.msg == nil {
+		return nil
+	}
+	ptr, err := capnp.Transform(a.results, transform)
+	if err != nil {
+		return nil
+	}
+	iface := ptr.Interface()
+	if !iface.IsValid() {
+		return nil
+	}
+	if i := int(iface.Capability()); i < len(a.resultNatives) {
+		return a.resultNatives[i]
+	}
+	return nil
 }
 
 // resultCapLocked returns the capability at transform in a's results.

@@ -196,6 +196,8 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 			// Pipelined before the peer saw that the results, which had
 			// no capability, were dropped: it fails as it would have.
 			target = capnp.ErrorClient(errNoCapability)
+		} else if ns := targetAns.pipelinedNativeLocked(transform); ns != nil {
+			native, targetAns, transform = ns, nil, nil
 		}
 	default:
 		return false, violation("unknown call target type %d", mt.Which())

@@ -350,3 +350,53 @@ func TestNativeLocalPipelining(t *testing.T) {
 		time.Sleep(2 * time.Millisecond)
 	}
 }
+
+// Calls pipelined on a native object in results that have already
+// returned go straight to the object (answer.pipelinedNativeLocked), in
+// order with the calls made on it once the caller holds the import.
+func TestNativePipelinedOnReturnedResult(t *testing.T) {
+	v := newNativeVats(t, true)
+	ctx := context.Background()
+	for range 5 {
+		c := v.boot.Child(ctx, "kid")
+		kid := c.Child()
+		var calls []testnative.Call
+		for i := range 20 {
+			calls = append(calls, kid.Seq(ctx, uint32(i)))
+		}
+		if _, err := c.Struct(ctx); err != nil {
+			t.Fatalf("child: %v", err)
+		}
+		for i := 20; i < 40; i++ {
+			calls = append(calls, kid.Seq(ctx, uint32(i)))
+		}
+		for i, call := range calls {
+			s, err := call.Wait(ctx)
+			if err != nil {
+				t.Fatalf("seq %d: %v", i, err)
+			}
+			if n := testcapnp.Test_seq_Results(s).N(); n != uint32(i) {
+				t.Fatalf("seq %d returned %d", i, n)
+			}
+			call.Release()
+		}
+		lc := kid.Native().Log(ctx, nil)
+		res, err := lc.Struct(ctx)
+		if err != nil {
+			t.Fatalf("log: %v", err)
+		}
+		ns, err := res.Ns()
+		if err != nil {
+			t.Fatalf("log: %v", err)
+		}
+		for i := range 40 {
+			if i >= ns.Len() || ns.At(i) != uint32(i) {
+				t.Fatalf("the child served seq calls out of order or lost some: %d logged, entry %d", ns.Len(), i)
+			}
+		}
+		lc.Release()
+		kid.Release()
+		c.Release()
+	}
+	v.settle(t, true, 1)
+}
