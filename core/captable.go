@@ -91,19 +91,20 @@ func (h *importClient) runTask(fx *effects) {
 }
 
 func (c *Conn) sendReleaseLocked(id, count uint32) {
-	msg, m, err := newMessage()
-	if err != nil {
-		return
-	}
-	defer msg.Release()
+	c.sendTemplateLocked(&releaseTemplate, id, count)
+}
+
+// releaseTemplate is the encoded Release frame, patched with the import
+// id and the reference count.
+var releaseTemplate = newFrameTemplate("Release", 2, func(m rpccp.Message, v []uint32) error {
 	rel, err := m.NewRelease()
 	if err != nil {
-		return
+		return err
 	}
-	rel.SetId(id)
-	rel.SetReferenceCount(count)
-	_ = c.sendLocked(msg)
-}
+	rel.SetId(v[0])
+	rel.SetReferenceCount(v[1])
+	return nil
+})
 
 // addImportLocked returns a client for the peer's export id, counting one
 // more reference to it.

@@ -1,9 +1,7 @@
 package core
 
 import (
-	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"reflect"
@@ -575,67 +573,23 @@ func (c *Conn) sendFinishLocked(id uint32, releaseResultCaps bool) {
 	if releaseResultCaps {
 		t = &finishTemplates[1]
 	}
-	if t.frame == nil {
-		c.log.Error("captp: no Finish template", "err", t.err)
-		return
-	}
-	// The frame is fixed but for the question id: copy it, patch the id.
-	n := len(c.out)
-	c.out = append(c.out, t.frame...)
-	binary.LittleEndian.PutUint32(c.out[n+t.idAt:], id)
-	c.wakeWriter = true
+	c.sendTemplateLocked(t, id)
 }
 
 // finishTemplates are the encoded Finish frames (releaseResultCaps false,
-// true) with question id 0, and where the id goes: a Finish per call is
-// cheaper copied than built as a message.
-var finishTemplates = [2]finishTemplate{newFinishTemplate(false), newFinishTemplate(true)}
+// true), patched with the question id.
+var finishTemplates = [2]frameTemplate{newFinishTemplate(false), newFinishTemplate(true)}
 
-type finishTemplate struct {
-	frame []byte
-	idAt  int
-	err   error
-}
-
-func newFinishTemplate(releaseResultCaps bool) finishTemplate {
-	encode := func(id uint32) ([]byte, error) {
-		msg, seg, err := capnp.NewMessage(capnp.SingleSegment(nil))
-		if err != nil {
-			return nil, err
-		}
-		defer msg.Release()
-		m, err := rpccp.NewRootMessage(seg)
-		if err != nil {
-			return nil, err
-		}
+func newFinishTemplate(releaseResultCaps bool) frameTemplate {
+	return newFrameTemplate("Finish", 1, func(m rpccp.Message, v []uint32) error {
 		f, err := m.NewFinish()
 		if err != nil {
-			return nil, err
+			return err
 		}
-		f.SetQuestionId(id)
+		f.SetQuestionId(v[0])
 		f.SetReleaseResultCaps(releaseResultCaps)
-		return appendFrame(nil, msg)
-	}
-	// Encode with two ids; the id is the only 4 bytes that differ.
-	a, err := encode(0)
-	if err != nil {
-		return finishTemplate{err: err}
-	}
-	b, err := encode(0xffffffff)
-	if err != nil || len(a) != len(b) {
-		return finishTemplate{err: fmt.Errorf("finish template: %v", err)}
-	}
-	at := -1
-	for i := range a {
-		if a[i] != b[i] {
-			at = i
-			break
-		}
-	}
-	if at < 0 || at+4 > len(a) || !bytes.Equal(a[at+4:], b[at+4:]) {
-		return finishTemplate{err: errors.New("finish template: question id not found")}
-	}
-	return finishTemplate{frame: a, idAt: at}
+		return nil
+	})
 }
 
 // forwardCall sends a call that arrived as a Recv (from another
