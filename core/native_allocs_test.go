@@ -38,7 +38,7 @@ func TestNativeCallAllocations(t *testing.T) {
 		max  float64
 	}{
 		{"echo", echo, 8},     // 7: client 5, server 2
-		{"2-hop", twoHop, 76}, // 72–73 in session 8
+		{"2-hop", twoHop, 72}, // 68 in session 8
 	} {
 		for range 100 {
 			tc.call() // warm the pools

@@ -157,9 +157,9 @@ func (n *nativeQuestion) settle(content capnp.Ptr, rerr error) {
 			p.resolver.Reject(fmt.Errorf("captp: pipelined capability: %w", err))
 			continue
 		}
-		cl := ptr.Interface().Client().AddRef()
-		p.resolver.Fulfill(cl)
-		cl.Release()
+		// Fulfill takes a reference of its own; the results hold this
+		// one until the caller releases them, which waits for settling.
+		p.resolver.Fulfill(ptr.Interface().Client())
 	}
 	close(n.done)
 }
