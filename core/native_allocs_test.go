@@ -22,15 +22,9 @@ func TestNativeCallAllocations(t *testing.T) {
 		p.Release()
 	}
 	twoHop := func() {
-		c := boot.Child(ctx, "x")
-		child := c.Child()
-		p := child.Echo(ctx, payload16)
-		if _, err := p.Data(ctx); err != nil {
+		if err := nativeTwoHop(ctx, boot); err != nil {
 			t.Fatal(err)
 		}
-		p.Release()
-		child.Release()
-		c.Release()
 	}
 	for _, tc := range []struct {
 		name string
