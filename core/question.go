@@ -239,9 +239,11 @@ func (c *Conn) send(ctx context.Context, t callTarget, s capnp.Send, native bool
 	// free when it waits (readRole), along with the Returns of any calls
 	// made with it; a call whose caller will not read needs the loop.
 	wakeReader := !native
-	if native && (q.sentCtx == nil || c.deadliner != nil) {
-		// Its caller could read the Return itself: once the loop has
-		// read this one, it leaves the role free if all is quiet.
+	if native && (q.sentCtx == nil || c.deadliner != nil) && c.othersSettledLocked(q) {
+		// A lone call whose caller could read the Return itself: once
+		// the loop has read this one, it leaves the role free if all is
+		// quiet. (Not for every call: with calls in flight the loop
+		// would check for quiet after every message, in vain.)
 		c.read.callerWaited.Store(true)
 	}
 	var out output

@@ -362,6 +362,19 @@ type readDeadliner interface {
 	SetReadDeadline(t time.Time) error
 }
 
+// othersSettledLocked reports whether every question but q has settled.
+func (c *Conn) othersSettledLocked(q *question) bool {
+	if len(c.questions) > 4 {
+		return false
+	}
+	for _, o := range c.questions {
+		if o != q && !o.settled {
+			return false
+		}
+	}
+	return true
+}
+
 // canReadFor reports whether the caller of q, waiting with ctx, may take
 // the read role: a read can be interrupted when the call is cancelled,
 // and ctx ends only with it (or never).
