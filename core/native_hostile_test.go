@@ -55,6 +55,11 @@ func (p *rawPeer) recv() (rpccp.Message, error) {
 // call sends a Call to export id (or, with pa >= 0, to question pa's
 // results at field 5) whose params content is built by params.
 func (p *rawPeer) call(qid, export uint32, pa int, method uint16, params func(rpccp.Payload) error) {
+	p.callField(qid, export, pa, 5, method, params)
+}
+
+// callField is call with the pipelined field chosen.
+func (p *rawPeer) callField(qid, export uint32, pa int, field, method uint16, params func(rpccp.Payload) error) {
 	p.send(func(m rpccp.Message) error {
 		call, err := m.NewCall()
 		if err != nil {
@@ -77,7 +82,7 @@ func (p *rawPeer) call(qid, export uint32, pa int, method uint16, params func(rp
 			if err != nil {
 				return err
 			}
-			ops.At(0).SetGetPointerField(5)
+			ops.At(0).SetGetPointerField(field)
 		} else {
 			mt.SetImportedCap(export)
 		}
@@ -154,8 +159,24 @@ func TestNativeHostileInput(t *testing.T) {
 	p.call(4, 0, 3, 4, noContent)          // name() on field 5 of child's results
 	p.call(5, export, -1, 12, noContent)   // seq with no params at all
 	p.call(6, export, -1, 5, structAsData) // callBack: cb is not a capability
+	// Calls pipelined on a child that returned (the native fast path,
+	// answer.pipelinedNativeLocked): on the child itself, and on a
+	// field of its results that holds nothing.
+	named := func(pl rpccp.Payload) error {
+		params, err := testcapnp.NewTest_child_Params(pl.Segment())
+		if err == nil {
+			err = params.SetName("kid")
+		}
+		if err == nil {
+			err = pl.SetContent(params.ToPtr())
+		}
+		return err
+	}
+	p.call(7, export, -1, 3, named)
+	p.callField(8, 0, 7, 0, 4, noContent) // name() on the child
+	p.callField(9, 0, 7, 3, 4, noContent) // name() on an empty field
 	seen := map[uint32]rpccp.Return_Which{}
-	for len(seen) < 6 {
+	for len(seen) < 9 {
 		m, ok := <-returns
 		if !ok {
 			t.Fatalf("connection ended after %d returns: %v", len(seen), <-errs)
@@ -167,12 +188,17 @@ func TestNativeHostileInput(t *testing.T) {
 		seen[ret.AnswerId()] = ret.Which()
 	}
 	t.Logf("returns: %v", seen)
-	for _, q := range []uint32{2, 4} {
+	for _, q := range []uint32{2, 4, 9} {
 		if seen[q] != rpccp.Return_Which_exception {
 			t.Errorf("question %d returned %v; want an exception", q, seen[q])
 		}
 	}
-	for q := uint32(0); q <= 6; q++ {
+	for _, q := range []uint32{7, 8} {
+		if seen[q] != rpccp.Return_Which_results {
+			t.Errorf("question %d returned %v; want results", q, seen[q])
+		}
+	}
+	for q := uint32(0); q <= 9; q++ {
 		p.send(func(m rpccp.Message) error {
 			f, err := m.NewFinish()
 			f.SetQuestionId(q)
