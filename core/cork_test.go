@@ -246,17 +246,7 @@ func corkedUnderFlowControl(t *testing.T) bool {
 
 	ctx := ctx5(t)
 	data := make([]byte, 1000)
-	send := capnp.Send{
-		Method:   testMethod,
-		ArgsSize: capnp.ObjectSize{PointerCount: 1},
-		PlaceArgs: func(s capnp.Struct) error {
-			d, err := capnp.NewData(s.Segment(), data)
-			if err != nil {
-				return err
-			}
-			return s.SetPtr(0, d.ToPtr())
-		},
-	}
+	send := dataSend(testMethod, data)
 	done := make(chan []PendingCall, 1)
 	go func() {
 		var calls []PendingCall

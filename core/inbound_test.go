@@ -66,17 +66,7 @@ func TestMaxInboundBytesAnswersOverloaded(t *testing.T) {
 
 	payload := make([]byte, 300<<10)
 	call := func() (*capnp.Answer, capnp.ReleaseFunc) {
-		return boot.SendCall(ctx, capnp.Send{
-			Method:   capnp.Method{InterfaceID: 1, MethodID: 1},
-			ArgsSize: capnp.ObjectSize{PointerCount: 1},
-			PlaceArgs: func(s capnp.Struct) error {
-				d, err := capnp.NewData(s.Segment(), payload)
-				if err != nil {
-					return err
-				}
-				return s.SetPtr(0, d.ToPtr())
-			},
-		})
+		return boot.SendCall(ctx, dataSend(capnp.Method{InterfaceID: 1, MethodID: 1}, payload))
 	}
 	var rels []capnp.ReleaseFunc
 	defer func() {
@@ -140,5 +130,21 @@ func TestBootstrapClientHasFlowWindow(t *testing.T) {
 		if _, limited := lim.(*flow.Limiter); limited != (mode != flow.Off) {
 			t.Errorf("flow mode %v: Bootstrap's client has limiter %T", mode, lim)
 		}
+	}
+}
+
+// dataSend is a call to m whose arguments are one pointer field holding
+// data.
+func dataSend(m capnp.Method, data []byte) capnp.Send {
+	return capnp.Send{
+		Method:   m,
+		ArgsSize: capnp.ObjectSize{PointerCount: 1},
+		PlaceArgs: func(s capnp.Struct) error {
+			d, err := capnp.NewData(s.Segment(), data)
+			if err != nil {
+				return err
+			}
+			return s.SetPtr(0, d.ToPtr())
+		},
 	}
 }

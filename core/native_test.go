@@ -142,16 +142,7 @@ func TestNativeEOrder(t *testing.T) {
 	if _, err := block.Wait(ctx); err == nil {
 		t.Fatal("block returned without error after cancel")
 	}
-	for i, c := range calls {
-		s, err := c.Wait(ctx)
-		if err != nil {
-			t.Fatalf("seq %d: %v", i, err)
-		}
-		if n := testcapnp.Test_seq_Results(s).N(); n != uint32(i) {
-			t.Fatalf("seq %d returned %d", i, n)
-		}
-		c.Release()
-	}
+	waitSeqs(t, ctx, calls)
 	block.Release()
 	other.Release()
 	want := make([]uint32, 100)
@@ -370,16 +361,7 @@ func TestNativePipelinedOnReturnedResult(t *testing.T) {
 		for i := 20; i < 40; i++ {
 			calls = append(calls, kid.Seq(ctx, uint32(i)))
 		}
-		for i, call := range calls {
-			s, err := call.Wait(ctx)
-			if err != nil {
-				t.Fatalf("seq %d: %v", i, err)
-			}
-			if n := testcapnp.Test_seq_Results(s).N(); n != uint32(i) {
-				t.Fatalf("seq %d returned %d", i, n)
-			}
-			call.Release()
-		}
+		waitSeqs(t, ctx, calls)
 		lc := kid.Native().Log(ctx, nil)
 		res, err := lc.Struct(ctx)
 		if err != nil {
@@ -399,4 +381,20 @@ func TestNativePipelinedOnReturnedResult(t *testing.T) {
 		c.Release()
 	}
 	v.settle(t, true, 1)
+}
+
+// waitSeqs waits for seq calls made with 0, 1, 2, ..., checks that each
+// returned its number, and releases them.
+func waitSeqs(t *testing.T, ctx context.Context, calls []testnative.Call) {
+	t.Helper()
+	for i, c := range calls {
+		s, err := c.Wait(ctx)
+		if err != nil {
+			t.Fatalf("seq %d: %v", i, err)
+		}
+		if n := testcapnp.Test_seq_Results(s).N(); n != uint32(i) {
+			t.Fatalf("seq %d returned %d", i, n)
+		}
+		c.Release()
+	}
 }
