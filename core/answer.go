@@ -44,9 +44,9 @@ type answer struct {
 	// resultExports counts export references carried by the Return, which
 	// Finish(releaseResultCaps) gives back.
 	resultExports []uint32
-	// resultNatives holds, by cap table index, the native objects among
-	// the results' capabilities (nil if none): calls pipelined on them
-	// go straight to the object (pipelinedNativeLocked).
+	// resultNatives holds, by cap table index, the native objects the
+	// Return exports (nil if none; fillCapTableLocked): calls pipelined
+	// on them go straight to the object (pipelinedNativeLocked).
 	resultNatives []*nativeServer
 	// sendElsewhere is set for a call with sendResultsTo.yourself: its
 	// Return says resultsSentElsewhere and the results stay here for the
@@ -218,10 +218,7 @@ func (c *Conn) prepareLocked(fx *effects, a *answer, err error) {
 	}
 	payload, err := a.outRet.Results()
 	if err == nil {
-		a.resultExports, err = c.fillCapTableLocked(fx, payload, a.out.CapTable())
-	}
-	if err == nil && len(a.resultExports) > 0 {
-		a.resultNatives = c.resultNativesLocked(payload)
+		a.resultExports, err = c.fillCapTableLocked(fx, payload, a.out.CapTable(), &a.resultNatives)
 	}
 	if err != nil {
 		a.outErr = fmt.Errorf("captp: encode results: %w", err)
@@ -565,29 +562,6 @@ func (c *Conn) pipelineCall(ta *answer, ctx context.Context, transform []capnp.P
 	client, err := ta.resultCapLocked(transform)
 	c.unlock()
 	deliverTo(client, err, ctx, recv)
-}
-
-// resultNativesLocked lists, by cap table index, the native objects that
-// payload's cap table carries as our exports, or returns nil if none.
-func (c *Conn) resultNativesLocked(payload rpccp.Payload) []*nativeServer {
-	list, err := payload.CapTable()
-	if err != nil {
-		return nil
-	}
-	var natives []*nativeServer
-	for i := 0; i < list.Len(); i++ {
-		d := list.At(i)
-		if d.Which() != rpccp.CapDescriptor_Which_senderHosted {
-			continue
-		}
-		if e := c.exports[d.SenderHosted()]; e != nil && e.native != nil {
-			if natives == nil {
-				natives = make([]*nativeServer, list.Len())
-			}
-			natives[i] = e.native
-		}
-	}
-	return natives
 }
 
 // pipelinedNativeLocked returns the native object at transform in a's

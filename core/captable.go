@@ -237,8 +237,9 @@ func (c *Conn) releaseExportLocked(fx *effects, id, count uint32) error {
 
 // fillCapTableLocked writes a CapDescriptor for each capability in table
 // into payload, exporting local ones. It returns the export ids that
-// gained a reference.
-func (c *Conn) fillCapTableLocked(fx *effects, payload rpccp.Payload, table *capnp.CapTable) ([]uint32, error) {
+// gained a reference. If natives is not nil, it is set to the native
+// objects among the exports, by cap table index (nil if none).
+func (c *Conn) fillCapTableLocked(fx *effects, payload rpccp.Payload, table *capnp.CapTable, natives *[]*nativeServer) ([]uint32, error) {
 	n := table.Len()
 	if n == 0 {
 		return nil, nil
@@ -254,10 +255,20 @@ func (c *Conn) fillCapTableLocked(fx *effects, payload rpccp.Payload, table *cap
 			for _, id := range exported {
 				_ = c.releaseExportLocked(fx, id, 1)
 			}
+			if natives != nil {
+				*natives = nil
+			}
 			return nil, err
 		}
-		if isExport {
-			exported = append(exported, id)
+		if !isExport {
+			continue
+		}
+		exported = append(exported, id)
+		if e := c.exports[id]; natives != nil && e.native != nil {
+			if *natives == nil {
+				*natives = make([]*nativeServer, n)
+			}
+			(*natives)[i] = e.native
 		}
 	}
 	return exported, nil

@@ -212,7 +212,7 @@ func (c *Conn) send(ctx context.Context, t callTarget, s capnp.Send, native bool
 		err = t.write(mt)
 	}
 	if err == nil {
-		q.paramExports, err = c.fillCapTableLocked(&fx, params, msg.CapTable())
+		q.paramExports, err = c.fillCapTableLocked(&fx, params, msg.CapTable(), nil)
 	}
 	var byRef bool
 	var written chan struct{}

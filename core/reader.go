@@ -362,7 +362,18 @@ type readDeadliner interface {
 	SetReadDeadline(t time.Time) error
 }
 
-// othersSettledLocked reports whether every question but q has settled.
+// canReadFor reports whether the caller of q, waiting with ctx, may take
+// the read role: a read can be interrupted when the call is cancelled,
+// and ctx ends only with it (or never).
+func (c *Conn) canReadFor(q *question, ctx context.Context) bool {
+	if d := ctx.Done(); d != nil && (q.sentCtx == nil || d != q.sentCtx.Done()) {
+		return false
+	}
+	return q.sentCtx == nil || c.deadliner != nil
+}
+
+// othersSettledLocked reports whether every question but q has settled: a
+// caller waiting for q alone can read its Return itself.
 func (c *Conn) othersSettledLocked(q *question) bool {
 	if len(c.questions) > 4 {
 		return false
@@ -373,14 +384,4 @@ func (c *Conn) othersSettledLocked(q *question) bool {
 		}
 	}
 	return true
-}
-
-// canReadFor reports whether the caller of q, waiting with ctx, may take
-// the read role: a read can be interrupted when the call is cancelled,
-// and ctx ends only with it (or never).
-func (c *Conn) canReadFor(q *question, ctx context.Context) bool {
-	if d := ctx.Done(); d != nil && (q.sentCtx == nil || d != q.sentCtx.Done()) {
-		return false
-	}
-	return q.sentCtx == nil || c.deadliner != nil
 }

@@ -249,11 +249,10 @@ type waiter struct {
 // caller that holds back output it should send first, say).
 func (l *Limiter) TryStartMessage(size uint64) (gotResponse func(), ok bool) {
 	p := l.p
-	n := int(min(size, uint64(p.cfg.ConnWindow)+1))
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if l.waiting == 0 && l.fitsLocked(n) {
-		return l.admitLocked(n, p.cfg.Clock()).done, true
+	if t := l.admitNowLocked(l.clamp(size), p.cfg.Clock()); t != nil {
+		return t.done, true
 	}
 	return nil, false
 }
@@ -263,11 +262,10 @@ func (l *Limiter) TryStartMessage(size uint64) (gotResponse func(), ok bool) {
 // gotResponse once, when the call's Return arrives.
 func (l *Limiter) StartMessage(ctx context.Context, size uint64) (gotResponse func(), err error) {
 	p := l.p
-	n := int(min(size, uint64(p.cfg.ConnWindow)+1)) // clamp: any oversize message goes alone
+	n := l.clamp(size)
 	p.mu.Lock()
 	now := p.cfg.Clock()
-	if l.waiting == 0 && l.fitsLocked(n) {
-		t := l.admitLocked(n, now)
+	if t := l.admitNowLocked(n, now); t != nil {
 		p.mu.Unlock()
 		return t.done, nil
 	}
@@ -301,6 +299,21 @@ func (l *Limiter) StartMessage(ctx context.Context, size uint64) (gotResponse fu
 // Release does nothing: a limiter belongs to its object, not to any one
 // client that uses it.
 func (l *Limiter) Release() {}
+
+// clamp is the size a message counts for: any oversize message goes
+// alone.
+func (l *Limiter) clamp(size uint64) int {
+	return int(min(size, uint64(l.p.cfg.ConnWindow)+1))
+}
+
+// admitNowLocked admits n bytes if they fit without waiting (and nobody
+// waits before them), else returns nil.
+func (l *Limiter) admitNowLocked(n int, now time.Duration) *token {
+	if l.waiting == 0 && l.fitsLocked(n) {
+		return l.admitLocked(n, now)
+	}
+	return nil
+}
 
 // fitsLocked reports whether n more bytes fit this limiter's window and
 // the pool's budget. An idle limiter or pool admits any message, so one
