@@ -39,9 +39,9 @@ var scenarios = []scenario{
 	{name: "embargoB_promiseToServerObject_pipelined", run: embargoB(false, 2)},
 	{name: "embargoB_promiseToServerObject_afterReturn", run: embargoB(true, 2)},
 	{name: "embargoB_promiseToServerObject_many", run: embargoB(true, 25)},
-	{name: "embargoC_getHeldOwnCap_resultCap", run: embargoC(false, 2)},
-	{name: "embargoC_getHeldOwnCap_samePipelineRef", run: embargoC(true, 2)},
-	{name: "embargoC_getHeldOwnCap_many", run: embargoC(false, 25)},
+	{name: "embargoC_getHeldOwnCap_resultCap", run: embargoC(false, 2), skip: goCapnpClientLateCall},
+	{name: "embargoC_getHeldOwnCap_samePipelineRef", run: embargoC(true, 2), skip: goCapnpClientLateCall},
+	{name: "embargoC_getHeldOwnCap_many", run: embargoC(false, 25), skip: goCapnpClientLateCall},
 	{name: "brokenPromise", run: testBrokenPromise},
 	{name: "exceptions", run: testExceptions},
 	{name: "unknownMethod", run: testUnknownMethod},
@@ -643,6 +643,20 @@ func goCapnpClientEmbargo(p pairing) string {
 			"-> Disembargo import#2 senderLoopback 0, -> Call import#2 seq(3), <- Disembargo receiverLoopback 0, " +
 			"<- Call seq(3); the client's object logs [1 2 4 3]. Fails 1-10% of runs against either server; " +
 			"run -wiretrace to see it. Covered with our core as the client."
+	}
+	return ""
+}
+
+// goCapnpClientLateCall names the go-capnp client race that lets a call
+// pipelined on a result overtake later calls when the Return arrives while
+// the call is being made.
+func goCapnpClientLateCall(p pairing) string {
+	if p.client == gocapnp {
+		return "SKIP (go-capnp v3.1.0-alpha.2 client race): a call made on a pipelined capability while the " +
+			"question's Return is being handled can reach question.PipelineSend after parseReturn has computed the " +
+			"embargoes from q.called, so it goes out pipelined with no embargo and comes back after the calls made " +
+			"directly on the returned (local) capability. Seen in about 1 of 1,000 runs, against go-capnp's own " +
+			"server as well as ours (the client's object logged [2 3 ... 50 1]). Covered with our core as the client."
 	}
 	return ""
 }
