@@ -975,9 +975,25 @@ func messageBytes(msg *capnp.Message) int64 {
 // reuse. Only for messages released exactly once, by their only owner: a
 // second release would hand the struct to two users.
 func recycleMessage(msg *capnp.Message) {
-	msg.Reset(nil)
+	arena := msg.Arena
+	msg.Reset(nil) // releases arena
+	if ro, ok := arena.(*capnp.ReadOnlySingleSegment); ok {
+		ro.Segment(0).BindTo(nil) // Release leaves it bound to msg
+		inboundArenas.Put(ro)
+	}
 	largeBodies.giveBack(msg)
 	messagePool.Put(msg)
+}
+
+// inboundArenas keeps the arenas of single-segment inbound frames, which
+// only read the frame's body: one per frame would otherwise be garbage.
+var inboundArenas = sync.Pool{New: func() any { return new(capnp.ReadOnlySingleSegment) }}
+
+// inboundArena returns a released arena reading body.
+func inboundArena(body []byte) *capnp.ReadOnlySingleSegment {
+	ro := inboundArenas.Get().(*capnp.ReadOnlySingleSegment)
+	ro.ReplaceData(body)
+	return ro
 }
 
 // effects are calls into capabilities or promises collected under c.mu and

@@ -273,10 +273,11 @@ func (fr *frameReader) nextFrame() (*capnp.Message, error) {
 
 	var msg *capnp.Message
 	if nseg == 1 {
-		// A reused Message struct (see recycleMessage); body is non-nil,
-		// so Reset cannot fail.
+		// A reused Message struct and arena (see recycleMessage); body
+		// is non-nil, so Reset cannot fail. The arena is read-only: the
+		// core never writes into a peer's message.
 		msg = messagePool.Get().(*capnp.Message)
-		_, _ = msg.Reset(capnp.SingleSegment(body))
+		_, _ = msg.Reset(inboundArena(body))
 	} else {
 		segs := make([][]byte, nseg)
 		off := 0

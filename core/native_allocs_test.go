@@ -31,8 +31,8 @@ func TestNativeCallAllocations(t *testing.T) {
 		call func()
 		max  float64
 	}{
-		{"echo", echo, 8},     // 7: client 5, server 2
-		{"2-hop", twoHop, 72}, // 68 in session 8
+		{"echo", echo, 6},     // 5: client 4, server 1
+		{"2-hop", twoHop, 66}, // 62 in session 9
 	} {
 		for range 100 {
 			tc.call() // warm the pools
