@@ -120,6 +120,9 @@ func (a *answer) AllocResults(sz capnp.ObjectSize) (capnp.Struct, error) {
 	if a.out != nil {
 		return capnp.Struct{}, errors.New("captp: results allocated twice")
 	}
+	if returnEnvelope.fits(sz) {
+		return a.allocEnvelopeResults(sz)
+	}
 	msg, m, err := newMessage()
 	if err != nil {
 		return capnp.Struct{}, fmt.Errorf("allocate results: %w", err)
@@ -142,6 +145,27 @@ func (a *answer) AllocResults(sz capnp.ObjectSize) (capnp.Struct, error) {
 	}
 	if err != nil {
 		msg.Release()
+		return capnp.Struct{}, fmt.Errorf("allocate results: %w", err)
+	}
+	a.out, a.outRet, a.outResults = msg, ret, s.ToPtr()
+	return s, nil
+}
+
+// allocEnvelopeResults is AllocResults with the Return built from
+// returnEnvelope.
+func (a *answer) allocEnvelopeResults(sz capnp.ObjectSize) (capnp.Struct, error) {
+	msg, seg, s, err := returnEnvelope.newMessage(sz)
+	if err != nil {
+		return capnp.Struct{}, fmt.Errorf("allocate results: %w", err)
+	}
+	returnEnvelope.set(seg, 0, uint64(a.id))
+	m, err := rpccp.ReadRootMessage(msg)
+	var ret rpccp.Return
+	if err == nil {
+		ret, err = m.Return()
+	}
+	if err != nil {
+		recycleMessage(msg)
 		return capnp.Struct{}, fmt.Errorf("allocate results: %w", err)
 	}
 	a.out, a.outRet, a.outResults = msg, ret, s.ToPtr()
@@ -215,6 +239,9 @@ func (c *Conn) prepareLocked(fx *effects, a *answer, err error) {
 	}
 	if a.sendElsewhere {
 		return // the results never cross the wire: nothing to export
+	}
+	if a.out.CapTable().Len() == 0 {
+		return
 	}
 	payload, err := a.outRet.Results()
 	if err == nil {

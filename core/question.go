@@ -147,19 +147,31 @@ func (c *Conn) send(ctx context.Context, t callTarget, s capnp.Send, native bool
 		m    rpccp.Message
 		data capnp.List
 		err  error
+		call rpccp.Call
+		args capnp.Struct
+		// envSeg is the segment of a call built from the envelope
+		// (newEnvelopeCall), nil for one built struct by struct.
+		envSeg *capnp.Segment
 	)
-	if ref != nil {
-		msg, m, data, err = newRefMessage(ref.data)
+	if ref == nil && t.question == nil && callEnvelope.fits(s.ArgsSize) {
+		msg, envSeg, args, err = newEnvelopeCall(s)
+		if err != nil {
+			return PendingCall{err: err}
+		}
 	} else {
-		msg, m, err = newMessage()
-	}
-	if err != nil {
-		return PendingCall{err: fmt.Errorf("build call: %w", err)}
-	}
-	call, params, err := buildCall(m, s, ref, data)
-	if err != nil {
-		msg.Release()
-		return PendingCall{err: err}
+		if ref != nil {
+			msg, m, data, err = newRefMessage(ref.data)
+		} else {
+			msg, m, err = newMessage()
+		}
+		if err != nil {
+			return PendingCall{err: fmt.Errorf("build call: %w", err)}
+		}
+		call, args, err = buildCall(m, s, ref, data)
+		if err != nil {
+			msg.Release()
+			return PendingCall{err: err}
+		}
 	}
 
 	var size uint64
@@ -179,14 +191,10 @@ func (c *Conn) send(ctx context.Context, t callTarget, s capnp.Send, native bool
 		c.unlock()
 		defer msg.Release()
 		defer redirect.Release()
-		args, err := params.Content()
-		if err != nil {
-			return PendingCall{err: err}
-		}
 		rs := capnp.Send{
 			Method:    s.Method,
-			ArgsSize:  args.Struct().Size(),
-			PlaceArgs: func(dst capnp.Struct) error { return dst.CopyFrom(args.Struct()) },
+			ArgsSize:  args.Size(),
+			PlaceArgs: func(dst capnp.Struct) error { return dst.CopyFrom(args) },
 		}
 		if native {
 			return Call(ctx, redirect, rs)
@@ -205,11 +213,23 @@ func (c *Conn) send(ctx context.Context, t callTarget, s capnp.Send, native bool
 	} else {
 		q = c.newQuestionLocked(s.Method)
 	}
-	call.SetQuestionId(q.id)
 	var fx effects
-	mt, err := call.NewTarget()
-	if err == nil {
-		err = t.write(mt)
+	var params rpccp.Payload
+	if envSeg != nil {
+		callEnvelope.set(envSeg, envQuestionID, uint64(q.id))
+		callEnvelope.set(envSeg, envImportedCap, uint64(t.importID))
+		if msg.CapTable().Len() > 0 {
+			params, err = envelopeCallParams(msg)
+		}
+	} else {
+		call.SetQuestionId(q.id)
+		var mt rpccp.MessageTarget
+		if mt, err = call.NewTarget(); err == nil {
+			err = t.write(mt)
+		}
+		if err == nil {
+			params, err = call.Params()
+		}
 	}
 	if err == nil {
 		q.paramExports, err = c.fillCapTableLocked(&fx, params, msg.CapTable(), nil)
@@ -303,35 +323,35 @@ func (c *Conn) redirectLocked(t callTarget) (capnp.Client, bool) {
 	return capnp.Client{}, false
 }
 
-func buildCall(m rpccp.Message, s capnp.Send, ref *dataRef, data capnp.List) (rpccp.Call, rpccp.Payload, error) {
+func buildCall(m rpccp.Message, s capnp.Send, ref *dataRef, data capnp.List) (rpccp.Call, capnp.Struct, error) {
 	call, err := m.NewCall()
 	if err != nil {
-		return call, rpccp.Payload{}, fmt.Errorf("build call: %w", err)
+		return call, capnp.Struct{}, fmt.Errorf("build call: %w", err)
 	}
 	call.SetInterfaceId(s.Method.InterfaceID)
 	call.SetMethodId(s.Method.MethodID)
 	params, err := call.NewParams()
 	if err != nil {
-		return call, params, fmt.Errorf("build call: %w", err)
+		return call, capnp.Struct{}, fmt.Errorf("build call: %w", err)
 	}
 	args, err := capnp.NewStruct(params.Segment(), s.ArgsSize)
 	if err != nil {
-		return call, params, fmt.Errorf("build call: %w", err)
+		return call, args, fmt.Errorf("build call: %w", err)
 	}
 	if err := params.SetContent(args.ToPtr()); err != nil {
-		return call, params, fmt.Errorf("build call: %w", err)
+		return call, args, fmt.Errorf("build call: %w", err)
 	}
 	if ref != nil {
 		if err := args.SetPtr(ref.field, data.ToPtr()); err != nil {
-			return call, params, fmt.Errorf("build call: reference data: %w", err)
+			return call, args, fmt.Errorf("build call: reference data: %w", err)
 		}
 	}
 	if s.PlaceArgs != nil {
 		if err := s.PlaceArgs(args); err != nil {
-			return call, params, fmt.Errorf("place arguments: %w", err)
+			return call, args, fmt.Errorf("place arguments: %w", err)
 		}
 	}
-	return call, params, nil
+	return call, args, nil
 }
 
 // dropQuestionLocked removes a question that was never sent.

@@ -1,0 +1,260 @@
+package core
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"capnproto.org/go/capnp/v3"
+	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
+)
+
+// A Call to an imported capability is the same Message, Call,
+// MessageTarget and Payload structs every time but for four numbers, and
+// a Return with results the same Message, Return and Payload but for the
+// answer id. So they are copied from an encoded envelope with those
+// fields patched, instead of built struct by struct with go-capnp (about
+// half the cost of building a small call). The arguments or results are
+// still allocated and placed with go-capnp, right after the envelope,
+// and the payload's content pointer is patched to point at them.
+
+// envelope is an encoded message up to its payload's content, with the
+// byte offsets of its variable fields.
+type envelope struct {
+	seg     []byte // the segment: root pointer and the structs, content null
+	at      []int  // each field's offset, in the order encode takes them
+	widths  []int  // each field's width in bytes
+	content int    // the payload's content pointer
+	err     error  // set if the envelope could not be derived: build as before
+}
+
+// The fields of callEnvelope, and their widths in bytes.
+const (
+	envQuestionID = iota
+	envInterfaceID
+	envMethodID
+	envImportedCap
+)
+
+var (
+	callEnvelope   = newEnvelope("call", []int{4, 8, 2, 4}, encodeEnvelopeCall)
+	returnEnvelope = newEnvelope("return", []int{4}, encodeEnvelopeReturn) // the answer id
+)
+
+// envelopeArgs is the struct encode places as content when asked: 8 bytes
+// and one pointer, right after the envelope.
+var envelopeArgs = capnp.ObjectSize{DataSize: 8, PointerCount: 1}
+
+// encodeEnvelopeCall encodes a Call to an import with go-capnp, in the
+// order newMessage lays it out.
+func encodeEnvelopeCall(seg *capnp.Segment, v []uint64) (rpccp.Payload, error) {
+	m, err := rpccp.NewRootMessage(seg)
+	if err != nil {
+		return rpccp.Payload{}, err
+	}
+	call, err := m.NewCall()
+	if err != nil {
+		return rpccp.Payload{}, err
+	}
+	call.SetQuestionId(uint32(v[envQuestionID]))
+	call.SetInterfaceId(v[envInterfaceID])
+	call.SetMethodId(uint16(v[envMethodID]))
+	mt, err := call.NewTarget()
+	if err != nil {
+		return rpccp.Payload{}, err
+	}
+	mt.SetImportedCap(uint32(v[envImportedCap]))
+	return call.NewParams()
+}
+
+// encodeEnvelopeReturn encodes a Return with results as AllocResults does.
+func encodeEnvelopeReturn(seg *capnp.Segment, v []uint64) (rpccp.Payload, error) {
+	m, err := rpccp.NewRootMessage(seg)
+	if err != nil {
+		return rpccp.Payload{}, err
+	}
+	ret, err := m.NewReturn()
+	if err != nil {
+		return rpccp.Payload{}, err
+	}
+	ret.SetAnswerId(uint32(v[0]))
+	ret.SetReleaseParamCaps(false)
+	return ret.NewResults()
+}
+
+// newEnvelope derives an envelope from go-capnp's own encoding: each
+// field's offset is where the encoding changes when only that field is
+// set to all ones.
+func newEnvelope(what string, widths []int, encode func(*capnp.Segment, []uint64) (rpccp.Payload, error)) envelope {
+	fail := func(err error) envelope { return envelope{err: fmt.Errorf("%s envelope: %w", what, err)} }
+	build := func(v []uint64, content bool) ([]byte, error) {
+		msg, seg, err := capnp.NewMessage(capnp.SingleSegment(nil))
+		if err != nil {
+			return nil, err
+		}
+		defer msg.Release()
+		payload, err := encode(seg, v)
+		if err != nil {
+			return nil, err
+		}
+		if content {
+			args, err := capnp.NewStruct(seg, envelopeArgs)
+			if err != nil {
+				return nil, err
+			}
+			if err := payload.SetContent(args.ToPtr()); err != nil {
+				return nil, err
+			}
+		}
+		return bytes.Clone(seg.Data()), nil
+	}
+	zero, err := build(make([]uint64, len(widths)), false)
+	if err != nil {
+		return fail(err)
+	}
+	e := envelope{seg: zero, widths: widths}
+	for k, w := range widths {
+		v := make([]uint64, len(widths))
+		v[k] = 1<<(8*w) - 1
+		if w == 8 {
+			v[k] = ^uint64(0)
+		}
+		one, err := build(v, false)
+		if err != nil {
+			return fail(err)
+		}
+		at, err := changedField(zero, one, w)
+		if err != nil {
+			return fail(fmt.Errorf("field %d: %w", k, err))
+		}
+		e.at = append(e.at, at)
+	}
+	with, err := build(make([]uint64, len(widths)), true)
+	if err != nil {
+		return fail(err)
+	}
+	if len(with) < len(zero) {
+		return fail(errors.New("content shrank the message"))
+	}
+	if e.content, err = changedField(zero, with[:len(zero)], 8); err != nil {
+		return fail(fmt.Errorf("content pointer: %w", err))
+	}
+	// The pointer newMessage computes must be go-capnp's own.
+	if binary.LittleEndian.Uint64(with[e.content:]) != e.contentPointer(envelopeArgs) {
+		return fail(errors.New("content pointer encoding differs"))
+	}
+	return e
+}
+
+// changedField returns the offset of the only width bytes in which zero
+// and one differ, where one holds all ones.
+func changedField(zero, one []byte, width int) (int, error) {
+	if len(zero) != len(one) {
+		return 0, errors.New("field changed the message's size")
+	}
+	at := -1
+	for i := range zero {
+		if zero[i] != one[i] {
+			at = i
+			break
+		}
+	}
+	if at < 0 || at+width > len(zero) || !bytes.Equal(zero[at+width:], one[at+width:]) {
+		return 0, errors.New("field not found")
+	}
+	return at, nil
+}
+
+// contentPointer is the struct pointer, from the payload's content field,
+// to a struct of size sz placed right after the envelope.
+func (e *envelope) contentPointer(sz capnp.ObjectSize) uint64 {
+	offsetWords := (len(e.seg) - (e.content + 8)) / 8
+	dataWords := (uint64(sz.DataSize) + 7) / 8
+	return uint64(uint32(offsetWords)<<2) | dataWords<<32 | uint64(sz.PointerCount)<<48
+}
+
+// fits says whether content of size sz can follow e: a struct of no size
+// is encoded specially, so it cannot.
+func (e *envelope) fits(sz capnp.ObjectSize) bool {
+	return e.err == nil && (sz.DataSize > 0 || sz.PointerCount > 0)
+}
+
+// newMessage builds a message from e and allocates its content, a
+// struct of size sz (e.fits(sz)). The caller sets the fields (set).
+func (e *envelope) newMessage(sz capnp.ObjectSize) (*capnp.Message, *capnp.Segment, capnp.Struct, error) {
+	msg := messagePool.Get().(*capnp.Message)
+	seg, err := msg.Reset(capnp.SingleSegment(nil))
+	if err != nil {
+		return nil, nil, capnp.Struct{}, err
+	}
+	// go-capnp reserves the root pointer first; the struct covers the
+	// rest of the envelope, whose bytes then replace it.
+	if _, err := capnp.NewStruct(seg, capnp.ObjectSize{DataSize: capnp.Size(len(e.seg) - 8)}); err != nil {
+		recycleMessage(msg)
+		return nil, nil, capnp.Struct{}, err
+	}
+	if len(seg.Data()) != len(e.seg) {
+		recycleMessage(msg)
+		return nil, nil, capnp.Struct{}, errors.New("envelope misplaced")
+	}
+	copy(seg.Data(), e.seg)
+	content, err := capnp.NewStruct(seg, sz)
+	if err != nil {
+		recycleMessage(msg)
+		return nil, nil, capnp.Struct{}, err
+	}
+	d := seg.Data() // the allocation may have moved the segment
+	if got := content.Size(); uint64(len(d)-len(e.seg)) != uint64(got.DataSize)+8*uint64(got.PointerCount) {
+		recycleMessage(msg)
+		return nil, nil, capnp.Struct{}, errors.New("content misplaced")
+	}
+	binary.LittleEndian.PutUint64(d[e.content:], e.contentPointer(sz))
+	return msg, seg, content, nil
+}
+
+// set sets field k of a message built from e.
+func (e *envelope) set(seg *capnp.Segment, k int, v uint64) {
+	d := seg.Data()[e.at[k]:]
+	switch e.widths[k] {
+	case 2:
+		binary.LittleEndian.PutUint16(d, uint16(v))
+	case 4:
+		binary.LittleEndian.PutUint32(d, uint32(v))
+	default:
+		binary.LittleEndian.PutUint64(d, v)
+	}
+}
+
+// newEnvelopeCall builds a Call to an imported capability from
+// callEnvelope and places its arguments. The question id and the import
+// go in later, under c.mu.
+func newEnvelopeCall(s capnp.Send) (*capnp.Message, *capnp.Segment, capnp.Struct, error) {
+	msg, seg, args, err := callEnvelope.newMessage(s.ArgsSize)
+	if err != nil {
+		return nil, nil, capnp.Struct{}, fmt.Errorf("build call: %w", err)
+	}
+	callEnvelope.set(seg, envInterfaceID, s.Method.InterfaceID)
+	callEnvelope.set(seg, envMethodID, uint64(s.Method.MethodID))
+	if s.PlaceArgs != nil {
+		if err := s.PlaceArgs(args); err != nil {
+			msg.Release()
+			return nil, nil, capnp.Struct{}, fmt.Errorf("place arguments: %w", err)
+		}
+	}
+	return msg, seg, args, nil
+}
+
+// envelopeCallParams reads back the payload of a call built from
+// callEnvelope, to encode its capability table.
+func envelopeCallParams(msg *capnp.Message) (rpccp.Payload, error) {
+	m, err := rpccp.ReadRootMessage(msg)
+	if err != nil {
+		return rpccp.Payload{}, err
+	}
+	call, err := m.Call()
+	if err != nil {
+		return rpccp.Payload{}, err
+	}
+	return call.Params()
+}
