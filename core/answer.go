@@ -29,13 +29,13 @@ type answer struct {
 
 	// Published by Return under c.mu; read by pipelined calls.
 	msg     *capnp.Message // the Return message; kept until Finish for pipelining
-	ret     rpccp.Return
-	results capnp.Ptr // the results content
-	err     error     // exception result
+	ret     rpccp.Return   // unset if msg was built from returnEnvelope (returnOf)
+	results capnp.Ptr      // the results content
+	err     error          // exception result
 
 	// Written by the handler's goroutine before Return, without the lock.
 	out        *capnp.Message
-	outRet     rpccp.Return
+	outRet     rpccp.Return // unset if out was built from returnEnvelope (returnOf)
 	outResults capnp.Ptr
 	outErr     error
 
@@ -158,17 +158,9 @@ func (a *answer) allocEnvelopeResults(sz capnp.ObjectSize) (capnp.Struct, error)
 	if err != nil {
 		return capnp.Struct{}, fmt.Errorf("allocate results: %w", err)
 	}
-	returnEnvelope.set(seg, 0, uint64(a.id))
-	m, err := rpccp.ReadRootMessage(msg)
-	var ret rpccp.Return
-	if err == nil {
-		ret, err = m.Return()
-	}
-	if err != nil {
-		recycleMessage(msg)
-		return capnp.Struct{}, fmt.Errorf("allocate results: %w", err)
-	}
-	a.out, a.outRet, a.outResults = msg, ret, s.ToPtr()
+	returnEnvelope.set(seg, envAnswerID, uint64(a.id))
+	// outRet stays unset: most Returns never need it (returnOf).
+	a.out, a.outRet, a.outResults = msg, rpccp.Return{}, s.ToPtr()
 	return s, nil
 }
 
@@ -243,7 +235,7 @@ func (c *Conn) prepareLocked(fx *effects, a *answer, err error) {
 	if a.out.CapTable().Len() == 0 {
 		return
 	}
-	payload, err := a.outRet.Results()
+	payload, err := outResultsPayload(a)
 	if err == nil {
 		a.resultExports, err = c.fillCapTableLocked(fx, payload, a.out.CapTable(), &a.resultNatives)
 	}
@@ -346,7 +338,11 @@ func (c *Conn) returnLocked(fx *effects, a *answer) {
 	}
 	dropAtReturn := a.msg != nil && c.noFinishNeededLocked(a)
 	if dropAtReturn {
-		a.ret.SetNoFinishNeeded(true)
+		if a.ret.IsValid() {
+			a.ret.SetNoFinishNeeded(true)
+		} else if seg, err := a.msg.Segment(0); err == nil {
+			returnEnvelope.set(seg, envNoFinishNeeded, 1)
+		}
 		if c.finishOptional == nil {
 			c.finishOptional = make(map[uint32]struct{})
 		}

@@ -24,7 +24,8 @@ import (
 type envelope struct {
 	seg     []byte // the segment: root pointer and the structs, content null
 	at      []int  // each field's offset, in the order encode takes them
-	widths  []int  // each field's width in bytes
+	widths  []int  // each field's width in bytes; 1 is a bool field
+	masks   []byte // each bool field's bit
 	content int    // the payload's content pointer
 	err     error  // set if the envelope could not be derived: build as before
 }
@@ -39,7 +40,13 @@ const (
 
 var (
 	callEnvelope   = newEnvelope("call", []int{4, 8, 2, 4}, encodeEnvelopeCall)
-	returnEnvelope = newEnvelope("return", []int{4}, encodeEnvelopeReturn) // the answer id
+	returnEnvelope = newEnvelope("return", []int{4, 1}, encodeEnvelopeReturn)
+)
+
+// The fields of returnEnvelope.
+const (
+	envAnswerID = iota
+	envNoFinishNeeded
 )
 
 // envelopeArgs is the struct encode places as content when asked: 8 bytes
@@ -78,8 +85,9 @@ func encodeEnvelopeReturn(seg *capnp.Segment, v []uint64) (rpccp.Payload, error)
 	if err != nil {
 		return rpccp.Payload{}, err
 	}
-	ret.SetAnswerId(uint32(v[0]))
+	ret.SetAnswerId(uint32(v[envAnswerID]))
 	ret.SetReleaseParamCaps(false)
+	ret.SetNoFinishNeeded(v[envNoFinishNeeded] != 0)
 	return ret.NewResults()
 }
 
@@ -129,6 +137,7 @@ func newEnvelope(what string, widths []int, encode func(*capnp.Segment, []uint64
 			return fail(fmt.Errorf("field %d: %w", k, err))
 		}
 		e.at = append(e.at, at)
+		e.masks = append(e.masks, zero[at]^one[at])
 	}
 	with, err := build(make([]uint64, len(widths)), true)
 	if err != nil {
@@ -217,6 +226,12 @@ func (e *envelope) newMessage(sz capnp.ObjectSize) (*capnp.Message, *capnp.Segme
 func (e *envelope) set(seg *capnp.Segment, k int, v uint64) {
 	d := seg.Data()[e.at[k]:]
 	switch e.widths[k] {
+	case 1:
+		if v != 0 {
+			d[0] |= e.masks[k]
+		} else {
+			d[0] &^= e.masks[k]
+		}
 	case 2:
 		binary.LittleEndian.PutUint16(d, uint16(v))
 	case 4:
@@ -243,6 +258,28 @@ func newEnvelopeCall(s capnp.Send) (*capnp.Message, *capnp.Segment, capnp.Struct
 		}
 	}
 	return msg, seg, args, nil
+}
+
+// returnOf returns ret, the Return struct of msg, reading it from msg if
+// msg was built from returnEnvelope (which leaves ret unset).
+func returnOf(msg *capnp.Message, ret rpccp.Return) (rpccp.Return, error) {
+	if ret.IsValid() {
+		return ret, nil
+	}
+	m, err := rpccp.ReadRootMessage(msg)
+	if err != nil {
+		return rpccp.Return{}, err
+	}
+	return m.Return()
+}
+
+// outResultsPayload returns the payload of a's results message.
+func outResultsPayload(a *answer) (rpccp.Payload, error) {
+	ret, err := returnOf(a.out, a.outRet)
+	if err != nil {
+		return rpccp.Payload{}, err
+	}
+	return ret.Results()
 }
 
 // envelopeCallParams reads back the payload of a call built from

@@ -72,8 +72,12 @@ func TestReturnEnvelopeDecodes(t *testing.T) {
 		if err := res.SetData(1, data); err != nil {
 			t.Fatal(err)
 		}
-		if !a.outRet.IsValid() || a.outRet.AnswerId() != 0xabcdef {
-			t.Fatalf("outRet: valid %v, answer id %#x", a.outRet.IsValid(), a.outRet.AnswerId())
+		if ret, err := returnOf(a.out, a.outRet); err != nil || ret.AnswerId() != 0xabcdef {
+			t.Fatalf("returnOf: answer id %#x, %v", ret.AnswerId(), err)
+		}
+		noFinish := size == 16
+		if seg, err := a.out.Segment(0); noFinish && err == nil {
+			returnEnvelope.set(seg, envNoFinishNeeded, 1)
 		}
 		frame, err := appendFrame(nil, a.out)
 		recycleMessage(a.out)
@@ -85,7 +89,7 @@ func TestReturnEnvelopeDecodes(t *testing.T) {
 		if err != nil || m.Which() != rpccp.Message_Which_return {
 			t.Fatalf("message is %v (%v); want return", m.Which(), err)
 		}
-		if ret.AnswerId() != 0xabcdef || ret.ReleaseParamCaps() || ret.NoFinishNeeded() || ret.Which() != rpccp.Return_Which_results {
+		if ret.AnswerId() != 0xabcdef || ret.ReleaseParamCaps() || ret.NoFinishNeeded() != noFinish || ret.Which() != rpccp.Return_Which_results {
 			t.Fatalf("return fields: answer %#x releaseParamCaps %v noFinishNeeded %v which %v",
 				ret.AnswerId(), ret.ReleaseParamCaps(), ret.NoFinishNeeded(), ret.Which())
 		}

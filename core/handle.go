@@ -136,7 +136,7 @@ func (c *Conn) handleBootstrap(fx *effects, m rpccp.Message) error {
 		c.returnLocked(fx, a)
 		return nil
 	}
-	payload, err := a.outRet.Results()
+	payload, err := outResultsPayload(a)
 	if err == nil {
 		iface := capnp.NewInterface(payload.Segment(), a.out.CapTable().Add(c.bootstrap.AddRef()))
 		a.outResults = iface.ToPtr()
@@ -709,7 +709,11 @@ func (c *Conn) loopbackTargetLocked(mt rpccp.MessageTarget) (*loopbackTarget, er
 		}
 		// Answer with what our Return said that capability was.
 		if iface := ptr.Interface(); iface.IsValid() {
-			payload, err := a.ret.Results()
+			ret, err := returnOf(a.msg, a.ret)
+			if err != nil {
+				return nil, err
+			}
+			payload, err := ret.Results()
 			if err != nil {
 				return nil, err
 			}

@@ -165,7 +165,7 @@ func (a *answer) setBootstrapResult(client capnp.Client) error {
 		client.Release()
 		return err
 	}
-	payload, err := a.outRet.Results()
+	payload, err := outResultsPayload(a)
 	if err != nil {
 		client.Release()
 		return fmt.Errorf("captp: restore: %w", err)

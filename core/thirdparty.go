@@ -396,7 +396,7 @@ func (c *Conn) returnAcceptLocked(fx *effects, a *answer, target capnp.Client, e
 		c.returnLocked(fx, a)
 		return
 	}
-	payload, err := a.outRet.Results()
+	payload, err := outResultsPayload(a)
 	if err == nil {
 		iface := capnp.NewInterface(payload.Segment(), a.out.CapTable().Add(target))
 		a.outResults = iface.ToPtr()
