@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 
 	"capnproto.org/go/capnp/v3"
 
@@ -28,7 +29,11 @@ type PendingCall struct {
 
 // nativeQuestion is what a native question has instead of a promise.
 type nativeQuestion struct {
-	done chan struct{} // closed once the question is settled
+	// done holds a channel closed once the question is settled: made
+	// only for a caller that must block on it (doneChan), because most
+	// find the call settled or read its Return themselves; settledDone
+	// once settled.
+	done atomic.Pointer[chan struct{}]
 
 	// flow is the flow-control acknowledgement of the call, called once
 	// the Return arrives (or the call fails); acked says that happened
@@ -61,7 +66,6 @@ func (c *Conn) newNativeQuestionLocked(m capnp.Method) *question {
 	}{} // one allocation for both
 	q := &nq.q
 	*q = question{c: c, id: c.questionIDs.get(), method: m, native: &nq.n}
-	nq.n.done = make(chan struct{})
 	c.questions[q.id] = q
 	return q
 }
@@ -161,7 +165,34 @@ func (n *nativeQuestion) settle(content capnp.Ptr, rerr error) {
 		// one until the caller releases them, which waits for settling.
 		p.resolver.Fulfill(ptr.Interface().Client())
 	}
-	close(n.done)
+	n.markDone()
+}
+
+// settledDone is nativeQuestion.done once the question is settled.
+var settledDone = &closedChan
+
+// markDone records that the question is settled and wakes whoever waits.
+func (n *nativeQuestion) markDone() {
+	if p := n.done.Swap(settledDone); p != nil && p != settledDone {
+		close(*p)
+	}
+}
+
+// isDone reports whether the question is settled. What settling set is
+// visible once it reports true, as after receiving from doneChan.
+func (n *nativeQuestion) isDone() bool { return n.done.Load() == settledDone }
+
+// doneChan returns a channel closed once the question is settled.
+func (n *nativeQuestion) doneChan() <-chan struct{} {
+	p := n.done.Load()
+	if p == nil {
+		ch := make(chan struct{})
+		if n.done.CompareAndSwap(nil, &ch) {
+			return ch
+		}
+		p = n.done.Load() // another waiter's, or settledDone
+	}
+	return *p
 }
 
 // Err reports whether the call could not be sent at all.
@@ -178,7 +209,7 @@ func (p PendingCall) done() <-chan struct{} {
 	case p.q != nil:
 		p.q.c.uncork()
 		p.q.c.read.wakeLoop() // whoever selects on it does not read
-		return p.q.native.done
+		return p.q.native.doneChan()
 	case p.ans != nil:
 		return p.ans.Done()
 	}
@@ -209,12 +240,8 @@ func (p PendingCall) Wait(ctx context.Context) (capnp.Struct, error) {
 		return p.ans.Struct()
 	}
 	p.q.wait(ctx)
-	if ctx.Err() != nil {
-		select {
-		case <-p.q.native.done:
-		default:
-			return capnp.Struct{}, ctx.Err()
-		}
+	if ctx.Err() != nil && !p.q.native.isDone() {
+		return capnp.Struct{}, ctx.Err()
 	}
 	// done was closed after these were set under c.mu, and they change
 	// again only once the caller releases the question.
@@ -231,10 +258,8 @@ func (p PendingCall) Wait(ctx context.Context) (capnp.Struct, error) {
 func (q *question) wait(ctx context.Context) {
 	q.c.uncork()
 	n := q.native
-	select {
-	case <-n.done:
+	if n.isDone() {
 		return
-	default:
 	}
 	r := &q.c.read
 	if q.c.canReadFor(q, ctx) && q.c.readForCaller(q) {
@@ -242,7 +267,7 @@ func (q *question) wait(ctx context.Context) {
 	}
 	r.wakeLoop()
 	select {
-	case <-n.done:
+	case <-n.doneChan():
 	case <-ctx.Done():
 	}
 }
@@ -314,7 +339,7 @@ func (p PendingCall) Pipeline(fields ...uint16) capnp.Client {
 	c.mu.Lock()
 	if q.settled {
 		c.unlock()
-		<-q.native.done // settled: its effect is about to close it, if not yet
+		<-q.native.doneChan() // settled: its effect is about to close it, if not yet
 		if q.resultErr != nil {
 			return capnp.ErrorClient(q.resultErr)
 		}

@@ -270,14 +270,12 @@ func (c *Conn) readForCaller(q *question) bool {
 		r.reader = q
 		c.unlock()
 	}
-	done := q.native.done
+	nq := q.native
 	empty := 0
 	for {
-		select {
-		case <-done:
+		if nq.isDone() {
 			c.leaveRole(true)
 			return true
-		default:
 		}
 		if r.ended {
 			c.leaveRole(false)
@@ -301,7 +299,7 @@ func (c *Conn) readForCaller(q *question) bool {
 		n, err := r.fr.readSome()
 		switch {
 		case err != nil && r.interrupted.Load():
-			<-done // being cancelled: settled right after the interrupt
+			<-nq.doneChan() // being cancelled: settled right after the interrupt
 		case err != nil:
 			r.fr.rerr = err // readOne reports it after what is buffered
 		case n == 0:
