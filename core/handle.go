@@ -263,6 +263,9 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 // embargo is non-nil it is called for each capability that names one of
 // ours and may replace it.
 func (c *Conn) importCapTableLocked(fx *effects, msg *capnp.Message, payload rpccp.Payload, embargo func(i int, cl capnp.Client) (capnp.Client, error)) error {
+	if !payload.HasCapTable() {
+		return nil // an inbound message's own table starts empty
+	}
 	list, err := payload.CapTable()
 	if err != nil {
 		return violation("decode cap table: %w", err)
