@@ -11,7 +11,10 @@ import (
 )
 
 // A Call to an imported capability is the same Message, Call,
-// MessageTarget and Payload structs every time but for four numbers, and
+// MessageTarget and Payload structs every time but for four numbers (a
+// call pipelined on one pointer field of a question's results, the
+// common case of pipelining, also a PromisedAnswer and its one-op
+// transform, and one number more), and
 // a Return with results the same Message, Return and Payload but for the
 // answer id. So they are copied from an encoded envelope with those
 // fields patched, instead of built struct by struct with go-capnp (about
@@ -30,17 +33,19 @@ type envelope struct {
 	err     error  // set if the envelope could not be derived: build as before
 }
 
-// The fields of callEnvelope, and their widths in bytes.
+// The fields of callEnvelope and pipelinedCallEnvelope.
 const (
-	envQuestionID = iota
-	envInterfaceID
-	envMethodID
-	envImportedCap
+	envQuestionID  = iota
+	envInterfaceID // 8 bytes
+	envMethodID    // 2 bytes
+	envTarget      // the import, or the question pipelined on
+	envPointerField
 )
 
 var (
-	callEnvelope   = newEnvelope("call", []int{4, 8, 2, 4}, encodeEnvelopeCall)
-	returnEnvelope = newEnvelope("return", []int{4, 1}, encodeEnvelopeReturn)
+	callEnvelope          = newEnvelope("call", []int{4, 8, 2, 4}, encodeEnvelopeCall)
+	pipelinedCallEnvelope = newEnvelope("pipelined call", []int{4, 8, 2, 4, 2}, encodeEnvelopePipelinedCall)
+	returnEnvelope        = newEnvelope("return", []int{4, 1}, encodeEnvelopeReturn)
 )
 
 // The fields of returnEnvelope.
@@ -56,6 +61,25 @@ var envelopeArgs = capnp.ObjectSize{DataSize: 8, PointerCount: 1}
 // encodeEnvelopeCall encodes a Call to an import with go-capnp, in the
 // order newMessage lays it out.
 func encodeEnvelopeCall(seg *capnp.Segment, v []uint64) (rpccp.Payload, error) {
+	return encodeCallTo(seg, v, func(mt rpccp.MessageTarget) error {
+		mt.SetImportedCap(uint32(v[envTarget]))
+		return nil
+	})
+}
+
+// encodeEnvelopePipelinedCall encodes a Call on a pointer field of a
+// question's results.
+func encodeEnvelopePipelinedCall(seg *capnp.Segment, v []uint64) (rpccp.Payload, error) {
+	return encodeCallTo(seg, v, func(mt rpccp.MessageTarget) error {
+		pa, err := mt.NewPromisedAnswer()
+		if err != nil {
+			return err
+		}
+		return writePromisedAnswer(pa, uint32(v[envTarget]), []capnp.PipelineOp{{Field: uint16(v[envPointerField])}})
+	})
+}
+
+func encodeCallTo(seg *capnp.Segment, v []uint64, target func(rpccp.MessageTarget) error) (rpccp.Payload, error) {
 	m, err := rpccp.NewRootMessage(seg)
 	if err != nil {
 		return rpccp.Payload{}, err
@@ -71,7 +95,9 @@ func encodeEnvelopeCall(seg *capnp.Segment, v []uint64) (rpccp.Payload, error) {
 	if err != nil {
 		return rpccp.Payload{}, err
 	}
-	mt.SetImportedCap(uint32(v[envImportedCap]))
+	if err := target(mt); err != nil {
+		return rpccp.Payload{}, err
+	}
 	return call.NewParams()
 }
 
@@ -241,16 +267,46 @@ func (e *envelope) set(seg *capnp.Segment, k int, v uint64) {
 	}
 }
 
-// newEnvelopeCall builds a Call to an imported capability from
-// callEnvelope and places its arguments. The question id and the import
-// go in later, under c.mu.
-func newEnvelopeCall(s capnp.Send) (*capnp.Message, *capnp.Segment, capnp.Struct, error) {
-	msg, seg, args, err := callEnvelope.newMessage(s.ArgsSize)
+// callEnvelopeFor returns the envelope a call to t with s can be built
+// from, or nil.
+func callEnvelopeFor(t callTarget, s capnp.Send) *envelope {
+	var e *envelope
+	switch {
+	case t.question == nil:
+		e = &callEnvelope
+	case len(t.transform) == 1:
+		e = &pipelinedCallEnvelope
+	default:
+		return nil
+	}
+	if !e.fits(s.ArgsSize) {
+		return nil
+	}
+	return e
+}
+
+// setCallTarget sets the question id and the target of a call built from
+// e (callEnvelopeFor(t)).
+func (e *envelope) setCallTarget(seg *capnp.Segment, qid uint32, t callTarget) {
+	e.set(seg, envQuestionID, uint64(qid))
+	if t.question == nil {
+		e.set(seg, envTarget, uint64(t.importID))
+		return
+	}
+	e.set(seg, envTarget, uint64(t.question.id))
+	e.set(seg, envPointerField, uint64(t.transform[0].Field))
+}
+
+// newEnvelopeCall builds a Call from e (callEnvelope or
+// pipelinedCallEnvelope) and places its arguments. The question id and
+// the target go in later, under c.mu (setCallTarget).
+func newEnvelopeCall(e *envelope, s capnp.Send) (*capnp.Message, *capnp.Segment, capnp.Struct, error) {
+	msg, seg, args, err := e.newMessage(s.ArgsSize)
 	if err != nil {
 		return nil, nil, capnp.Struct{}, fmt.Errorf("build call: %w", err)
 	}
-	callEnvelope.set(seg, envInterfaceID, s.Method.InterfaceID)
-	callEnvelope.set(seg, envMethodID, uint64(s.Method.MethodID))
+	e.set(seg, envInterfaceID, s.Method.InterfaceID)
+	e.set(seg, envMethodID, uint64(s.Method.MethodID))
 	if s.PlaceArgs != nil {
 		if err := s.PlaceArgs(args); err != nil {
 			msg.Release()

@@ -12,50 +12,89 @@ import (
 // through go-capnp's own accessors, for arguments small and large (the
 // segment grows and moves while they are placed).
 func TestCallEnvelopeDecodes(t *testing.T) {
-	if callEnvelope.err != nil || returnEnvelope.err != nil {
-		t.Fatal(callEnvelope.err, returnEnvelope.err)
+	if callEnvelope.err != nil || pipelinedCallEnvelope.err != nil || returnEnvelope.err != nil {
+		t.Fatal(callEnvelope.err, pipelinedCallEnvelope.err, returnEnvelope.err)
 	}
-	for _, size := range []int{0, 16, 100_000} {
-		data := bytes.Repeat([]byte{0xab}, size)
-		s := capnp.Send{
-			Method:    capnp.Method{InterfaceID: 0x8badf00ddeadbeef, MethodID: 0xfeed},
-			ArgsSize:  capnp.ObjectSize{DataSize: 16, PointerCount: 2},
-			PlaceArgs: func(args capnp.Struct) error { args.SetUint64(8, 42); return args.SetData(1, data) },
+	pipelinedOn := &question{id: 0xbeef}
+	targets := []callTarget{
+		{importID: 0x123456},
+		{question: pipelinedOn, transform: []capnp.PipelineOp{{Field: 0xabc}}},
+	}
+	for _, target := range targets {
+		for _, size := range []int{0, 16, 100_000} {
+			data := bytes.Repeat([]byte{0xab}, size)
+			s := capnp.Send{
+				Method:    capnp.Method{InterfaceID: 0x8badf00ddeadbeef, MethodID: 0xfeed},
+				ArgsSize:  capnp.ObjectSize{DataSize: 16, PointerCount: 2},
+				PlaceArgs: func(args capnp.Struct) error { args.SetUint64(8, 42); return args.SetData(1, data) },
+			}
+			env := callEnvelopeFor(target, s)
+			if env == nil {
+				t.Fatalf("no envelope for target %+v", target)
+			}
+			msg, seg, _, err := newEnvelopeCall(env, s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			env.setCallTarget(seg, 0xc0ffee, target)
+			frame, err := appendFrame(nil, msg)
+			recycleMessage(msg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			m := decodeFrameForTest(t, frame)
+			if m.Which() != rpccp.Message_Which_call {
+				t.Fatalf("message is %v; want call", m.Which())
+			}
+			call, err := m.Call()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if call.QuestionId() != 0xc0ffee || call.InterfaceId() != 0x8badf00ddeadbeef || call.MethodId() != 0xfeed ||
+				call.SendResultsTo().Which() != rpccp.Call_sendResultsTo_Which_caller {
+				t.Fatalf("call fields: question %#x interface %#x method %#x", call.QuestionId(), call.InterfaceId(), call.MethodId())
+			}
+			checkEnvelopeTarget(t, call, target)
+			params, err := call.Params()
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkEnvelopeContent(t, params, s.ArgsSize, data)
 		}
-		msg, seg, _, err := newEnvelopeCall(s)
-		if err != nil {
-			t.Fatal(err)
+	}
+	// Only a one-field transform has an envelope.
+	long := callTarget{question: pipelinedOn, transform: []capnp.PipelineOp{{Field: 0}, {Field: 1}}}
+	if callEnvelopeFor(long, capnp.Send{ArgsSize: capnp.ObjectSize{DataSize: 8}}) != nil {
+		t.Fatal("envelope for a two-op transform")
+	}
+}
+
+func checkEnvelopeTarget(t *testing.T, call rpccp.Call, want callTarget) {
+	t.Helper()
+	mt, err := call.Target()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want.question == nil {
+		if mt.Which() != rpccp.MessageTarget_Which_importedCap || mt.ImportedCap() != want.importID {
+			t.Fatalf("target %v/%#x; want import %#x", mt.Which(), mt.ImportedCap(), want.importID)
 		}
-		callEnvelope.set(seg, envQuestionID, 0xc0ffee)
-		callEnvelope.set(seg, envImportedCap, 0x123456)
-		frame, err := appendFrame(nil, msg)
-		recycleMessage(msg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		m := decodeFrameForTest(t, frame)
-		if m.Which() != rpccp.Message_Which_call {
-			t.Fatalf("message is %v; want call", m.Which())
-		}
-		call, err := m.Call()
-		if err != nil {
-			t.Fatal(err)
-		}
-		target, err := call.Target()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if call.QuestionId() != 0xc0ffee || call.InterfaceId() != 0x8badf00ddeadbeef || call.MethodId() != 0xfeed ||
-			target.Which() != rpccp.MessageTarget_Which_importedCap || target.ImportedCap() != 0x123456 ||
-			call.SendResultsTo().Which() != rpccp.Call_sendResultsTo_Which_caller {
-			t.Fatalf("call fields: question %#x interface %#x method %#x target %v/%#x", call.QuestionId(),
-				call.InterfaceId(), call.MethodId(), target.Which(), target.ImportedCap())
-		}
-		params, err := call.Params()
-		if err != nil {
-			t.Fatal(err)
-		}
-		checkEnvelopeContent(t, params, s.ArgsSize, data)
+		return
+	}
+	if mt.Which() != rpccp.MessageTarget_Which_promisedAnswer {
+		t.Fatalf("target %v; want a promised answer", mt.Which())
+	}
+	pa, err := mt.PromisedAnswer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ops, err := pa.Transform()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pa.QuestionId() != want.question.id || ops.Len() != 1 ||
+		ops.At(0).Which() != rpccp.PromisedAnswer_Op_Which_getPointerField || ops.At(0).GetPointerField() != want.transform[0].Field {
+		t.Fatalf("promised answer: question %#x, %d ops", pa.QuestionId(), ops.Len())
 	}
 }
 
@@ -175,12 +214,11 @@ func BenchmarkCallEnvelope(b *testing.B) {
 	var frame []byte
 	b.Run("envelope", func(b *testing.B) {
 		for b.Loop() {
-			msg, seg, _, err := newEnvelopeCall(s)
+			msg, seg, _, err := newEnvelopeCall(&callEnvelope, s)
 			if err != nil {
 				b.Fatal(err)
 			}
-			callEnvelope.set(seg, envQuestionID, 5)
-			callEnvelope.set(seg, envImportedCap, 7)
+			callEnvelope.setCallTarget(seg, 5, callTarget{importID: 7})
 			frame, _ = appendFrame(frame[:0], msg)
 			recycleMessage(msg)
 		}

@@ -149,12 +149,17 @@ func (c *Conn) send(ctx context.Context, t callTarget, s capnp.Send, native bool
 		err  error
 		call rpccp.Call
 		args capnp.Struct
-		// envSeg is the segment of a call built from the envelope
-		// (newEnvelopeCall), nil for one built struct by struct.
+		// env and envSeg are the envelope a call was built from
+		// (newEnvelopeCall) and its segment, nil for one built struct
+		// by struct.
+		env    *envelope
 		envSeg *capnp.Segment
 	)
-	if ref == nil && t.question == nil && callEnvelope.fits(s.ArgsSize) {
-		msg, envSeg, args, err = newEnvelopeCall(s)
+	if ref == nil {
+		env = callEnvelopeFor(t, s)
+	}
+	if env != nil {
+		msg, envSeg, args, err = newEnvelopeCall(env, s)
 		if err != nil {
 			return PendingCall{err: err}
 		}
@@ -216,8 +221,7 @@ func (c *Conn) send(ctx context.Context, t callTarget, s capnp.Send, native bool
 	var fx effects
 	var params rpccp.Payload
 	if envSeg != nil {
-		callEnvelope.set(envSeg, envQuestionID, uint64(q.id))
-		callEnvelope.set(envSeg, envImportedCap, uint64(t.importID))
+		env.setCallTarget(envSeg, q.id, t)
 		if msg.CapTable().Len() > 0 {
 			params, err = envelopeCallParams(msg)
 		}
