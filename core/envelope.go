@@ -79,6 +79,7 @@ func encodeEnvelopePipelinedCall(seg *capnp.Segment, v []uint64) (rpccp.Payload,
 	})
 }
 
+// encodeCallTo encodes a Call whose target target sets.
 func encodeCallTo(seg *capnp.Segment, v []uint64, target func(rpccp.MessageTarget) error) (rpccp.Payload, error) {
 	m, err := rpccp.NewRootMessage(seg)
 	if err != nil {
