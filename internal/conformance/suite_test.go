@@ -33,7 +33,7 @@ var scenarios = []scenario{
 	{name: "capsServerToClient", run: testCapsServerToClient},
 	{name: "capIdentityRoundTrip", run: testCapIdentity},
 	{name: "pipelineChain3", run: testPipelineChain},
-	{name: "embargoA_promiseToCaller_pipelined", run: embargoA(false, 2)},
+	{name: "embargoA_promiseToCaller_pipelined", run: embargoA(false, 2), skip: goCapnpClientEmbargo},
 	{name: "embargoA_promiseToCaller_afterReturn", run: embargoA(true, 2), skip: goCapnpClientEmbargo},
 	{name: "embargoA_promiseToCaller_many", run: embargoA(true, 25), skip: goCapnpClientEmbargo},
 	{name: "embargoB_promiseToServerObject_pipelined", run: embargoB(false, 2)},
@@ -642,7 +642,10 @@ func goCapnpClientEmbargo(p pairing) string {
 			"and later calls overtake it. Wire trace (gocapnp client, our server): <- Resolve promise#2 receiverHosted#0, " +
 			"-> Disembargo import#2 senderLoopback 0, -> Call import#2 seq(3), <- Disembargo receiverLoopback 0, " +
 			"<- Call seq(3); the client's object logs [1 2 4 3]. Fails 1-10% of runs against either server; " +
-			"run -wiretrace to see it. Covered with our core as the client."
+			"the _pipelined variant, whose calls 3 and 4 go out before the resolving call returns, 1 run in " +
+			"300 to 2,000 against our server (the same trace: seq(3), pipelined on the promise's answer, goes out " +
+			"after the Disembargo; not seen in 600 runs against go-capnp's server). " +
+			"Run -wiretrace to see it. Covered with our core as the client."
 	}
 	return ""
 }
