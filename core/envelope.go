@@ -10,17 +10,18 @@ import (
 	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
 )
 
-// A Call to an imported capability is the same Message, Call,
-// MessageTarget and Payload structs every time but for four numbers (a
-// call pipelined on one pointer field of a question's results, the
-// common case of pipelining, also a PromisedAnswer and its one-op
-// transform, and one number more), and
-// a Return with results the same Message, Return and Payload but for the
-// answer id. So they are copied from an encoded envelope with those
-// fields patched, instead of built struct by struct with go-capnp (about
-// half the cost of building a small call). The arguments or results are
-// still allocated and placed with go-capnp, right after the envelope,
-// and the payload's content pointer is patched to point at them.
+// Most outbound Calls and Returns are the same structs every time but for
+// a few numbers: a Call to an imported capability is a Message, Call,
+// MessageTarget and Payload that differ only in the question id,
+// interface, method and import; a call pipelined on one pointer field of
+// a question's results (the common case of pipelining) has a
+// PromisedAnswer with a one-op transform instead of the import; a Return
+// with results differs only in its answer id and noFinishNeeded. So they
+// are copied from an encoded envelope with those fields patched, instead
+// of built struct by struct with go-capnp (about half the cost of
+// building a small call). The arguments or results are still allocated
+// and placed with go-capnp, right after the envelope, and the payload's
+// content pointer is patched to point at them.
 
 // envelope is an encoded message up to its payload's content, with the
 // byte offsets of its variable fields.
