@@ -338,11 +338,7 @@ func (c *Conn) returnLocked(fx *effects, a *answer) {
 	}
 	dropAtReturn := a.msg != nil && c.noFinishNeededLocked(a)
 	if dropAtReturn {
-		if a.ret.IsValid() {
-			a.ret.SetNoFinishNeeded(true)
-		} else if seg, err := a.msg.Segment(0); err == nil {
-			returnEnvelope.set(seg, envNoFinishNeeded, 1)
-		}
+		setNoFinishNeeded(a.msg, a.ret)
 		if c.finishOptional == nil {
 			c.finishOptional = make(map[uint32]struct{})
 		}

@@ -331,6 +331,17 @@ func returnOf(msg *capnp.Message, ret rpccp.Return) (rpccp.Return, error) {
 	return m.Return()
 }
 
+// setNoFinishNeeded sets Return.noFinishNeeded in msg, whose Return
+// struct is ret, or unset if msg was built from returnEnvelope: then the
+// bit is patched in place rather than the Return read back.
+func setNoFinishNeeded(msg *capnp.Message, ret rpccp.Return) {
+	if ret.IsValid() {
+		ret.SetNoFinishNeeded(true)
+	} else if seg, err := msg.Segment(0); err == nil {
+		returnEnvelope.set(seg, envNoFinishNeeded, 1)
+	}
+}
+
 // outResultsPayload returns the payload of a's results message.
 func outResultsPayload(a *answer) (rpccp.Payload, error) {
 	ret, err := returnOf(a.out, a.outRet)
@@ -340,9 +351,9 @@ func outResultsPayload(a *answer) (rpccp.Payload, error) {
 	return ret.Results()
 }
 
-// envelopeCallParams reads back the payload of a call built from
-// callEnvelope, to encode its capability table.
-func envelopeCallParams(msg *capnp.Message) (rpccp.Payload, error) {
+// callParams reads back the payload of an outbound call, to encode its
+// capability table: only calls that carry capabilities need it.
+func callParams(msg *capnp.Message) (rpccp.Payload, error) {
 	m, err := rpccp.ReadRootMessage(msg)
 	if err != nil {
 		return rpccp.Payload{}, err

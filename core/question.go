@@ -219,24 +219,20 @@ func (c *Conn) send(ctx context.Context, t callTarget, s capnp.Send, native bool
 		q = c.newQuestionLocked(s.Method)
 	}
 	var fx effects
-	var params rpccp.Payload
 	if envSeg != nil {
 		env.setCallTarget(envSeg, q.id, t)
-		if msg.CapTable().Len() > 0 {
-			params, err = envelopeCallParams(msg)
-		}
 	} else {
 		call.SetQuestionId(q.id)
 		var mt rpccp.MessageTarget
 		if mt, err = call.NewTarget(); err == nil {
 			err = t.write(mt)
 		}
-		if err == nil {
-			params, err = call.Params()
-		}
 	}
-	if err == nil {
-		q.paramExports, err = c.fillCapTableLocked(&fx, params, msg.CapTable(), nil)
+	if err == nil && msg.CapTable().Len() > 0 {
+		var params rpccp.Payload
+		if params, err = callParams(msg); err == nil {
+			q.paramExports, err = c.fillCapTableLocked(&fx, params, msg.CapTable(), nil)
+		}
 	}
 	var byRef bool
 	var written chan struct{}
