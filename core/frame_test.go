@@ -835,3 +835,43 @@ func TestFrameReadAhead(t *testing.T) {
 		t.Errorf("%d reads for %d large frames; want about one per frame", cr.reads, len(frames))
 	}
 }
+
+// largestReadRecorder records the largest buffer a Read was given.
+type largestReadRecorder struct {
+	r       io.Reader
+	largest int
+}
+
+func (l *largestReadRecorder) Read(p []byte) (int, error) {
+	l.largest = max(l.largest, len(p))
+	return l.r.Read(p)
+}
+
+// Large bodies are read in pieces below memmove's non-temporal threshold
+// (maxReadBytes), whether read once (readLargeAhead) or as a stream of
+// equal frames (bulk mode), and still arrive whole.
+func TestFrameReadsBelowNonTemporalCopies(t *testing.T) {
+	sizes := [][]int{{3 << 20}, {1 << 20}, {1 << 20}, {1 << 20}, {16}, {(1 << 20) + 100}}
+	var stream []byte
+	for _, s := range sizes {
+		stream = append(stream, mustFrame(t, testMessage(t, false, s...))...)
+	}
+	rec := &largestReadRecorder{r: bytes.NewReader(stream)}
+	fr := newFrameReader(rec, Limits{})
+	fr.bodies = new(bodyPool)
+	for _, s := range sizes {
+		msg, err := fr.readMessage()
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkTestMessage(t, msg, s...)
+		msg.Reset(nil)
+		fr.bodies.giveBack(msg)
+	}
+	if rec.largest > maxReadBytes {
+		t.Fatalf("a Read was given %d bytes, want at most %d: memmove copies 1 MiB or more past the cache", rec.largest, maxReadBytes)
+	}
+	if maxReadBytes >= 1<<20 {
+		t.Fatalf("maxReadBytes = %d reaches memmove's non-temporal threshold (1 MiB)", maxReadBytes)
+	}
+}
