@@ -127,7 +127,7 @@ func (e *StallError) Timeout() bool { return true }
 func (cf config) wrap(c net.Conn) net.Conn {
 	cf.sizeBuffers(c)
 	if cf.frameTimeout <= 0 && cf.idleTimeout <= 0 {
-		return vectorConn{c}
+		return newSocketConn(c)
 	}
 	return &deadlineConn{Conn: c, frame: cf.frameTimeout, idle: cf.idleTimeout}
 }
