@@ -52,7 +52,8 @@ func Dial(ctx context.Context, addr string, opts *core.Options, options ...Optio
 
 // NewConn starts a Cap'n Proto RPC connection over c, a socket made
 // elsewhere (a socketpair, an inherited descriptor, a custom dialer), with
-// what Dial and Serve add to their sockets: vectored writes and options.
+// what Dial and Serve add to their sockets: vectored writes, raw system
+// calls for small reads and writes on Linux stream sockets, and options.
 // Like core.NewConn, the Conn owns c and takes ownership of
 // opts.BootstrapClient.
 func NewConn(c net.Conn, opts *core.Options, options ...Option) *core.Conn {
