@@ -69,7 +69,8 @@ const (
 	// buffer, so a 1 MiB body read in one piece would land in RAM, and
 	// whoever uses it next (a handler, or the Return that echoes it) would
 	// read it back from there: half the speed of two cached half copies.
-	// A kernel socket returns less than this per read anyway.
+	// A kernel socket seldom returns more per read, and one more read per
+	// 512 KiB costs little next to copying them.
 	maxReadBytes = 512 << 10
 
 	// maxSegmentBytes is the largest segment go-capnp can address.
