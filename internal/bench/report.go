@@ -134,28 +134,26 @@ type Target struct {
 	Impl     Impl   `json:"impl,omitempty"`
 	Measured string `json:"measured"`
 	Met      bool   `json:"met"`
-	// Noisy says that the runs behind a ratio spread widely (max over
-	// min beyond noisySpread on either side): then whether it is met says
-	// more about the machine during the run than about the code, and
-	// Measured gives both ranges.
+	// Noisy says that the verdict depends on which runs are compared:
+	// one side's median against the other side's fastest or slowest
+	// run (or the other way round) would give the opposite answer. Then
+	// Measured also gives the range of those ratios, and whether the
+	// target is met says as much about the machine during the run as
+	// about the code.
 	Noisy bool `json:"noisy,omitempty"`
 }
 
-// noisySpread is the max/min ratio of one side's runs from which a
-// target's ratio is reported as noisy. Runs of the same code on this
-// kind of machine differ by up to a third; beyond half, a single run's
-// luck can decide the target.
-const noisySpread = 1.5
-
-// spreadNote returns the runs' ranges of a ratio's two sides, and whether
-// either spreads beyond noisySpread.
-func spreadNote(ours, other *Result) (string, bool) {
-	wide := func(r *Result) bool { return r.Min > 0 && r.Max/r.Min > noisySpread }
-	if !wide(ours) && !wide(other) {
-		return "", false
+// ratioRange returns the ratios of each side's median to the other
+// side's slowest and fastest runs, lowest and highest.
+func ratioRange(ours, other *Result) (lo, hi float64) {
+	lo, hi = math.Inf(1), math.Inf(-1)
+	for _, v := range []float64{ours.Median / other.Max, ours.Median / other.Min, ours.Min / other.Median, ours.Max / other.Median} {
+		if math.IsNaN(v) || math.IsInf(v, 0) {
+			continue
+		}
+		lo, hi = min(lo, v), max(hi, v)
 	}
-	return fmt.Sprintf(" (noisy runs: %s %s–%s, %s %s–%s %s)", other.Impl, num(other.Min), num(other.Max),
-		ours.Impl, num(ours.Min), num(ours.Max), ours.Unit), true
+	return lo, hi
 }
 
 func (r *Report) skip(im Impl, tr Transport, reason string) {
@@ -293,9 +291,12 @@ func (r *Report) implTargets(tr Transport, im Impl) {
 			return
 		}
 		v := res.Median / other.Median
-		note, noisy := spreadNote(res, other)
-		r.Targets = append(r.Targets, Target{Goal: goal, Transport: tr, Impl: im,
-			Measured: fmt.Sprintf("%.2f×", v) + note, Met: ok(v), Noisy: noisy})
+		t := Target{Goal: goal, Transport: tr, Impl: im, Measured: fmt.Sprintf("%.2f×", v), Met: ok(v)}
+		if lo, hi := ratioRange(res, other); lo <= hi && (ok(lo) != t.Met || ok(hi) != t.Met) {
+			t.Noisy = true
+			t.Measured += fmt.Sprintf(" (not robust: %.2f–%.2f× against single runs)", lo, hi)
+		}
+		r.Targets = append(r.Targets, t)
 	}
 	check("sequential latency median ≤ 2.0× the raw floor", ours(mSeqMedian), Raw, func(v float64) bool { return v <= 2.0 })
 	check("64 in flight: ≥ 4× go-capnp's calls/s", ours(mRate64), GoCapnp, func(v float64) bool { return v >= 4 })
