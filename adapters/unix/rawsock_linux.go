@@ -28,7 +28,9 @@ const rawSyscallMax = 64 << 10
 // second with 64 in flight by about 15% (PERFORMANCE.md).
 //
 // It is what vectorConn is otherwise (vectored writes, half-close,
-// NetConn). Reads and writes each hold a lock around the shared
+// NetConn). One difference: the race detector does not see the kernel
+// write into a read's buffer, as it does for syscall.Read; the caller
+// owns the buffer throughout either way. Reads and writes each hold a lock around the shared
 // arguments of the reusable function that RawConn calls back; the core
 // never reads or writes from two goroutines at once, so it is never
 // contended.
