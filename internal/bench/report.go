@@ -318,8 +318,14 @@ func (r *Report) implTargets(tr Transport, im Impl) {
 			Measured: fmt.Sprintf("%.1f MB (max %.1f MB) for %s streamed", h.Median, h.Max, size(r.Counts.StreamBytes)), Met: h.Max <= 64})
 	}
 	if p := ours(mPipe2Ratio); p != nil {
-		r.Targets = append(r.Targets, Target{Goal: "2-hop pipelined call ≤ 1.2× one round trip", Transport: tr, Impl: im,
-			Measured: fmt.Sprintf("%.2f×", p.Median), Met: p.Median <= 1.2})
+		// A ratio within each run: not robust when its runs straddle the goal.
+		t := Target{Goal: "2-hop pipelined call ≤ 1.2× one round trip", Transport: tr, Impl: im,
+			Measured: fmt.Sprintf("%.2f×", p.Median), Met: p.Median <= 1.2}
+		if (p.Min <= 1.2) != (p.Max <= 1.2) {
+			t.Noisy = true
+			t.Measured += fmt.Sprintf(" (not robust: %.2f–%.2f× in single runs)", p.Min, p.Max)
+		}
+		r.Targets = append(r.Targets, t)
 	}
 }
 
