@@ -48,6 +48,10 @@ type answer struct {
 	// Return exports (nil if none; fillCapTableLocked): calls pipelined
 	// on them go straight to the object (pipelinedNativeLocked).
 	resultNatives []*nativeServer
+	// The arrays of resultExports and resultNatives for a Return that
+	// carries one capability, the common case.
+	resultExportsBuf [1]uint32
+	resultNativesBuf [1]*nativeServer
 	// sendElsewhere is set for a call with sendResultsTo.yourself: its
 	// Return says resultsSentElsewhere and the results stay here for the
 	// takers, questions the peer answered with takeFromOtherQuestion.
@@ -237,7 +241,7 @@ func (c *Conn) prepareLocked(fx *effects, a *answer, err error) {
 	}
 	payload, err := outResultsPayload(a)
 	if err == nil {
-		a.resultExports, err = c.fillCapTableLocked(fx, payload, a.out.CapTable(), &a.resultNatives)
+		a.resultExports, err = c.fillCapTableLocked(fx, payload, a.out.CapTable(), a.resultExportsBuf[:0], &a.resultNatives, a.resultNativesBuf[:])
 	}
 	if err != nil {
 		a.outErr = fmt.Errorf("captp: encode results: %w", err)

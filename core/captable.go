@@ -237,9 +237,11 @@ func (c *Conn) releaseExportLocked(fx *effects, id, count uint32) error {
 
 // fillCapTableLocked writes a CapDescriptor for each capability in table
 // into payload, exporting local ones. It returns the export ids that
-// gained a reference. If natives is not nil, it is set to the native
-// objects among the exports, by cap table index (nil if none).
-func (c *Conn) fillCapTableLocked(fx *effects, payload rpccp.Payload, table *capnp.CapTable, natives *[]*nativeServer) ([]uint32, error) {
+// gained a reference, appended to exported. If natives is not nil, it is
+// set to the native objects among the exports, by cap table index (nil
+// if none), in nativesBuf when that has room. (The buffers let an
+// answer keep both in arrays of its own.)
+func (c *Conn) fillCapTableLocked(fx *effects, payload rpccp.Payload, table *capnp.CapTable, exported []uint32, natives *[]*nativeServer, nativesBuf []*nativeServer) ([]uint32, error) {
 	n := table.Len()
 	if n == 0 {
 		return nil, nil
@@ -248,7 +250,6 @@ func (c *Conn) fillCapTableLocked(fx *effects, payload rpccp.Payload, table *cap
 	if err != nil {
 		return nil, fmt.Errorf("encode cap table: %w", err)
 	}
-	var exported []uint32
 	for i := 0; i < n; i++ {
 		id, isExport, err := c.describeCapLocked(fx, list.At(i), table.At(i))
 		if err != nil {
@@ -266,7 +267,11 @@ func (c *Conn) fillCapTableLocked(fx *effects, payload rpccp.Payload, table *cap
 		exported = append(exported, id)
 		if e := c.exports[id]; natives != nil && e.native != nil {
 			if *natives == nil {
-				*natives = make([]*nativeServer, n)
+				if n <= len(nativesBuf) {
+					*natives = nativesBuf[:n:n]
+				} else {
+					*natives = make([]*nativeServer, n)
+				}
 			}
 			(*natives)[i] = e.native
 		}
@@ -277,12 +282,15 @@ func (c *Conn) fillCapTableLocked(fx *effects, payload rpccp.Payload, table *cap
 // describeCapLocked fills d for client: a reference back to the peer when
 // the capability is the peer's, otherwise an export.
 func (c *Conn) describeCapLocked(fx *effects, d rpccp.CapDescriptor, client capnp.Client) (uint32, bool, error) {
-	if !client.IsValid() {
+	// One reference for both questions (each of IsValid, Snapshot and
+	// AddRef allocates one): a null, released or broken-to-null client
+	// has an invalid snapshot.
+	snap := client.Snapshot()
+	defer snap.Release()
+	if !snap.IsValid() {
 		d.SetNone()
 		return 0, false, nil
 	}
-	snap := client.Snapshot()
-	defer snap.Release()
 	switch h := snap.Brand().Value.(type) {
 	case *importClient:
 		if h.c == c {
@@ -481,7 +489,7 @@ func (c *Conn) importCapLocked(fx *effects, d rpccp.CapDescriptor, inResolve boo
 		if err != nil {
 			return capnp.Client{}, false, fmt.Errorf("decode receiverAnswer: %w", err)
 		}
-		a, transform, err := c.promisedAnswerLocked(pa)
+		a, transform, err := c.promisedAnswerLocked(pa, nil)
 		if err != nil {
 			if _, ok := c.finishOptional[pa.QuestionId()]; ok {
 				return capnp.ErrorClient(errNoCapability), true, nil
@@ -520,8 +528,9 @@ func (c *Conn) answerClientLocked(a *answer, transform []capnp.PipelineOp) capnp
 // capability, after those results were dropped (noFinishNeededLocked).
 var errNoCapability = errors.New("captp: pipelined call on results without capabilities")
 
-// promisedAnswerLocked resolves a PromisedAnswer naming one of our answers.
-func (c *Conn) promisedAnswerLocked(pa rpccp.PromisedAnswer) (*answer, []capnp.PipelineOp, error) {
+// promisedAnswerLocked resolves a PromisedAnswer naming one of our
+// answers; the transform's ops are appended to transform.
+func (c *Conn) promisedAnswerLocked(pa rpccp.PromisedAnswer, transform []capnp.PipelineOp) (*answer, []capnp.PipelineOp, error) {
 	a := c.answers[pa.QuestionId()]
 	if a == nil {
 		return nil, nil, fmt.Errorf("unknown question %d", pa.QuestionId())
@@ -533,7 +542,6 @@ func (c *Conn) promisedAnswerLocked(pa rpccp.PromisedAnswer) (*answer, []capnp.P
 	if err != nil {
 		return nil, nil, fmt.Errorf("decode transform: %w", err)
 	}
-	transform := make([]capnp.PipelineOp, 0, ops.Len())
 	for i := 0; i < ops.Len(); i++ {
 		op := ops.At(i)
 		switch op.Which() {

@@ -188,7 +188,11 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 		if err != nil {
 			return false, violation("decode call target: %w", err)
 		}
-		targetAns, transform, err = c.promisedAnswerLocked(pa)
+		// Decoded on the stack: a call pipelined on a native object in
+		// the results (the common case) needs no copy of the transform.
+		var opsBuf [2]capnp.PipelineOp
+		var ops []capnp.PipelineOp
+		targetAns, ops, err = c.promisedAnswerLocked(pa, opsBuf[:0])
 		if err != nil {
 			if _, ok := c.finishOptional[pa.QuestionId()]; !ok {
 				return false, violation("call target: %w", err)
@@ -196,8 +200,10 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 			// Pipelined before the peer saw that the results, which had
 			// no capability, were dropped: it fails as it would have.
 			target = capnp.ErrorClient(errNoCapability)
-		} else if ns := targetAns.pipelinedNativeLocked(transform); ns != nil {
-			native, targetAns, transform = ns, nil, nil
+		} else if ns := targetAns.pipelinedNativeLocked(ops); ns != nil {
+			native, targetAns = ns, nil
+		} else if len(ops) > 0 {
+			transform = append([]capnp.PipelineOp(nil), ops...)
 		}
 	default:
 		return false, violation("unknown call target type %d", mt.Which())
@@ -699,7 +705,7 @@ func (c *Conn) loopbackTargetLocked(mt rpccp.MessageTarget) (*loopbackTarget, er
 		if err != nil {
 			return nil, err
 		}
-		a, transform, err := c.promisedAnswerLocked(pa)
+		a, transform, err := c.promisedAnswerLocked(pa, nil)
 		if err != nil {
 			return nil, err
 		}

@@ -32,7 +32,7 @@ func TestNativeCallAllocations(t *testing.T) {
 		max  float64
 	}{
 		{"echo", echo, 4},     // client 3, server 1 (5 until session 10 made the done channel lazy)
-		{"2-hop", twoHop, 62}, // 60 in session 10
+		{"2-hop", twoHop, 60}, // 54–57 since session 12 (62–63 before); it varies with which goroutine reads
 	} {
 		for range 100 {
 			tc.call() // warm the pools

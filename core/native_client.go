@@ -40,9 +40,11 @@ type nativeQuestion struct {
 	// before flow was set.
 	flow  func()
 	acked bool
-	// pipelines are promises handed out by Pipeline before the Return,
-	// settled with the capabilities in the results.
-	pipelines []nativePipe
+	// pipelines are the hooks of promises handed out by Pipeline before
+	// the Return, settled with the capabilities in the results; the
+	// first is kept in pipeBuf (most calls pipeline on one field).
+	pipelines []*nativePipeline
+	pipeBuf   [1]*nativePipeline
 	// pipeRefs counts live pipeline hooks: the question is finished only
 	// once the caller and every pipeline client have let go.
 	pipeRefs       int
@@ -50,12 +52,7 @@ type nativeQuestion struct {
 
 	// Taken under c.mu when the question settles, run after the unlock.
 	settleFlow      func()
-	settlePipelines []nativePipe
-}
-
-type nativePipe struct {
-	transform []capnp.PipelineOp
-	resolver  capnp.Resolver[capnp.Client]
+	settlePipelines []*nativePipeline
 }
 
 // newNativeQuestionLocked allocates a question id for a native call.
@@ -152,18 +149,20 @@ func (n *nativeQuestion) settle(content capnp.Ptr, rerr error) {
 	pipes := n.settlePipelines
 	n.settlePipelines = nil
 	for _, p := range pipes {
+		r := p.resolver
+		p.resolver = nil // the hook may live on; the promise is settled
 		if rerr != nil {
-			p.resolver.Reject(rerr)
+			r.Reject(rerr)
 			continue
 		}
 		ptr, err := capnp.Transform(content, p.transform)
 		if err != nil {
-			p.resolver.Reject(fmt.Errorf("captp: pipelined capability: %w", err))
+			r.Reject(fmt.Errorf("captp: pipelined capability: %w", err))
 			continue
 		}
 		// Fulfill takes a reference of its own; the results hold this
 		// one until the caller releases them, which waits for settling.
-		p.resolver.Fulfill(ptr.Interface().Client())
+		r.Fulfill(ptr.Interface().Client())
 	}
 	n.markDone()
 }
@@ -354,7 +353,11 @@ func (p PendingCall) Pipeline(fields ...uint16) capnp.Client {
 		return capnp.ErrorClient(errors.New("captp: Pipeline on a released call"))
 	}
 	cl, r := capnp.NewPromisedClient(hook)
-	q.native.pipelines = append(q.native.pipelines, nativePipe{transform: transform, resolver: r})
+	hook.resolver = r
+	if q.native.pipelines == nil {
+		q.native.pipelines = q.native.pipeBuf[:0]
+	}
+	q.native.pipelines = append(q.native.pipelines, hook)
 	q.native.pipeRefs++
 	c.unlock()
 	return cl
@@ -366,6 +369,8 @@ type nativePipeline struct {
 	q         *question
 	transform []capnp.PipelineOp
 	ops       [2]capnp.PipelineOp // transform's array when it is short
+	// resolver settles the promise at the Return (nativeQuestion.settle).
+	resolver capnp.Resolver[capnp.Client]
 }
 
 func (h *nativePipeline) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {

@@ -23,10 +23,12 @@ type question struct {
 	method capnp.Method
 	p      *capnp.Promise
 
-	// pipelined records the transforms of calls sent to this question's
-	// promised answer, so that a Return naming our own capabilities at
-	// those paths can embargo them.
-	pipelined [][]capnp.PipelineOp
+	// pipelined records the paths (transforms) that calls were sent to
+	// in this question's promised answer, each once, so that a Return
+	// naming our own capabilities at those paths can embargo them;
+	// pipelinedBuf holds the first.
+	pipelined    [][]capnp.PipelineOp
+	pipelinedBuf [1][]capnp.PipelineOp
 
 	returned  bool // Return received
 	finished  bool // Finish sent
@@ -231,7 +233,7 @@ func (c *Conn) send(ctx context.Context, t callTarget, s capnp.Send, native bool
 	if err == nil && msg.CapTable().Len() > 0 {
 		var params rpccp.Payload
 		if params, err = callParams(msg); err == nil {
-			q.paramExports, err = c.fillCapTableLocked(&fx, params, msg.CapTable(), nil)
+			q.paramExports, err = c.fillCapTableLocked(&fx, params, msg.CapTable(), nil, nil, nil)
 		}
 	}
 	var byRef bool
@@ -252,7 +254,7 @@ func (c *Conn) send(ctx context.Context, t callTarget, s capnp.Send, native bool
 		return PendingCall{err: err}
 	}
 	if t.question != nil {
-		t.question.pipelined = append(t.question.pipelined, t.transform)
+		t.question.notePipelinedLocked(t.transform)
 	}
 	c.watchCancelLocked(q, ctx)
 	// A native call's caller reads its Return itself if the read role is
@@ -291,6 +293,34 @@ func (c *Conn) send(ctx context.Context, t callTarget, s capnp.Send, native bool
 		c.startFlow(ctx, q, t.lim, size)
 	}
 	return PendingCall{q: q}
+}
+
+// notePipelinedLocked records that a call went to path in q's promised
+// answer (see question.pipelined).
+func (q *question) notePipelinedLocked(path []capnp.PipelineOp) {
+	for _, p := range q.pipelined {
+		if samePath(p, path) {
+			return
+		}
+	}
+	if q.pipelined == nil {
+		q.pipelined = q.pipelinedBuf[:0]
+	}
+	q.pipelined = append(q.pipelined, path)
+}
+
+// samePath reports whether two transforms name the same pointer field
+// path, as PromisedAnswer carries it (default values do not cross).
+func samePath(a, b []capnp.PipelineOp) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i].Field != b[i].Field {
+			return false
+		}
+	}
+	return true
 }
 
 // redirectLocked returns what a call to t should go to instead of the

@@ -256,7 +256,7 @@ func (c *Conn) handleProvide(fx *effects, m rpccp.Message) error {
 		if err != nil {
 			return violation("decode provide target: %w", err)
 		}
-		a, transform, err := c.promisedAnswerLocked(pa)
+		a, transform, err := c.promisedAnswerLocked(pa, nil)
 		if err != nil {
 			return violation("provide target: %w", err)
 		}
