@@ -36,12 +36,16 @@ type question struct {
 	settling  bool // settled by a Return whose settle effect has not run yet
 	released  bool // the caller released the answer
 	bootstrap bool
+	// bootDropped: the caller released the bootstrap promise before the
+	// Return. (The bools sit together: the question and its native part
+	// fit the 512-byte size class.)
+	bootDropped bool
+	noFinish    bool // the Return said noFinishNeeded
 
 	// For Bootstrap: the promise handed to the caller, and the capability
 	// it resolved to (kept for calls that raced with the Return).
 	bootResolver capnp.Resolver[capnp.Client]
 	bootCap      capnp.Client
-	bootDropped  bool // the caller released the promise before the Return
 	// onSettled, if set, runs (as an effect) once the question is settled
 	// by its Return, rejected, or dropped unsent.
 	onSettled func()
@@ -53,7 +57,6 @@ type question struct {
 	paramExports  []uint32        // exports our Call carried, released by Return.releaseParamCaps
 	stopCancel    func() bool     // stops a context watch of this question's own
 	watch         *ctxWatch       // or the shared watch it is linked into
-	noFinish      bool            // the Return said noFinishNeeded
 	sentCtx       context.Context // the context it was sent with, if that can end
 	watchPrev     *question
 	watchNext     *question
