@@ -29,7 +29,7 @@ type config struct {
 // ByteStream chunk, so every large frame took several writes, each
 // waiting for the reader to drain the socket, and several reads; with
 // room for a few chunks a frame goes in one writev and comes out in one
-// read, and a 1 GiB stream runs markedly faster (PERFORMANCE.md,
+// read, and a 1 GiB stream runs markedly faster (internal/bench/NOTES.md,
 // "Streams"). The kernel caps it at net.core.wmem_max and rmem_max.
 const DefaultSocketBuffer = 1 << 20
 
