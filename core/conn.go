@@ -118,6 +118,7 @@ type Conn struct {
 	// read is the read role: who reads the transport (reader.go).
 	read      readRole
 	deadliner readDeadliner // the transport's, if it has one
+	tryWriter TryWriter     // the transport's, if it has one
 	// peerCalls counts the peer's calls, so that a connection the peer
 	// calls on stays read by the read loop (quietLocked).
 	peerCalls uint64
@@ -193,6 +194,7 @@ func newConn(rwc io.ReadWriteCloser, opts *Options) *Conn {
 	c.flow = flow.NewPool(c.lim.Flow)
 	c.read.init()
 	c.deadliner, _ = rwc.(readDeadliner)
+	c.tryWriter, _ = rwc.(TryWriter)
 	return c
 }
 
@@ -383,6 +385,7 @@ var testWriterWoken atomic.Pointer[func(*Conn)]
 type output struct {
 	buf   []byte
 	large []largeFrame
+	try   bool // write what the transport takes at once (tryWrite)
 }
 
 // A largeFrame's segments are written straight from its message, not
@@ -517,7 +520,12 @@ func (c *Conn) uncork() {
 // held back instead (readerOwes), and written with those that follow
 // when the input runs dry (payReaderDebt): a peer's calls that arrived
 // together, a call and the calls pipelined on it, are answered in one
-// write.
+// write. Over a transport that can write without waiting (TryWriter),
+// the Returns held back go out as soon as they reach pipelineWriteBytes,
+// as much as the transport takes at once, the rest through the writer
+// goroutine: the peer then works on them while this side serves the rest
+// of the input, instead of the two sides taking turns with whole
+// batches.
 func (c *Conn) claimInlineLocked() output {
 	if !c.dispatching.Load() {
 		return c.claimOutputLocked()
@@ -526,11 +534,74 @@ func (c *Conn) claimInlineLocked() output {
 		return output{}
 	}
 	if c.inboundBusy.Load() {
-		c.wakeWriter = false
-		c.readerOwes.Store(true)
-		return output{}
+		if c.tryWriter == nil || c.queuedLocked() < pipelineWriteBytes {
+			c.wakeWriter = false
+			c.readerOwes.Store(true)
+			return output{}
+		}
+		o := c.takeOutputLocked()
+		o.try = true
+		return o
 	}
 	return c.takeOutputLocked()
+}
+
+// pipelineWriteBytes is how many bytes of Returns the read loop holds
+// back while more input is buffered, over a TryWriter transport
+// (claimInlineLocked): about ten small Returns. With 64 calls in flight
+// over a Unix socket, 1 KiB did a little better than 2; holding the whole
+// batch made client and server take turns.
+const pipelineWriteBytes = 1 << 10
+
+// TryWriter is an optional interface of a connection's transport.
+// TryWrite writes as much of p as the transport takes at once, without
+// waiting for room (a kernel socket's send buffer), possibly nothing, and
+// returns how much it wrote. Over such a transport the read loop sends
+// the Returns of calls it serves inline about 1 KiB at a time while more
+// of the peer's calls are buffered, instead of all together after the
+// last, so that both sides work at once: with 64 calls in flight over a
+// Unix socket, about 1.6 times the calls per second in one process and
+// 1.2 times across two. What the transport does not take at once goes to
+// the writer goroutine: the read loop never waits for a peer that reads
+// slowly (which may itself have stopped reading until its own calls to
+// us drain). The adapters' socket connections implement it.
+type TryWriter interface {
+	TryWrite(p []byte) (int, error)
+}
+
+// tryWrite writes what of o, small frames taken by claimInlineLocked,
+// the transport takes at once, and leaves the rest, ahead of anything
+// queued since, to the writer goroutine.
+func (c *Conn) tryWrite(o output) {
+	n, err := c.tryWriter.TryWrite(o.buf)
+	if n < 0 || n > len(o.buf) {
+		n, err = 0, errors.New("transport's TryWrite returned an invalid count")
+	}
+	c.mu.Lock()
+	c.writing = false
+	switch {
+	case err != nil:
+		c.out = nil
+	case n < len(o.buf):
+		rest := o.buf[:copy(o.buf, o.buf[n:])]
+		for i := range c.outLarge { // queued since: their places move
+			c.outLarge[i].at += len(rest)
+		}
+		c.out, c.spare = append(rest, c.out...), c.out[:0]
+	default:
+		c.spare = o.buf[:0]
+	}
+	if c.outDrained != nil {
+		close(c.outDrained)
+		c.outDrained = nil
+	}
+	if c.queuedLocked() > 0 || c.writerStop {
+		c.wakeWriter = true
+	}
+	c.unlock()
+	if err != nil {
+		c.shutdown(fmt.Errorf("write: %w", err), false)
+	}
 }
 
 // inlineWritableLocked reports whether the read role's holder may write
@@ -662,7 +733,10 @@ func (c *Conn) writeBuffers(bw BuffersWriter, o output) error {
 
 // writeClaimed writes frames claimed with claimOutputLocked, if any.
 func (c *Conn) writeClaimed(o output) {
-	if o.buf != nil || o.large != nil {
+	switch {
+	case o.try:
+		c.tryWrite(o)
+	case o.buf != nil || o.large != nil:
 		c.write(o)
 	}
 }

@@ -49,6 +49,7 @@ type socketConn struct {
 	wn    int
 	werr  syscall.Errno
 	wfunc func(fd uintptr) bool // c.writeFD
+	tfunc func(fd uintptr) bool // c.tryWriteFD
 }
 
 // newSocketConn wraps a Unix domain stream socket or a TCP socket in a
@@ -71,7 +72,7 @@ func newSocketConn(c net.Conn) net.Conn {
 		return vectorConn{c}
 	}
 	s := &socketConn{Conn: c, rc: rc}
-	s.rfunc, s.wfunc = s.readFD, s.writeFD
+	s.rfunc, s.wfunc, s.tfunc = s.readFD, s.writeFD, s.tryWriteFD
 	return s
 }
 
@@ -159,6 +160,38 @@ func (c *socketConn) writeFD(fd uintptr) bool {
 			return true
 		}
 	}
+	return true
+}
+
+// TryWrite writes what of p the socket takes now, without waiting for
+// room in its send buffer, and returns how much (possibly 0): it
+// implements core.TryWriter, with Write's errors.
+func (c *socketConn) TryWrite(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if len(p) > rawSyscallMax {
+		p = p[:rawSyscallMax]
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.wbuf, c.wn, c.werr = p, 0, 0
+	err := c.rc.Write(c.tfunc)
+	n := c.wn
+	c.wbuf = nil
+	switch {
+	case err != nil:
+		return n, c.opError("write", err)
+	case c.werr != 0:
+		return n, c.opError("write", os.NewSyscallError("write", c.werr))
+	}
+	return n, nil
+}
+
+// tryWriteFD is writeFD that stops when the socket is full instead of
+// having the netpoller wait.
+func (c *socketConn) tryWriteFD(fd uintptr) bool {
+	c.writeFD(fd)
 	return true
 }
 

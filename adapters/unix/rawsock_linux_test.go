@@ -191,6 +191,67 @@ func TestSocketConnErrors(t *testing.T) {
 
 // A Read or Write of a ready socket allocates nothing (the function that
 // RawConn calls back is bound once).
+// TryWrite takes what fits in the socket's buffer and returns at once,
+// with 0 once it is full; the bytes arrive in order and whole, and
+// TryWrite allocates nothing.
+func TestSocketConnTryWrite(t *testing.T) {
+	a, b := socketPair(t)
+	a.Conn.(*net.UnixConn).SetWriteBuffer(8 << 10)
+	b.Conn.(*net.UnixConn).SetReadBuffer(8 << 10)
+	var sent []byte
+	chunk := make([]byte, 3000)
+	full := false
+	for i := 0; i < 1000 && !full; i++ {
+		for j := range chunk {
+			chunk[j] = byte(len(sent) + j)
+		}
+		done := make(chan struct{})
+		var n int
+		var err error
+		go func() { n, err = a.TryWrite(chunk); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Fatal("TryWrite waited on a full socket")
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		sent = append(sent, chunk[:n]...)
+		full = n < len(chunk)
+	}
+	if !full {
+		t.Fatalf("TryWrite took %d bytes into a socket with an 8 KiB buffer and never came up short", len(sent))
+	}
+	if n, err := a.TryWrite(chunk); err != nil || n != 0 {
+		t.Fatalf("TryWrite on a full socket = %d, %v; want 0, nil", n, err)
+	}
+	got := make([]byte, len(sent))
+	if _, err := io.ReadFull(b, got); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, sent) {
+		t.Fatal("the bytes read differ from those TryWrite reported written")
+	}
+	if allocs := testing.AllocsPerRun(100, func() {
+		if n, err := a.TryWrite(chunk[:64]); n != 64 || err != nil {
+			t.Fatalf("TryWrite of 64 bytes into a drained socket = %d, %v", n, err)
+		}
+		if _, err := io.ReadFull(b, got[:64]); err != nil {
+			t.Fatal(err)
+		}
+	}); allocs != 0 {
+		t.Fatalf("%v allocations per TryWrite and read, want 0", allocs)
+	}
+	b.Close()
+	if _, err := a.TryWrite(chunk); err == nil {
+		// The first write after the peer closes may still succeed.
+		if _, err = a.TryWrite(chunk); err == nil {
+			t.Fatal("TryWrite to a closed peer reported no error")
+		}
+	}
+}
+
 func TestSocketConnAllocations(t *testing.T) {
 	a, b := socketPair(t)
 	msg, buf := make([]byte, 64), make([]byte, 64)

@@ -2,7 +2,10 @@ package unix
 
 import (
 	"bytes"
+	"crypto/tls"
 	"math/rand/v2"
+	"net"
+	"runtime"
 	"testing"
 
 	"capnproto.org/go/capnp/v3"
@@ -12,6 +15,35 @@ import (
 	"github.com/captp-go/captp/internal/testimpl"
 	"github.com/captp-go/captp/internal/testsock"
 )
+
+// A socket without timeouts can write without waiting
+// (core.TryWriter), which lets the core's read loop send Returns while it
+// still has calls to serve; with timeouts (their deadlines go through the
+// net package), through TLS, or over net.Pipe it cannot.
+func TestWrappedConnTryWriter(t *testing.T) {
+	a, b := testsock.Pair(t)
+	defer a.Close()
+	defer b.Close()
+	p, q := net.Pipe()
+	defer p.Close()
+	defer q.Close()
+	for _, tc := range []struct {
+		name string
+		c    net.Conn
+		cf   config
+		want bool
+	}{
+		{"Unix socket", a, config{}, runtime.GOOS == "linux"}, // socketConn is Linux's
+		{"Unix socket with a frame timeout", a, config{frameTimeout: 1}, false},
+		{"TLS over a Unix socket", tls.Client(a, &tls.Config{InsecureSkipVerify: true}), config{}, false},
+		{"net.Pipe", p, config{}, false},
+	} {
+		c := tc.cf.wrap(tc.c)
+		if _, got := c.(core.TryWriter); got != tc.want {
+			t.Errorf("%s: wrap(%+v) = %T: core.TryWriter %v, want %v", tc.name, tc.cf, c, got, tc.want)
+		}
+	}
+}
 
 // The adapter's sockets offer the core writev and half-close, with or
 // without timeouts.

@@ -1,0 +1,161 @@
+package core_test
+
+import (
+	"bytes"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"capnproto.org/go/capnp/v3"
+	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
+
+	"github.com/captp-go/captp/core"
+	"github.com/captp-go/captp/internal/testcapnp"
+	"github.com/captp-go/captp/internal/testnative"
+)
+
+// writeLog is a transport that records the size of each write. With
+// try set it is a core.TryWriter whose TryWrite takes at most tryMax
+// bytes (all if 0); writeLogNoTry hides TryWrite.
+type writeLog struct {
+	net.Conn
+	tryMax int
+
+	mu     sync.Mutex
+	sizes  []int
+	shorts int // TryWrites that took less than offered
+}
+
+func (w *writeLog) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	w.sizes = append(w.sizes, len(p))
+	w.mu.Unlock()
+	return w.Conn.Write(p)
+}
+
+func (w *writeLog) TryWrite(p []byte) (int, error) {
+	if w.tryMax > 0 && len(p) > w.tryMax {
+		w.mu.Lock()
+		w.shorts++
+		w.mu.Unlock()
+		p = p[:w.tryMax]
+	}
+	return w.Write(p) // a socket pair's buffer takes a few KiB at once
+}
+
+func (w *writeLog) take() []int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	s := w.sizes
+	w.sizes = nil
+	return s
+}
+
+type writeLogNoTry struct{ *writeLog }
+
+func (w writeLogNoTry) TryWrite() {} // not core.TryWriter's
+
+// Calls that arrive together are answered in one write, unless the
+// transport can write without waiting (core.TryWriter): then the Returns
+// leave about 1 KiB at a time (core's pipelineWriteBytes) while the rest
+// are served, so that the peer can start on them, and what TryWrite does
+// not take follows, in order. A writer goroutine still finishing an
+// earlier write (the bootstrap's Return) can take the batch's Returns in
+// its next write instead, so each case gets a few attempts.
+func TestReturnsOfABatchLeaveEarlyWithTryWriter(t *testing.T) {
+	const (
+		calls    = 40 // their frames fit the server's 8 KiB read buffer: one read
+		attempts = 10
+	)
+	for _, tc := range []struct {
+		name   string
+		try    bool
+		tryMax int
+	}{
+		{"no TryWriter", false, 0},
+		{"TryWriter", true, 0},
+		{"TryWriter taking 100 bytes at a time", true, 100},
+	} {
+		a, b := socketPair(t)
+		log := &writeLog{Conn: b, tryMax: tc.tryMax}
+		var transport net.Conn = log
+		if !tc.try {
+			transport = writeLogNoTry{log}
+		}
+		root, _ := testnative.New("root", new(atomic.Int64))
+		server := core.NewConn(transport, &core.Options{BootstrapClient: root})
+		p := &rawPeer{t: t, c: a, enc: capnp.NewEncoder(a), dec: capnp.NewDecoder(a)}
+		p.send(func(m rpccp.Message) error {
+			bs, err := m.NewBootstrap()
+			bs.SetQuestionId(0)
+			return err
+		})
+		m, err := p.recv()
+		if err != nil || m.Which() != rpccp.Message_Which_return {
+			t.Fatalf("%s: bootstrap: %v, %v", tc.name, m.Which(), err)
+		}
+		ret, _ := m.Return()
+		res, _ := ret.Results()
+		caps, _ := res.CapTable()
+		export := caps.At(0).SenderHosted()
+
+		var got [][]int
+		for attempt := range attempts {
+			log.take()
+			// All the calls in one Write, so that the server reads them
+			// at once.
+			var batch bytes.Buffer
+			p.enc = capnp.NewEncoder(&batch)
+			first := uint32(attempt*calls) + 1
+			for qid := first; qid < first+calls; qid++ {
+				p.call(qid, export, -1, 0, func(pl rpccp.Payload) error {
+					params, err := testcapnp.NewTest_echo_Params(pl.Segment())
+					if err == nil {
+						err = params.SetData(make([]byte, 16))
+					}
+					if err == nil {
+						err = pl.SetContent(params.ToPtr())
+					}
+					return err
+				})
+			}
+			if _, err := a.Write(batch.Bytes()); err != nil {
+				t.Fatal(err)
+			}
+			for qid := first; qid < first+calls; qid++ {
+				m, err := p.recv()
+				if err != nil || m.Which() != rpccp.Message_Which_return {
+					t.Fatalf("%s: Return for question %d: %v, %v", tc.name, qid, m.Which(), err)
+				}
+				ret, _ := m.Return()
+				if ret.AnswerId() != qid || ret.Which() != rpccp.Return_Which_results {
+					t.Fatalf("%s: got a Return (%v) for question %d, want the results of %d", tc.name, ret.Which(), ret.AnswerId(), qid)
+				}
+			}
+			sizes := log.take()
+			got = append(got, sizes)
+			total := 0
+			for _, n := range sizes {
+				total += n
+			}
+			early := len(sizes) >= max(total/(1<<10)-1, 2) // about one write per KiB
+			switch {
+			case tc.tryMax > 0 && log.shorts > 0:
+				// In order and whole (checked above) with what TryWrite
+				// did not take sent after it is the point.
+			case tc.tryMax == 0 && tc.try == early:
+			case attempt < attempts-1:
+				continue
+			case tc.tryMax > 0:
+				t.Errorf("%s: no TryWrite came up short in %d attempts (writes %v)", tc.name, attempts, got)
+			default:
+				t.Errorf("%s: %d calls that arrived together were answered in these writes (bytes), attempt by attempt: %v; want about one write per KiB with a TryWriter, else one", tc.name, calls, got)
+			}
+			break
+		}
+		a.Close()
+		server.Close()
+		<-server.Done()
+	}
+}
