@@ -579,9 +579,12 @@ func (c *Conn) tryWrite(o output) {
 	}
 	c.mu.Lock()
 	c.writing = false
+	var dropped []largeFrame
 	switch {
 	case err != nil:
+		// As write does: what is queued is moot, the connection ends.
 		c.out = nil
+		dropped, c.outLarge, c.largeBytes = c.outLarge, nil, 0
 	case n < len(o.buf):
 		rest := o.buf[:copy(o.buf, o.buf[n:])]
 		for i := range c.outLarge { // queued since: their places move
@@ -599,6 +602,9 @@ func (c *Conn) tryWrite(o output) {
 		c.wakeWriter = true
 	}
 	c.unlock()
+	for _, lf := range dropped {
+		lf.release()
+	}
 	if err != nil {
 		c.shutdown(fmt.Errorf("write: %w", err), false)
 	}

@@ -2,10 +2,12 @@ package core_test
 
 import (
 	"bytes"
+	"errors"
 	"net"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"capnproto.org/go/capnp/v3"
 	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
@@ -15,12 +17,13 @@ import (
 	"github.com/captp-go/captp/internal/testnative"
 )
 
-// writeLog is a transport that records the size of each write. With
-// try set it is a core.TryWriter whose TryWrite takes at most tryMax
-// bytes (all if 0); writeLogNoTry hides TryWrite.
+// writeLog is a transport that records the size of each write. It is a
+// core.TryWriter whose TryWrite takes at most tryMax bytes (all if 0),
+// or fails with tryErr; writeLogNoTry hides TryWrite.
 type writeLog struct {
 	net.Conn
 	tryMax int
+	tryErr error // TryWrite fails with it
 
 	mu     sync.Mutex
 	sizes  []int
@@ -35,6 +38,9 @@ func (w *writeLog) Write(p []byte) (int, error) {
 }
 
 func (w *writeLog) TryWrite(p []byte) (int, error) {
+	if w.tryErr != nil {
+		return 0, w.tryErr
+	}
 	if w.tryMax > 0 && len(p) > w.tryMax {
 		w.mu.Lock()
 		w.shorts++
@@ -158,4 +164,61 @@ func TestReturnsOfABatchLeaveEarlyWithTryWriter(t *testing.T) {
 		server.Close()
 		<-server.Done()
 	}
+}
+
+// A TryWrite that fails ends the connection like a failed Write: with
+// the error, and with nothing left running (TestMain checks goroutines).
+// A writer goroutine still finishing an earlier write can take a batch's
+// Returns first (then no TryWrite happens), so batches are sent until
+// one fails.
+func TestTryWriteErrorEndsConnection(t *testing.T) {
+	a, b := socketPair(t)
+	defer a.Close()
+	boom := errors.New("boom")
+	root, _ := testnative.New("root", new(atomic.Int64))
+	server := core.NewConn(&writeLog{Conn: b, tryErr: boom}, &core.Options{BootstrapClient: root})
+	defer server.Close()
+	p := &rawPeer{t: t, c: a, enc: capnp.NewEncoder(a), dec: capnp.NewDecoder(a)}
+	p.send(func(m rpccp.Message) error {
+		bs, err := m.NewBootstrap()
+		bs.SetQuestionId(0)
+		return err
+	})
+	m, err := p.recv()
+	if err != nil || m.Which() != rpccp.Message_Which_return {
+		t.Fatalf("bootstrap: %v, %v", m.Which(), err)
+	}
+	ret, _ := m.Return()
+	res, _ := ret.Results()
+	caps, _ := res.CapTable()
+	export := caps.At(0).SenderHosted()
+	const calls, attempts = 40, 10
+	for attempt := range attempts {
+		var batch bytes.Buffer
+		p.enc = capnp.NewEncoder(&batch)
+		for i := range uint32(calls) {
+			p.call(uint32(attempt*calls)+i+1, export, -1, 0, func(pl rpccp.Payload) error {
+				params, err := testcapnp.NewTest_echo_Params(pl.Segment())
+				if err == nil {
+					err = params.SetData(make([]byte, 16))
+				}
+				if err == nil {
+					err = pl.SetContent(params.ToPtr())
+				}
+				return err
+			})
+		}
+		if _, err := a.Write(batch.Bytes()); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-server.Done():
+			if err := server.Err(); !errors.Is(err, boom) {
+				t.Fatalf("connection ended with %v, want the TryWrite error %v", err, boom)
+			}
+			return
+		case <-time.After(time.Second):
+		}
+	}
+	t.Fatalf("the connection outlived %d batches of calls whose Returns the transport's TryWrite failed", attempts)
 }
