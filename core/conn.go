@@ -574,40 +574,14 @@ type TryWriter interface {
 // queued since, to the writer goroutine.
 func (c *Conn) tryWrite(o output) {
 	n, err := c.tryWriter.TryWrite(o.buf)
-	if n < 0 || n > len(o.buf) {
-		n, err = 0, errors.New("transport's TryWrite returned an invalid count")
+	if err == nil && (n < 0 || n > len(o.buf)) {
+		err = errors.New("transport's TryWrite returned an invalid count")
 	}
-	c.mu.Lock()
-	c.writing = false
-	var dropped []largeFrame
-	switch {
-	case err != nil:
-		// As write does: what is queued is moot, the connection ends.
-		c.out = nil
-		dropped, c.outLarge, c.largeBytes = c.outLarge, nil, 0
-	case n < len(o.buf):
-		rest := o.buf[:copy(o.buf, o.buf[n:])]
-		for i := range c.outLarge { // queued since: their places move
-			c.outLarge[i].at += len(rest)
-		}
-		c.out, c.spare = append(rest, c.out...), c.out[:0]
-	default:
-		c.spare = o.buf[:0]
+	var rest []byte
+	if err == nil {
+		rest = o.buf[n:]
 	}
-	if c.outDrained != nil {
-		close(c.outDrained)
-		c.outDrained = nil
-	}
-	if c.queuedLocked() > 0 || c.writerStop {
-		c.wakeWriter = true
-	}
-	c.unlock()
-	for _, lf := range dropped {
-		lf.release()
-	}
-	if err != nil {
-		c.shutdown(fmt.Errorf("write: %w", err), false)
-	}
+	c.endWrite(o.buf, rest, err)
 }
 
 // inlineWritableLocked reports whether the read role's holder may write
@@ -650,21 +624,36 @@ func (c *Conn) write(o output) bool {
 	for _, lf := range o.large {
 		lf.release()
 	}
+	return c.endWrite(o.buf, nil, err)
+}
+
+// endWrite hands back the writing role after a write of buf (the bytes
+// of small frames and headers taken with takeOutputLocked) that failed
+// with err, or left rest, a tail of buf, unwritten: rest is queued again
+// ahead of the frames queued since, for the writer goroutine. It reports
+// false if the connection failed.
+func (c *Conn) endWrite(buf, rest []byte, err error) bool {
 	c.mu.Lock()
 	c.writing = false
-	if cap(o.buf) <= max(maxSpareBuffer, c.lim.MaxQueuedBytes) {
+	var dropped []largeFrame
+	switch {
+	case err != nil:
+		c.out = nil
+		dropped, c.outLarge, c.largeBytes = c.outLarge, nil, 0
+	case len(rest) > 0:
+		rest = buf[:copy(buf, rest)]
+		for i := range c.outLarge { // queued since: their places move
+			c.outLarge[i].at += len(rest)
+		}
+		c.out, c.spare = append(rest, c.out...), c.out[:0]
+	case cap(buf) <= max(maxSpareBuffer, c.lim.MaxQueuedBytes):
 		// Kept even when large: under sustained load the queue refills
 		// to the same size, and regrowing it is garbage for the GC.
-		c.spare = o.buf[:0]
+		c.spare = buf[:0]
 	}
 	if c.outDrained != nil {
 		close(c.outDrained)
 		c.outDrained = nil
-	}
-	var dropped []largeFrame
-	if err != nil {
-		c.out = nil
-		dropped, c.outLarge, c.largeBytes = c.outLarge, nil, 0
 	}
 	if c.queuedLocked() > 0 || c.writerStop {
 		c.wakeWriter = true

@@ -92,41 +92,15 @@ func TestReturnsOfABatchLeaveEarlyWithTryWriter(t *testing.T) {
 		root, _ := testnative.New("root", new(atomic.Int64))
 		server := core.NewConn(transport, &core.Options{BootstrapClient: root})
 		p := &rawPeer{t: t, c: a, enc: capnp.NewEncoder(a), dec: capnp.NewDecoder(a)}
-		p.send(func(m rpccp.Message) error {
-			bs, err := m.NewBootstrap()
-			bs.SetQuestionId(0)
-			return err
-		})
-		m, err := p.recv()
-		if err != nil || m.Which() != rpccp.Message_Which_return {
-			t.Fatalf("%s: bootstrap: %v, %v", tc.name, m.Which(), err)
-		}
-		ret, _ := m.Return()
-		res, _ := ret.Results()
-		caps, _ := res.CapTable()
-		export := caps.At(0).SenderHosted()
+		export := bootstrapExport(t, p)
 
 		var got [][]int
 		for attempt := range attempts {
 			log.take()
 			// All the calls in one Write, so that the server reads them
 			// at once.
-			var batch bytes.Buffer
-			p.enc = capnp.NewEncoder(&batch)
 			first := uint32(attempt*calls) + 1
-			for qid := first; qid < first+calls; qid++ {
-				p.call(qid, export, -1, 0, func(pl rpccp.Payload) error {
-					params, err := testcapnp.NewTest_echo_Params(pl.Segment())
-					if err == nil {
-						err = params.SetData(make([]byte, 16))
-					}
-					if err == nil {
-						err = pl.SetContent(params.ToPtr())
-					}
-					return err
-				})
-			}
-			if _, err := a.Write(batch.Bytes()); err != nil {
+			if _, err := a.Write(echoBatch(p, export, first, calls)); err != nil {
 				t.Fatal(err)
 			}
 			for qid := first; qid < first+calls; qid++ {
@@ -179,36 +153,10 @@ func TestTryWriteErrorEndsConnection(t *testing.T) {
 	server := core.NewConn(&writeLog{Conn: b, tryErr: boom}, &core.Options{BootstrapClient: root})
 	defer server.Close()
 	p := &rawPeer{t: t, c: a, enc: capnp.NewEncoder(a), dec: capnp.NewDecoder(a)}
-	p.send(func(m rpccp.Message) error {
-		bs, err := m.NewBootstrap()
-		bs.SetQuestionId(0)
-		return err
-	})
-	m, err := p.recv()
-	if err != nil || m.Which() != rpccp.Message_Which_return {
-		t.Fatalf("bootstrap: %v, %v", m.Which(), err)
-	}
-	ret, _ := m.Return()
-	res, _ := ret.Results()
-	caps, _ := res.CapTable()
-	export := caps.At(0).SenderHosted()
+	export := bootstrapExport(t, p)
 	const calls, attempts = 40, 10
 	for attempt := range attempts {
-		var batch bytes.Buffer
-		p.enc = capnp.NewEncoder(&batch)
-		for i := range uint32(calls) {
-			p.call(uint32(attempt*calls)+i+1, export, -1, 0, func(pl rpccp.Payload) error {
-				params, err := testcapnp.NewTest_echo_Params(pl.Segment())
-				if err == nil {
-					err = params.SetData(make([]byte, 16))
-				}
-				if err == nil {
-					err = pl.SetContent(params.ToPtr())
-				}
-				return err
-			})
-		}
-		if _, err := a.Write(batch.Bytes()); err != nil {
+		if _, err := a.Write(echoBatch(p, export, uint32(attempt*calls)+1, calls)); err != nil {
 			t.Fatal(err)
 		}
 		select {
@@ -221,4 +169,45 @@ func TestTryWriteErrorEndsConnection(t *testing.T) {
 		}
 	}
 	t.Fatalf("the connection outlived %d batches of calls whose Returns the transport's TryWrite failed", attempts)
+}
+
+// bootstrapExport has p bootstrap its peer and returns the export id of
+// the bootstrap capability.
+func bootstrapExport(t *testing.T, p *rawPeer) uint32 {
+	t.Helper()
+	p.send(func(m rpccp.Message) error {
+		bs, err := m.NewBootstrap()
+		bs.SetQuestionId(0)
+		return err
+	})
+	m, err := p.recv()
+	if err != nil || m.Which() != rpccp.Message_Which_return {
+		t.Fatalf("bootstrap: %v, %v", m.Which(), err)
+	}
+	ret, _ := m.Return()
+	res, _ := ret.Results()
+	caps, _ := res.CapTable()
+	return caps.At(0).SenderHosted()
+}
+
+// echoBatch returns the frames of n echo calls with 16 bytes of data to
+// export, with question ids from first, for a single Write.
+func echoBatch(p *rawPeer, export, first uint32, n int) []byte {
+	var batch bytes.Buffer
+	enc := p.enc
+	p.enc = capnp.NewEncoder(&batch)
+	defer func() { p.enc = enc }()
+	for qid := first; qid < first+uint32(n); qid++ {
+		p.call(qid, export, -1, 0, func(pl rpccp.Payload) error {
+			params, err := testcapnp.NewTest_echo_Params(pl.Segment())
+			if err == nil {
+				err = params.SetData(make([]byte, 16))
+			}
+			if err == nil {
+				err = pl.SetContent(params.ToPtr())
+			}
+			return err
+		})
+	}
+	return batch.Bytes()
 }

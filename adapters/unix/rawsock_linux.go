@@ -127,10 +127,15 @@ func (c *socketConn) Write(p []byte) (int, error) {
 	if len(p) == 0 || len(p) > rawSyscallMax {
 		return c.Conn.Write(p)
 	}
+	return c.rawWrite(p, c.wfunc)
+}
+
+// rawWrite writes p through the RawConn with f (writeFD or tryWriteFD).
+func (c *socketConn) rawWrite(p []byte, f func(fd uintptr) bool) (int, error) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	c.wbuf, c.wn, c.werr = p, 0, 0
-	err := c.rc.Write(c.wfunc)
+	err := c.rc.Write(f)
 	n := c.wn
 	c.wbuf = nil
 	switch {
@@ -173,19 +178,7 @@ func (c *socketConn) TryWrite(p []byte) (int, error) {
 	if len(p) > rawSyscallMax {
 		p = p[:rawSyscallMax]
 	}
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	c.wbuf, c.wn, c.werr = p, 0, 0
-	err := c.rc.Write(c.tfunc)
-	n := c.wn
-	c.wbuf = nil
-	switch {
-	case err != nil:
-		return n, c.opError("write", err)
-	case c.werr != 0:
-		return n, c.opError("write", os.NewSyscallError("write", c.werr))
-	}
-	return n, nil
+	return c.rawWrite(p, c.tfunc)
 }
 
 // tryWriteFD is writeFD that stops when the socket is full instead of
