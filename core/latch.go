@@ -120,14 +120,7 @@ func (c *Conn) latchPath(q *question, path []capnp.PipelineOp, cl capnp.Client) 
 // pipelinedOn reports whether a call was pipelined on q's results at path.
 func pipelinedOn(q *question, path []capnp.PipelineOp) bool {
 	for _, t := range q.pipelined {
-		if len(t) != len(path) {
-			continue
-		}
-		same := true
-		for i := range t {
-			same = same && t[i].Field == path[i].Field
-		}
-		if same {
+		if samePath(t, path) {
 			return true
 		}
 	}

@@ -301,10 +301,8 @@ func (c *Conn) send(ctx context.Context, t callTarget, s capnp.Send, native bool
 // notePipelinedLocked records that a call went to path in q's promised
 // answer (see question.pipelined).
 func (q *question) notePipelinedLocked(path []capnp.PipelineOp) {
-	for _, p := range q.pipelined {
-		if samePath(p, path) {
-			return
-		}
+	if pipelinedOn(q, path) {
+		return
 	}
 	if q.pipelined == nil {
 		q.pipelined = q.pipelinedBuf[:0]
