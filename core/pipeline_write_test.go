@@ -19,7 +19,7 @@ import (
 
 // writeLog is a transport that records the size of each write. It is a
 // core.TryWriter whose TryWrite takes at most tryMax bytes (all if 0),
-// or fails with tryErr; writeLogNoTry hides TryWrite.
+// or fails with tryErr.
 type writeLog struct {
 	net.Conn
 	tryMax int
@@ -58,10 +58,6 @@ func (w *writeLog) take() []int {
 	return s
 }
 
-type writeLogNoTry struct{ *writeLog }
-
-func (w writeLogNoTry) TryWrite() {} // not core.TryWriter's
-
 // Calls that arrive together are answered in one write, unless the
 // transport can write without waiting (core.TryWriter): then the Returns
 // leave about 1 KiB at a time (core's pipelineWriteBytes) while the rest
@@ -87,7 +83,7 @@ func TestReturnsOfABatchLeaveEarlyWithTryWriter(t *testing.T) {
 		log := &writeLog{Conn: b, tryMax: tc.tryMax}
 		var transport net.Conn = log
 		if !tc.try {
-			transport = writeLogNoTry{log}
+			transport = struct{ net.Conn }{log} // net.Conn's methods only: no TryWrite
 		}
 		root, _ := testnative.New("root", new(atomic.Int64))
 		server := core.NewConn(transport, &core.Options{BootstrapClient: root})
