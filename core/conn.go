@@ -1045,6 +1045,14 @@ func messageBytes(msg *capnp.Message) int64 {
 // second release would hand the struct to two users.
 func recycleMessage(msg *capnp.Message) {
 	arena := msg.Arena
+	if unpooled(arena) {
+		// go-capnp would zero the buffer, twice, only to drop it: its pool
+		// keeps nothing this large. For a 1 MiB message that is a third of
+		// the CPU of a call. The garbage collector takes it as it is.
+		// (largeBodies cannot use it either: inbound bodies need room to
+		// read ahead, and this buffer fits its message exactly.)
+		msg.Arena = nil
+	}
 	msg.Reset(nil) // releases arena
 	if ro, ok := arena.(*capnp.ReadOnlySingleSegment); ok {
 		ro.Segment(0).BindTo(nil) // Release leaves it bound to msg
@@ -1052,6 +1060,22 @@ func recycleMessage(msg *capnp.Message) {
 	}
 	largeBodies.giveBack(msg)
 	messagePool.Put(msg)
+}
+
+// goCapnpPoolMaxBytes is where go-capnp's buffer pool (bufferpool.Default,
+// 20 buckets) stops: it drops buffers of this capacity or more.
+const goCapnpPoolMaxBytes = 1 << 20
+
+// unpooled says whether arena is a growable single-segment arena
+// (capnp.SingleSegment(nil), as newMessage makes) whose buffer go-capnp's
+// pool would not keep.
+func unpooled(arena capnp.Arena) bool {
+	ss, ok := arena.(*capnp.SingleSegmentArena)
+	if !ok {
+		return false
+	}
+	seg := ss.Segment(0)
+	return seg != nil && cap(seg.Data()) >= goCapnpPoolMaxBytes
 }
 
 // inboundArenas keeps the arenas of single-segment inbound frames, which

@@ -330,3 +330,31 @@ func TestGrowOutputLeavesLittleGarbage(t *testing.T) {
 		t.Error("growOutput reallocated a buffer with room to spare")
 	}
 }
+
+// An outbound message grown past what go-capnp's buffer pool keeps is
+// dropped as it is when recycled: go-capnp would zero it twice before
+// dropping it. Smaller ones still go back to go-capnp's pool, zeroed.
+func TestRecycledLargeOutboundBufferNotZeroed(t *testing.T) {
+	for _, tc := range []struct {
+		size   int
+		zeroed bool
+	}{{goCapnpPoolMaxBytes, false}, {goCapnpPoolMaxBytes / 4, true}} {
+		msg, m, err := newMessage()
+		if err != nil {
+			t.Fatal(err)
+		}
+		data := bytes.Repeat([]byte{0xa5}, tc.size)
+		if err := capnp.Struct(m).SetData(0, data); err != nil {
+			t.Fatal(err)
+		}
+		seg, err := msg.Segment(0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		buf := seg.Data()
+		recycleMessage(msg)
+		if zeroed := !bytes.Contains(buf, data[:64]); zeroed != tc.zeroed {
+			t.Errorf("%d-byte Data (buffer cap %d): zeroed when recycled: %v; want %v", tc.size, cap(buf), zeroed, tc.zeroed)
+		}
+	}
+}
