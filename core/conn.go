@@ -564,7 +564,8 @@ const pipelineWriteBytes = 1 << 10
 // 1.2 times across two. What the transport does not take at once goes to
 // the writer goroutine: the read loop never waits for a peer that reads
 // slowly (which may itself have stopped reading until its own calls to
-// us drain). adapters/unix's socket connections implement it on Linux.
+// us drain). adapters/unix's socket connections implement it on Linux,
+// with or without timeouts.
 type TryWriter interface {
 	TryWrite(p []byte) (int, error)
 }

@@ -8,6 +8,8 @@ import (
 	"os"
 	"sync/atomic"
 	"time"
+
+	"github.com/captp-go/captp/core"
 )
 
 // An Option tunes how Dial and Serve drive a connection's socket. Options
@@ -126,10 +128,15 @@ func (e *StallError) Timeout() bool { return true }
 // wrap applies the config to c.
 func (cf config) wrap(c net.Conn) net.Conn {
 	cf.sizeBuffers(c)
+	sc := newSocketConn(c)
 	if cf.frameTimeout <= 0 && cf.idleTimeout <= 0 {
-		return newSocketConn(c)
+		return sc
 	}
-	return &deadlineConn{Conn: c, frame: cf.frameTimeout, idle: cf.idleTimeout}
+	dc := &deadlineConn{Conn: sc, raw: c, frame: cf.frameTimeout, idle: cf.idleTimeout}
+	if tw, ok := sc.(core.TryWriter); ok {
+		return &deadlineTryConn{deadlineConn: dc, tw: tw}
+	}
+	return dc
 }
 
 // vectorConn gives a socket the core's optional core.BuffersWriter, so that
@@ -159,9 +166,12 @@ func closeWrite(c net.Conn) error {
 
 // deadlineConn sets a read deadline before each Read from what it has
 // seen of the frame structure. Only the core's reader goroutine calls
-// Read.
+// Read. It reads and writes through Conn, the socket as newSocketConn
+// wraps it (raw system calls on Linux); deadlines reach the socket
+// through it too.
 type deadlineConn struct {
 	net.Conn
+	raw         net.Conn // the socket itself, for vectored writes and NetConn
 	frame, idle time.Duration
 	fs          frameScanner
 	armed       bool // a read deadline is set
@@ -177,9 +187,20 @@ func (c *deadlineConn) SetReadDeadline(t time.Time) error {
 	return c.Conn.SetReadDeadline(t)
 }
 
-func (c *deadlineConn) WriteBuffers(bufs [][]byte) (int64, error) { return writeBuffers(c.Conn, bufs) }
-func (c *deadlineConn) CloseWrite() error                         { return closeWrite(c.Conn) }
-func (c *deadlineConn) NetConn() net.Conn                         { return c.Conn }
+func (c *deadlineConn) WriteBuffers(bufs [][]byte) (int64, error) { return writeBuffers(c.raw, bufs) }
+func (c *deadlineConn) CloseWrite() error                         { return closeWrite(c.raw) }
+func (c *deadlineConn) NetConn() net.Conn                         { return c.raw }
+
+// deadlineTryConn is a deadlineConn over a socket that can write without
+// waiting: timeouts only concern reads, so it keeps core.TryWriter, with
+// which the core's read loop sends the Returns of a batch of calls while
+// it still serves the rest.
+type deadlineTryConn struct {
+	*deadlineConn
+	tw core.TryWriter
+}
+
+func (c *deadlineTryConn) TryWrite(p []byte) (int, error) { return c.tw.TryWrite(p) }
 
 func (c *deadlineConn) Read(p []byte) (int, error) {
 	if c.interrupted.Load() {

@@ -320,7 +320,7 @@ func TestDeadlineConnKeepsInterrupt(t *testing.T) {
 	a, b := net.Pipe()
 	defer a.Close()
 	defer b.Close()
-	c := &deadlineConn{Conn: a, idle: time.Minute}
+	c := &deadlineConn{Conn: a, raw: a, idle: time.Minute}
 	if err := c.SetReadDeadline(time.Unix(1, 0)); err != nil {
 		t.Fatal(err)
 	}

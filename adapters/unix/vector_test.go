@@ -3,6 +3,7 @@ package unix
 import (
 	"bytes"
 	"crypto/tls"
+	"io"
 	"math/rand/v2"
 	"net"
 	"runtime"
@@ -16,10 +17,10 @@ import (
 	"github.com/captp-go/captp/internal/testsock"
 )
 
-// A socket without timeouts can write without waiting
-// (core.TryWriter), which lets the core's read loop send Returns while it
-// still has calls to serve; with timeouts (their deadlines go through the
-// net package), through TLS, or over net.Pipe it cannot.
+// A socket can write without waiting (core.TryWriter) on Linux, with or
+// without timeouts (they concern reads only), which lets the core's read
+// loop send Returns while it still has calls to serve; through TLS or over
+// net.Pipe it cannot.
 func TestWrappedConnTryWriter(t *testing.T) {
 	a, b := testsock.Pair(t)
 	defer a.Close()
@@ -34,13 +35,27 @@ func TestWrappedConnTryWriter(t *testing.T) {
 		want bool
 	}{
 		{"Unix socket", a, config{}, runtime.GOOS == "linux"}, // socketConn is Linux's
-		{"Unix socket with a frame timeout", a, config{frameTimeout: 1}, false},
+		{"Unix socket with a frame timeout", a, config{frameTimeout: 1}, runtime.GOOS == "linux"},
+		{"Unix socket with an idle timeout", a, config{idleTimeout: 1}, runtime.GOOS == "linux"},
 		{"TLS over a Unix socket", tls.Client(a, &tls.Config{InsecureSkipVerify: true}), config{}, false},
 		{"net.Pipe", p, config{}, false},
 	} {
 		c := tc.cf.wrap(tc.c)
-		if _, got := c.(core.TryWriter); got != tc.want {
+		tw, got := c.(core.TryWriter)
+		if got != tc.want {
 			t.Errorf("%s: wrap(%+v) = %T: core.TryWriter %v, want %v", tc.name, tc.cf, c, got, tc.want)
+		}
+		if !got || tc.c != a {
+			continue
+		}
+		// What TryWrite takes reaches the peer.
+		msg := []byte(tc.name)
+		if n, err := tw.TryWrite(msg); n != len(msg) || err != nil {
+			t.Fatalf("%s: TryWrite = %d, %v; want %d, nil", tc.name, n, err, len(msg))
+		}
+		got2 := make([]byte, len(msg))
+		if _, err := io.ReadFull(b, got2); err != nil || !bytes.Equal(got2, msg) {
+			t.Fatalf("%s: peer read %q, %v; want %q", tc.name, got2, err, msg)
 		}
 	}
 }
