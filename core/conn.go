@@ -1048,8 +1048,8 @@ func recycleMessage(msg *capnp.Message) {
 	arena := msg.Arena
 	if unpooled(arena) {
 		// go-capnp would zero the buffer, twice, only to drop it: its pool
-		// keeps nothing this large. For a 1 MiB message that is a third of
-		// the CPU of a call. The garbage collector takes it as it is.
+		// keeps nothing this large. In a 1 MiB echo through capnpc-go's
+		// stubs that was a sixth of the CPU. The garbage collector takes it as it is.
 		// (largeBodies cannot use it either: inbound bodies need room to
 		// read ahead, and this buffer fits its message exactly.)
 		msg.Arena = nil
