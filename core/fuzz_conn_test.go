@@ -1660,7 +1660,7 @@ func (h *fuzzHarness) localCall(p *fuzzProg) {
 	if len(h.answers) >= fuzzMaxAnswers {
 		return
 	}
-	if !fuzzRemote(target.c) {
+	if !fuzzRemote(target) {
 		// A call on a capability of this process never touches the
 		// connection; pipelining on it runs into go-capnp's own local
 		// queue, which dereferences a nil PipelineCaller when the result
@@ -2445,15 +2445,21 @@ func TestGenFuzzCorpus(t *testing.T) {
 
 // fuzzRemote reports whether c is (so far) a capability reached through
 // the connection: an import, a question's pipeline or the bootstrap.
-func fuzzRemote(c capnp.Client) bool {
-	if !c.IsValid() {
+// go-capnp's local promises are pipelines too, on a local queue: until
+// resolved they are local (a call on one waits there, and releasing it
+// waits for the resolution, which only a later step of the program can
+// bring).
+func fuzzRemote(c fuzzCap) bool {
+	if !c.c.IsValid() {
 		return true // a null call fails without reaching any queue
 	}
-	snap := c.Snapshot()
+	snap := c.c.Snapshot()
 	defer snap.Release()
 	switch snap.Brand().Value.(type) {
-	case *importClient, *bootstrapHook, capnp.PipelineClient, *embargoHook:
+	case *importClient, *bootstrapHook, *embargoHook:
 		return true
+	case capnp.PipelineClient:
+		return !c.promise
 	}
 	return false
 }
