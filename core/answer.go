@@ -518,7 +518,7 @@ func (a *answer) settlePipelinesLocked(fx *effects) {
 				err = errors.New("captp: a call's result is a promise for itself")
 			}
 			if err != nil {
-				r.Reject(err)
+				breakPromises(err, r)
 				return
 			}
 			r.Fulfill(cl)
@@ -538,7 +538,7 @@ func (a *answer) dropLocked(fx *effects) {
 	a.queued = nil
 	for _, pp := range a.pipelines {
 		r := pp.resolver
-		fx.add(func() { r.Reject(errors.New("captp: connection closed before the call returned")) })
+		fx.add(func() { breakPromises(errors.New("captp: connection closed before the call returned"), r) })
 	}
 	a.pipelines = nil
 	a.freeLocked(fx)

@@ -492,7 +492,7 @@ func (c *Conn) importCapLocked(fx *effects, d rpccp.CapDescriptor, inResolve boo
 		a, transform, err := c.promisedAnswerLocked(pa, nil)
 		if err != nil {
 			if _, ok := c.finishOptional[pa.QuestionId()]; ok {
-				return capnp.ErrorClient(errNoCapability), true, nil
+				return brokenClient(errNoCapability), true, nil
 			}
 			return capnp.Client{}, false, fmt.Errorf("receiverAnswer: %w", err)
 		}
@@ -507,11 +507,11 @@ func (c *Conn) importCapLocked(fx *effects, d rpccp.CapDescriptor, inResolve boo
 func (c *Conn) answerClientLocked(a *answer, transform []capnp.PipelineOp) capnp.Client {
 	switch {
 	case a.returned && a.err != nil:
-		return capnp.ErrorClient(a.err)
+		return brokenClient(a.err)
 	case a.returned && a.msg != nil:
 		ptr, err := capnp.Transform(a.results, transform)
 		if err != nil {
-			return capnp.ErrorClient(fmt.Errorf("captp: %w", err))
+			return brokenClient(fmt.Errorf("captp: %w", err))
 		}
 		return ptr.Interface().Client().AddRef()
 	default:
@@ -615,7 +615,7 @@ func (h *embargoHook) Shutdown() { h.queue.Drop() }
 func (em *embargo) end(err error) {
 	if err != nil {
 		em.hook.queue.Reject(err)
-		em.resolver.Reject(err)
+		breakPromises(err, em.resolver)
 	} else {
 		em.hook.queue.Fulfill(em.target)
 		em.resolver.Fulfill(em.target)

@@ -231,14 +231,14 @@ func (c *Conn) sendBootstrap(ctx context.Context, objectID []byte) capnp.Client 
 func (c *Conn) requestCap(ctx context.Context, what string, onSettled func(), build func(m rpccp.Message, qid uint32) error) capnp.Client {
 	msg, m, err := newMessage()
 	if err != nil {
-		return capnp.ErrorClient(fmt.Errorf("captp: %s: %w", what, err))
+		return brokenClient(fmt.Errorf("captp: %s: %w", what, err))
 	}
 	defer msg.Release()
 	c.mu.Lock()
 	if c.closing {
 		err := c.err
 		c.unlock()
-		return capnp.ErrorClient(err)
+		return brokenClient(err)
 	}
 	q := c.newQuestionLocked(capnp.Method{})
 	q.bootstrap = true
@@ -252,7 +252,7 @@ func (c *Conn) requestCap(ctx context.Context, what string, onSettled func(), bu
 		c.dropQuestionLocked(&fx, q)
 		c.unlock()
 		fx.run()
-		return capnp.ErrorClient(fmt.Errorf("captp: %s: %w", what, err))
+		return brokenClient(fmt.Errorf("captp: %s: %w", what, err))
 	}
 	// The capability is a promise of our own rather than the answer's
 	// pipeline client, so that calls racing with the Return can still
@@ -992,9 +992,7 @@ func (c *Conn) clearTablesLocked(fx *effects, reason error) {
 		fx.releaseClient(ie.resolution)
 		ie.resolution = capnp.Client{}
 		ie.settleLocked(fx, func(resolvers []capnp.Resolver[capnp.Client]) {
-			for _, r := range resolvers {
-				r.Reject(reason)
-			}
+			breakPromises(reason, resolvers...)
 		})
 	}
 	for _, id := range sortedKeys(c.exports) {

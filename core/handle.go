@@ -199,7 +199,7 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 			}
 			// Pipelined before the peer saw that the results, which had
 			// no capability, were dropped: it fails as it would have.
-			target = capnp.ErrorClient(errNoCapability)
+			target = brokenClient(errNoCapability)
 		} else if ns := targetAns.pipelinedNativeLocked(ops); ns != nil {
 			native, targetAns = ns, nil
 		} else if len(ops) > 0 {
@@ -424,7 +424,7 @@ func (q *question) runSettle() {
 	}
 	if br != nil {
 		if rerr != nil {
-			br.Reject(rerr)
+			breakPromises(rerr, br)
 		} else {
 			br.Fulfill(bootCap)
 		}
@@ -602,9 +602,7 @@ func (c *Conn) handleResolve(fx *effects, m rpccp.Message) error {
 			// promises) would make go-capnp chase the cycle forever.
 			if resolvesTo(cl, hook) {
 				err := exc.New(exc.Failed, "captp", fmt.Sprintf("promise %d resolved to itself", id))
-				for _, r := range resolvers {
-					r.Reject(err)
-				}
+				breakPromises(err, resolvers...)
 				return
 			}
 			for _, r := range resolvers {
@@ -618,11 +616,9 @@ func (c *Conn) handleResolve(fx *effects, m rpccp.Message) error {
 		}
 		if pending {
 			rerr := e.ToError()
-			ie.resolved, ie.resolution = true, capnp.ErrorClient(rerr)
+			ie.resolved, ie.resolution = true, brokenClient(rerr)
 			ie.settleLocked(fx, func(resolvers []capnp.Resolver[capnp.Client]) {
-				for _, r := range resolvers {
-					r.Reject(rerr)
-				}
+				breakPromises(rerr, resolvers...)
 			})
 		}
 	default:

@@ -152,12 +152,12 @@ func (n *nativeQuestion) settle(content capnp.Ptr, rerr error) {
 		r := p.resolver
 		p.resolver = nil // the hook may live on; the promise is settled
 		if rerr != nil {
-			r.Reject(rerr)
+			breakPromises(rerr, r)
 			continue
 		}
 		ptr, err := capnp.Transform(content, p.transform)
 		if err != nil {
-			r.Reject(fmt.Errorf("captp: pipelined capability: %w", err))
+			breakPromises(fmt.Errorf("captp: pipelined capability: %w", err), r)
 			continue
 		}
 		// Fulfill takes a reference of its own; the results hold this
@@ -316,7 +316,7 @@ func (q *question) releaseNativeLocked(fx *effects) {
 func (p PendingCall) Pipeline(fields ...uint16) capnp.Client {
 	switch {
 	case p.err != nil:
-		return capnp.ErrorClient(p.err)
+		return brokenClient(p.err)
 	case p.ans != nil:
 		f := p.ans.Future()
 		for _, fld := range fields {
@@ -340,17 +340,17 @@ func (p PendingCall) Pipeline(fields ...uint16) capnp.Client {
 		c.unlock()
 		<-q.native.doneChan() // settled: its effect is about to close it, if not yet
 		if q.resultErr != nil {
-			return capnp.ErrorClient(q.resultErr)
+			return brokenClient(q.resultErr)
 		}
 		ptr, err := capnp.Transform(q.resultContent, transform)
 		if err != nil {
-			return capnp.ErrorClient(fmt.Errorf("captp: pipelined capability: %w", err))
+			return brokenClient(fmt.Errorf("captp: pipelined capability: %w", err))
 		}
 		return ptr.Interface().Client().AddRef()
 	}
 	if q.native.callerReleased {
 		c.unlock()
-		return capnp.ErrorClient(errors.New("captp: Pipeline on a released call"))
+		return brokenClient(errors.New("captp: Pipeline on a released call"))
 	}
 	cl, r := capnp.NewPromisedClient(hook)
 	hook.resolver = r

@@ -341,11 +341,11 @@ func (c *Conn) redirectLocked(t callTarget) (capnp.Client, bool) {
 	case q.c != c || !q.returned:
 		return capnp.Client{}, false
 	case q.resultErr != nil:
-		return capnp.ErrorClient(q.resultErr), true
+		return brokenClient(q.resultErr), true
 	case q.results != nil:
 		ptr, err := capnp.Transform(q.resultContent, t.transform)
 		if err != nil {
-			return capnp.ErrorClient(fmt.Errorf("captp: pipelined call: %w", err)), true
+			return brokenClient(fmt.Errorf("captp: pipelined call: %w", err)), true
 		}
 		return ptr.Interface().Client().AddRef(), true
 	case q.bootCap.IsValid():
@@ -437,7 +437,7 @@ func (q *question) cancelLocked(fx *effects, err error) {
 	fx.add(func() {
 		p.Reject(err)
 		if br != nil {
-			br.Reject(err)
+			breakPromises(err, br)
 		}
 	})
 }
@@ -606,7 +606,7 @@ func (q *question) rejectLocked(fx *effects, err error) {
 		fx.add(func() {
 			p.Reject(err)
 			if br != nil {
-				br.Reject(err)
+				breakPromises(err, br)
 			}
 			if done != nil {
 				done()

@@ -44,7 +44,7 @@ const MaxServiceIDSize = 1024
 // ctx bounds the request only.
 func (c *Conn) Restore(ctx context.Context, serviceID []byte) capnp.Client {
 	if len(serviceID) > MaxServiceIDSize {
-		return capnp.ErrorClient(fmt.Errorf("captp: restore: service ID of %d bytes is longer than %d", len(serviceID), MaxServiceIDSize))
+		return brokenClient(fmt.Errorf("captp: restore: service ID of %d bytes is longer than %d", len(serviceID), MaxServiceIDSize))
 	}
 	if len(serviceID) == 0 {
 		serviceID = nil // C++ refuses any object ID, even an empty one
