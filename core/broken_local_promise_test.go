@@ -17,17 +17,8 @@ import (
 // there, and the queue crashed on it. captp's broken capabilities return
 // a caller that fails the calls.
 func TestPeerBrokenPromiseFulfillsLocalPromise(t *testing.T) {
-	v := newVats(t)
+	_, boot, imported := importPromise(t)
 	ctx := testCtx(t)
-	boot := testcapnp.Test(v.client.Bootstrap(ctx))
-	defer boot.Release()
-	pf, prel := boot.Promise(ctx, nil)
-	defer prel()
-	imported := pf.Cap().AddRef()
-	defer imported.Release()
-	if _, err := pf.Struct(); err != nil {
-		t.Fatal(err)
-	}
 	bf, brel := boot.BreakPromise(ctx, func(p testcapnp.Test_breakPromise_Params) error { return p.SetReason("peer broke it") })
 	defer brel()
 	if _, err := bf.Struct(); err != nil {
@@ -41,23 +32,31 @@ func TestPeerBrokenPromiseFulfillsLocalPromise(t *testing.T) {
 
 // The same with a promise broken because the connection ended.
 func TestDisconnectBrokenPromiseFulfillsLocalPromise(t *testing.T) {
-	v := newVats(t)
-	ctx := testCtx(t)
-	boot := testcapnp.Test(v.client.Bootstrap(ctx))
-	defer boot.Release()
-	pf, prel := boot.Promise(ctx, nil)
-	defer prel()
-	imported := pf.Cap().AddRef()
-	defer imported.Release()
-	if _, err := pf.Struct(); err != nil {
-		t.Fatal(err)
-	}
+	v, _, imported := importPromise(t)
 	v.server.Close()
 	<-v.client.Done()
-	if err := capnp.Client(imported).Resolve(ctx); err != nil {
+	if err := capnp.Client(imported).Resolve(testCtx(t)); err != nil {
 		t.Fatal(err)
 	}
 	fulfillQueuedLocalPromise(t, imported, "")
+}
+
+// importPromise returns a pair of vats, the client's bootstrap and a
+// promise the server exported (unresolved); the test's cleanup releases
+// both.
+func importPromise(t *testing.T) (*vats, testcapnp.Test, testcapnp.Test) {
+	v := newVats(t)
+	ctx := testCtx(t)
+	boot := testcapnp.Test(v.client.Bootstrap(ctx))
+	t.Cleanup(boot.Release)
+	pf, prel := boot.Promise(ctx, nil)
+	t.Cleanup(prel)
+	imported := pf.Cap().AddRef()
+	t.Cleanup(imported.Release)
+	if _, err := pf.Struct(); err != nil {
+		t.Fatal(err)
+	}
+	return v, boot, imported
 }
 
 // fulfillQueuedLocalPromise fulfills a go-capnp local promise with broken,
