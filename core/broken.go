@@ -23,12 +23,16 @@ func brokenClient(err error) capnp.Client { return capnp.NewClient(brokenHook{er
 // breakPromises rejects promised clients with err, as brokenClient
 // breaks a capability.
 func breakPromises(err error, rs ...capnp.Resolver[capnp.Client]) {
-	cl := brokenClient(err)
-	defer cl.Release()
+	var cl capnp.Client // made for the first resolver, if any
 	for _, r := range rs {
-		if r != nil {
-			r.Fulfill(cl)
+		if r == nil {
+			continue
 		}
+		if cl == (capnp.Client{}) {
+			cl = brokenClient(err)
+			defer cl.Release()
+		}
+		r.Fulfill(cl)
 	}
 }
 
