@@ -99,6 +99,17 @@ func TestSimLevel3Seed7382ReturnEmbargo(t *testing.T) {
 	}
 }
 
+// Seed 500332 (4 vats, 600 steps, thieves) found that an Accept matched
+// to a provision whose target was already released put that released
+// reference into its results: a call pipelined on the Accept then
+// AddRef'd it, a panic in the host's reader.
+func TestSimLevel3Seed500332ReleasedProvision(t *testing.T) {
+	cfg := simConfig{Seed: 500332, Vats: 4, Steps: 600, Level3: true, Thieves: true}
+	if f := runSim(cfg); f != nil {
+		reportSimFailure(t, cfg, f)
+	}
+}
+
 // simHandoff is one introduction: provider told host to expect recipient.
 type simHandoff struct {
 	provider, host, recipient int

@@ -316,6 +316,11 @@ func (v *Vat) matchAccept(fx *effects, pr *provision, w *acceptWait) {
 func (w *acceptWait) complete(fx *effects, target capnp.Client, err error) {
 	if target.IsValid() {
 		target = target.AddRef()
+	} else {
+		// Null, or released (the provision dropped it): the Accept's
+		// results must not hold a released reference, which a call
+		// pipelined on them would AddRef (a panic).
+		target = capnp.Client{}
 	}
 	fx.add(func() {
 		w.conn.schedule(func(fx *effects) { w.conn.returnAcceptLocked(fx, w.a, target, err) })
