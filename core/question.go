@@ -436,9 +436,7 @@ func (q *question) cancelLocked(fx *effects, err error) {
 	q.bootResolver = nil
 	fx.add(func() {
 		p.Reject(err)
-		if br != nil {
-			breakPromises(err, br)
-		}
+		breakPromises(err, br) // skips a nil br
 	})
 }
 
@@ -605,9 +603,7 @@ func (q *question) rejectLocked(fx *effects, err error) {
 		q.bootResolver, q.onSettled = nil, nil
 		fx.add(func() {
 			p.Reject(err)
-			if br != nil {
-				breakPromises(err, br)
-			}
+			breakPromises(err, br) // skips a nil br
 			if done != nil {
 				done()
 			}
