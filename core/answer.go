@@ -489,6 +489,10 @@ type pendingPipeline struct {
 	transform []capnp.PipelineOp
 	resolver  capnp.Resolver[capnp.Client]
 	hook      *localPipeline
+	// self keeps the promise resolvable until the answer settles it, as
+	// an embargo's does (embargo.self); localPipeline's Shutdown does
+	// nothing, so holding it changes no lifetime the peer sees.
+	self capnp.Client
 }
 
 // settlePipelinesLocked resolves the promises handed out for capabilities
@@ -510,8 +514,9 @@ func (a *answer) settlePipelinesLocked(fx *effects) {
 				cl = ptr.Interface().Client().AddRef()
 			}
 		}
-		r, hook := pp.resolver, pp.hook
+		r, hook, self := pp.resolver, pp.hook, pp.self
 		fx.add(func() {
+			defer self.Release()
 			if err == nil && resolvesToHook(cl, hook) {
 				// The results contain the very promise for them.
 				cl.Release()
@@ -537,8 +542,11 @@ func (a *answer) dropLocked(fx *effects) {
 	}
 	a.queued = nil
 	for _, pp := range a.pipelines {
-		r := pp.resolver
-		fx.add(func() { breakPromises(errors.New("captp: connection closed before the call returned"), r) })
+		r, self := pp.resolver, pp.self
+		fx.add(func() {
+			breakPromises(errors.New("captp: connection closed before the call returned"), r)
+			self.Release()
+		})
 	}
 	a.pipelines = nil
 	a.freeLocked(fx)

@@ -519,7 +519,7 @@ func (c *Conn) answerClientLocked(a *answer, transform []capnp.PipelineOp) capnp
 		// on the result once the call returns.
 		hook := &localPipeline{c: c, a: a, transform: transform}
 		cl, r := capnp.NewPromisedClient(hook)
-		a.pipelines = append(a.pipelines, pendingPipeline{transform: transform, resolver: r, hook: hook})
+		a.pipelines = append(a.pipelines, pendingPipeline{transform: transform, resolver: r, hook: hook, self: cl.AddRef()})
 		return cl
 	}
 }
@@ -585,6 +585,12 @@ type embargo struct {
 	target   capnp.Client
 	hook     *embargoHook
 	resolver capnp.Resolver[capnp.Client]
+	// self keeps the promise resolvable until the embargo ends: go-capnp
+	// v3.1.0-alpha.2's resolver does nothing once every client sharing
+	// the first reference is released, yet a promise fulfilled with the
+	// embargoed client holds its hook and would wait on it for good
+	// (upstream issue 653, fixed after that release).
+	self capnp.Client
 }
 
 // embargoHook is the client of an embargoed capability: calls queue, in
@@ -621,6 +627,7 @@ func (em *embargo) end(err error) {
 		em.resolver.Fulfill(em.target)
 	}
 	em.target.Release()
+	em.self.Release()
 }
 
 // embargoLocked returns a client that queues calls for target until the
@@ -654,6 +661,7 @@ func (c *Conn) embargoLocked(target capnp.Client, writeTarget func(rpccp.Message
 	em.hook = new(embargoHook)
 	client, resolver := capnp.NewPromisedClient(em.hook)
 	em.resolver = resolver
+	em.self = client.AddRef()
 	c.embargoes[em.id] = em
 	c.read.wakeLoop() // the Disembargo comes back
 	return client, nil
