@@ -317,9 +317,11 @@ func (w *acceptWait) complete(fx *effects, target capnp.Client, err error) {
 	if target.IsValid() {
 		target = target.AddRef()
 	} else {
-		// Null, or released (the provision dropped it): the Accept's
-		// results must not hold a released reference, which a call
-		// pipelined on them would AddRef (a panic).
+		// Null, or a promise that resolved to null. Passing target itself
+		// would give the Accept's results the provision's own reference:
+		// two owners of one reference, and once either released it a
+		// call pipelined on the other panicked in AddRef (simulation
+		// seed 500332).
 		target = capnp.Client{}
 	}
 	fx.add(func() {
