@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"capnproto.org/go/capnp/v3"
+	"capnproto.org/go/capnp/v3/exc"
 	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
 
 	"github.com/captp-go/captp/core/flow"
@@ -43,6 +44,108 @@ type importClient struct {
 	// lim is the object's flow control, shared by every client handed
 	// out for it; nil when flow control is off.
 	lim *flow.Limiter
+	// settled, made for a promise import, is closed once the promise
+	// resolves or the connection ends (markSettledLocked). go-capnp
+	// v3.1.0-alpha.2 cannot switch over a capability that holds this
+	// hook without holding one of its clients, such as one pipelined on
+	// freed results (its resolver does nothing then; upstream issue 653),
+	// so what waits on an import's resolution on our side waits on this
+	// too (waitSettled), and follows ie.resolution (settledTarget).
+	settled chan struct{}
+}
+
+// markSettledLocked records that a promise import resolved or will never
+// resolve (the connection ended).
+func (ie *importEntry) markSettledLocked() {
+	if ie.hook.settled != nil && !ie.resolved {
+		close(ie.hook.settled)
+	}
+}
+
+// isSettled reports whether h is a promise import that has settled.
+func (h *importClient) isSettled() bool {
+	if h.settled == nil {
+		return false
+	}
+	select {
+	case <-h.settled:
+		return true
+	default:
+		return false
+	}
+}
+
+// settledTo returns what the settled promise import h resolved to, a
+// reference the caller owns: a broken capability if h's connection ended
+// first. Callers hold a client of h, so its entry cannot go away except
+// at shutdown.
+func (h *importClient) settledTo() capnp.Client {
+	c := h.c
+	c.mu.Lock()
+	defer c.unlock()
+	if ie := c.imports[h.id]; ie != nil && ie.hook == h && ie.resolved {
+		return ie.resolution.AddRef()
+	}
+	return brokenClient(exc.New(exc.Disconnected, "captp", fmt.Sprintf("connection closed before promise import %d resolved", h.id)))
+}
+
+// maxSettledHops bounds how far settledTarget follows promise imports
+// that resolved to other promise imports.
+const maxSettledHops = 16
+
+// settledTarget returns cl, or, if cl is stuck on a promise import that
+// has settled (see importClient.settled), what that import resolved to,
+// followed as far as it goes. The caller owns the result.
+func settledTarget(cl capnp.Client) capnp.Client {
+	cl = cl.AddRef()
+	for range maxSettledHops {
+		snap := cl.Snapshot()
+		h, ok := snap.Brand().Value.(*importClient)
+		stuck := ok && snap.IsPromise() && h.isSettled()
+		snap.Release()
+		if !stuck {
+			return cl
+		}
+		next := h.settledTo()
+		cl.Release()
+		cl = next
+	}
+	cl.Release()
+	return brokenClient(errors.New("captp: promise imports resolve to each other in a cycle"))
+}
+
+// waitSettled waits until cl has resolved, or is stuck on a promise
+// import that has settled (see importClient.settled).
+func waitSettled(ctx context.Context, cl capnp.Client) error {
+	snap := cl.Snapshot()
+	defer snap.Release()
+	for snap.IsPromise() {
+		h, ok := snap.Brand().Value.(*importClient)
+		if !ok || h.settled == nil {
+			if err := snap.Resolve1(ctx); err != nil {
+				return err
+			}
+			continue
+		}
+		if h.isSettled() {
+			return nil
+		}
+		step, cancel := context.WithCancel(ctx)
+		go func() {
+			select {
+			case <-h.settled:
+				cancel()
+			case <-step.Done():
+			}
+		}()
+		err := snap.Resolve1(step)
+		cancel()
+		if err != nil && (ctx.Err() != nil || !h.isSettled()) {
+			return err
+		}
+		// Resolved, or settled: the next round tells which.
+	}
+	return nil
 }
 
 func (h *importClient) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, capnp.ReleaseFunc) {
@@ -119,6 +222,9 @@ func (c *Conn) addImportLocked(id uint32, promise bool) (capnp.Client, error) {
 			h importClient
 		}{} // one allocation for both
 		both.h = importClient{c: c, id: id, lim: c.flow.NewLimiter()}
+		if promise {
+			both.h.settled = make(chan struct{})
+		}
 		both.e = importEntry{id: id, hook: &both.h, promise: promise}
 		ie = &both.e
 		c.imports[id] = ie
@@ -370,7 +476,7 @@ func (c *Conn) watchPromiseLocked(fx *effects, e *export) {
 	fx.add(func() {
 		go func() {
 			defer cl.Release()
-			if err := cl.Resolve(ctx); err != nil {
+			if err := waitSettled(ctx, cl); err != nil {
 				return // export released or connection closed
 			}
 			c.resolveExport(e, cl)
@@ -380,6 +486,8 @@ func (c *Conn) watchPromiseLocked(fx *effects, e *export) {
 
 // resolveExport sends Resolve for a settled exported promise.
 func (c *Conn) resolveExport(e *export, cl capnp.Client) {
+	cl = settledTarget(cl) // before c.mu: it may lock an import's Conn
+	defer cl.Release()
 	var fx effects
 	defer fx.run()
 	c.mu.Lock()

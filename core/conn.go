@@ -989,6 +989,7 @@ func (c *Conn) clearTablesLocked(fx *effects, reason error) {
 	for _, id := range sortedKeys(c.imports) {
 		ie := c.imports[id]
 		delete(c.imports, id)
+		ie.markSettledLocked()
 		fx.releaseClient(ie.resolution)
 		ie.resolution = capnp.Client{}
 		ie.settleLocked(fx, func(resolvers []capnp.Resolver[capnp.Client]) {

@@ -594,6 +594,7 @@ func (c *Conn) handleResolve(fx *effects, m rpccp.Message) error {
 		// Calls that reach the import before its clients switch over
 		// must follow the resolution too; the entry owns cl from now on.
 		hook := ie.hook
+		ie.markSettledLocked()
 		ie.resolved, ie.resolution = true, cl
 		cl = cl.AddRef()
 		ie.settleLocked(fx, func(resolvers []capnp.Resolver[capnp.Client]) {
@@ -616,6 +617,7 @@ func (c *Conn) handleResolve(fx *effects, m rpccp.Message) error {
 		}
 		if pending {
 			rerr := e.ToError()
+			ie.markSettledLocked()
 			ie.resolved, ie.resolution = true, brokenClient(rerr)
 			ie.settleLocked(fx, func(resolvers []capnp.Resolver[capnp.Client]) {
 				breakPromises(rerr, resolvers...)

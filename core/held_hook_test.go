@@ -3,12 +3,14 @@ package core
 import (
 	"context"
 	"errors"
+	"net"
 	"testing"
 	"time"
 
 	"capnproto.org/go/capnp/v3"
 	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
 
+	"github.com/captp-go/captp/internal/testcapnp"
 	"github.com/captp-go/captp/internal/testimpl"
 )
 
@@ -133,4 +135,84 @@ func checkResolvedTo(t *testing.T, ctx context.Context, cl, target capnp.Client,
 	if !cl.IsSame(target) {
 		t.Fatalf("the pipelined capability resolved to %v, not the target", cl)
 	}
+}
+
+// A promise import held only through a capability pipelined on freed
+// go-capnp results cannot be switched over by go-capnp when the peer
+// resolves it (its resolver does nothing then), but what captp does with
+// it follows the resolution: Bob passes such a capability of Alice's
+// promise to Carol, who gets a promise of Bob's, and Alice's Resolve
+// reaches Carol through Bob. Before importClient.settled, Bob's watch of
+// the promise he exported waited for go-capnp for good, so Carol's promise
+// never resolved; calls through it reached the target all along.
+func TestStrandedPromiseImportExportResolves(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	aliceObj, carolObj, targetObj := testimpl.New("alice", nil), testimpl.New("carol", nil), testimpl.New("target", nil)
+	bobAlice := plainPair(t, capnp.Client(aliceObj.Client()))
+	bobCarol := plainPair(t, capnp.Client(carolObj.Client()))
+	aliceCap := testcapnp.Test(bobAlice.Bootstrap(ctx))
+	defer aliceCap.Release()
+	carolCap := testcapnp.Test(bobCarol.Bootstrap(ctx))
+	defer carolCap.Release()
+
+	pf, prel := aliceCap.Promise(ctx, nil)
+	if _, err := pf.Struct(); err != nil {
+		t.Fatalf("promise: %v", err)
+	}
+	stranded := pipelineOnFreedResults(capnp.Client(pf.Cap()).AddRef())
+	defer stranded.Release()
+	prel()
+	waitFor(t, ctx, "Bob to free the results", func() bool { return resultsFreed(bobAlice, 0) })
+
+	hf, hrel := carolCap.Hold(ctx, func(p testcapnp.Test_hold_Params) error {
+		return p.SetCap(testcapnp.Test(stranded.AddRef()))
+	})
+	if _, err := hf.Struct(); err != nil {
+		t.Fatalf("hold: %v", err)
+	}
+	hrel()
+	held := carolObj.Held()
+	defer held.Release()
+	if snap := held.Snapshot(); !snap.IsPromise() {
+		snap.Release()
+		t.Fatal("Carol holds no promise; the test no longer sets up what it means to")
+	} else {
+		snap.Release()
+	}
+
+	localCall(t, aliceObj, func(c testcapnp.Test) (*capnp.Future, capnp.ReleaseFunc) {
+		f, rel := c.ResolvePromise(ctx, func(p testcapnp.Test_resolvePromise_Params) error {
+			return p.SetCap(targetObj.Client())
+		})
+		return f.Future, rel
+	})
+	rctx, rcancel := context.WithTimeout(ctx, 2*time.Second)
+	defer rcancel()
+	if err := held.Resolve(rctx); err != nil {
+		t.Fatalf("Carol's promise never followed Alice's Resolve: %v", err)
+	}
+	sf, srel := testcapnp.Test(held).Seq(ctx, func(p testcapnp.Test_seq_Params) error { p.SetN(7); return nil })
+	defer srel()
+	if _, err := sf.Struct(); err != nil {
+		t.Fatalf("seq through the resolved promise: %v", err)
+	}
+	if log := targetObj.Log(); len(log) != 1 || log[0] != 7 {
+		t.Fatalf("target's log %v; want [7]", log)
+	}
+}
+
+// plainPair connects a Conn whose peer serves boot, without Level 3, and
+// returns the client's end.
+func plainPair(t *testing.T, boot capnp.Client) *Conn {
+	a, b := net.Pipe()
+	client := NewConn(a, nil)
+	server := NewConn(b, &Options{BootstrapClient: boot})
+	t.Cleanup(func() {
+		client.Close()
+		server.Close()
+		<-client.Done()
+		<-server.Done()
+	})
+	return client
 }

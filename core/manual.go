@@ -56,7 +56,8 @@ func (w *pendingWork) ready() (run, drop bool) {
 		defer snap.Release()
 		// A snapshot is as resolved as it can get without waiting, so it
 		// is still a promise only while the promise is unresolved.
-		settled := !snap.IsPromise()
+		h, _ := snap.Brand().Value.(*importClient)
+		settled := !snap.IsPromise() || (h != nil && h.isSettled())
 		return settled, settled
 	case w.cancel != nil:
 		if w.cancel.settled {
