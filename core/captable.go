@@ -62,7 +62,27 @@ func (ie *importEntry) markSettledLocked() {
 	}
 }
 
-// isSettled reports whether h is a promise import that has settled.
+// A settler is a promise hook of captp's own that knows when it settled
+// and what to, even when go-capnp cannot switch over a capability holding
+// it (see importClient.settled): an import of the peer's promise, or a
+// capability pipelined on a native call.
+type settler interface {
+	// settledSignal returns a channel closed once the promise settled,
+	// or nil if the hook is not a promise.
+	settledSignal() <-chan struct{}
+	isSettled() bool
+	// settledTo returns what the settled promise settled to, a reference
+	// the caller owns. The caller holds a client of the hook.
+	settledTo() capnp.Client
+}
+
+func (h *importClient) settledSignal() <-chan struct{} {
+	if h.settled == nil {
+		return nil // not a promise
+	}
+	return h.settled
+}
+
 func (h *importClient) isSettled() bool {
 	if h.settled == nil {
 		return false
@@ -75,10 +95,8 @@ func (h *importClient) isSettled() bool {
 	}
 }
 
-// settledTo returns what the settled promise import h resolved to, a
-// reference the caller owns: a broken capability if h's connection ended
-// first. Callers hold a client of h, so its entry cannot go away except
-// at shutdown.
+// settledTo returns a broken capability if h's connection ended before
+// the promise resolved. The caller's client keeps h's entry otherwise.
 func (h *importClient) settledTo() capnp.Client {
 	c := h.c
 	c.mu.Lock()
@@ -89,21 +107,32 @@ func (h *importClient) settledTo() capnp.Client {
 	return brokenClient(exc.New(exc.Disconnected, "captp", fmt.Sprintf("connection closed before promise import %d resolved", h.id)))
 }
 
+// stuckOn returns the hook of ours that snap is a promise of, if any.
+func stuckOn(snap capnp.ClientSnapshot) (settler, bool) {
+	if !snap.IsPromise() {
+		return nil, false
+	}
+	h, ok := snap.Brand().Value.(settler)
+	if !ok || h.settledSignal() == nil {
+		return nil, false
+	}
+	return h, true
+}
+
 // maxSettledHops bounds how far settledTarget follows promise imports
 // that resolved to other promise imports.
 const maxSettledHops = 16
 
-// settledTarget returns cl, or, if cl is stuck on a promise import that
-// has settled (see importClient.settled), what that import resolved to,
-// followed as far as it goes. The caller owns the result.
+// settledTarget returns cl, or, if cl is stuck on a promise hook of ours
+// that has settled (see settler), what that promise settled to, followed
+// as far as it goes. The caller owns the result.
 func settledTarget(cl capnp.Client) capnp.Client {
 	cl = cl.AddRef()
 	for range maxSettledHops {
 		snap := cl.Snapshot()
-		h, ok := snap.Brand().Value.(*importClient)
-		stuck := ok && snap.IsPromise() && h.isSettled()
+		h, ok := stuckOn(snap)
 		snap.Release()
-		if !stuck {
+		if !ok || !h.isSettled() {
 			return cl
 		}
 		next := h.settledTo()
@@ -111,17 +140,17 @@ func settledTarget(cl capnp.Client) capnp.Client {
 		cl = next
 	}
 	cl.Release()
-	return brokenClient(errors.New("captp: promise imports resolve to each other in a cycle"))
+	return brokenClient(errors.New("captp: promises resolve to each other in a cycle"))
 }
 
-// waitSettled waits until cl has resolved, or is stuck on a promise
-// import that has settled (see importClient.settled).
+// waitSettled waits until cl has resolved, or is stuck on a promise hook
+// of ours that has settled (see settler).
 func waitSettled(ctx context.Context, cl capnp.Client) error {
 	snap := cl.Snapshot()
 	defer snap.Release()
 	for snap.IsPromise() {
-		h, ok := snap.Brand().Value.(*importClient)
-		if !ok || h.settled == nil {
+		h, ok := stuckOn(snap)
+		if !ok {
 			if err := snap.Resolve1(ctx); err != nil {
 				return err
 			}
@@ -130,10 +159,11 @@ func waitSettled(ctx context.Context, cl capnp.Client) error {
 		if h.isSettled() {
 			return nil
 		}
+		signal := h.settledSignal()
 		step, cancel := context.WithCancel(ctx)
 		go func() {
 			select {
-			case <-h.settled:
+			case <-signal:
 				cancel()
 			case <-step.Done():
 			}

@@ -259,6 +259,7 @@ func (c *Conn) requestCap(ctx context.Context, what string, onSettled func(), bu
 	// reach the capability after the question is finished.
 	client, resolver := capnp.NewPromisedClient(&bootstrapHook{q: q})
 	q.bootResolver = resolver
+	q.bootSettled = &bootSettlement{done: make(chan struct{})}
 	// go-capnp keeps flow control per client value: this one gets its own
 	// window, drawing on the connection's budget like every import's.
 	if l := c.flow.NewLimiter(); l != nil {
@@ -279,6 +280,33 @@ func (h *bootstrapHook) Send(ctx context.Context, s capnp.Send) (*capnp.Answer, 
 
 func (h *bootstrapHook) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller {
 	return h.q.c.forwardCall(ctx, callTarget{question: h.q}, r)
+}
+
+func (h *bootstrapHook) settledSignal() <-chan struct{} { return h.q.bootSettled.done }
+
+func (h *bootstrapHook) isSettled() bool {
+	select {
+	case <-h.q.bootSettled.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// settledTo returns the bootstrap capability, or why there is none. The
+// caller's client keeps q.bootCap (Shutdown drops it).
+func (h *bootstrapHook) settledTo() capnp.Client {
+	q := h.q
+	c := q.c
+	c.mu.Lock()
+	defer c.unlock()
+	switch {
+	case q.bootSettled.err != nil:
+		return brokenClient(q.bootSettled.err)
+	case q.bootCap.IsValid():
+		return q.bootCap.AddRef()
+	}
+	return brokenClient(errors.New("captp: the bootstrap capability is gone"))
 }
 
 func (h *bootstrapHook) Brand() capnp.Brand { return capnp.Brand{Value: h} }

@@ -392,11 +392,10 @@ func (c *Conn) settleLocked(fx *effects, q *question, msg *capnp.Message, conten
 	} else {
 		q.results, q.resultContent = msg, content
 	}
-	br := q.bootResolver
-	q.bootResolver = nil
 	if q.bootstrap && rerr == nil && !q.bootDropped {
 		q.bootCap = content.Interface().Client().AddRef()
 	}
+	br := q.takeBootResolverLocked(rerr)
 	q.settleContent, q.settleErr, q.settleBoot, q.settleBootCap = content, rerr, br, q.bootCap
 	q.settling = true
 	if q.native != nil {

@@ -205,6 +205,12 @@ func TestStrandedPromiseImportExportResolves(t *testing.T) {
 // plainPair connects a Conn whose peer serves boot, without Level 3, and
 // returns the client's end.
 func plainPair(t *testing.T, boot capnp.Client) *Conn {
+	client, _ := plainPairBoth(t, boot)
+	return client
+}
+
+// plainPairBoth is plainPair returning the server's end too.
+func plainPairBoth(t *testing.T, boot capnp.Client) (*Conn, *Conn) {
 	a, b := net.Pipe()
 	client := NewConn(a, nil)
 	server := NewConn(b, &Options{BootstrapClient: boot})
@@ -214,5 +220,101 @@ func plainPair(t *testing.T, boot capnp.Client) *Conn {
 		<-client.Done()
 		<-server.Done()
 	})
-	return client
+	return client, server
+}
+
+// The same for a capability pipelined on a native call (nativePipeline):
+// Bob passes Carol such a capability, stranded as above, and Carol's
+// promise follows the call's Return.
+func TestStrandedNativePipelineExportResolves(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	aliceObj, carolObj := testimpl.New("alice", nil), testimpl.New("carol", nil)
+	bobAlice := plainPair(t, capnp.Client(aliceObj.Client()))
+	bobCarol := plainPair(t, capnp.Client(carolObj.Client()))
+	aliceCap := bobAlice.Bootstrap(ctx)
+	defer aliceCap.Release()
+	carolCap := testcapnp.Test(bobCarol.Bootstrap(ctx))
+	defer carolCap.Release()
+
+	child := Call(ctx, aliceCap, capnp.Send{
+		Method:   capnp.Method{InterfaceID: testcapnp.Test_TypeID, MethodID: 3, InterfaceName: "test.capnp:Test", MethodName: "child"},
+		ArgsSize: capnp.ObjectSize{PointerCount: 1},
+		PlaceArgs: func(s capnp.Struct) error {
+			return testcapnp.Test_child_Params(s).SetName("kid")
+		},
+	})
+	defer child.Release()
+	if child.Err() != nil {
+		t.Fatalf("child: %v", child.Err())
+	}
+	stranded := pipelineOnFreedResults(child.Pipeline(0))
+	defer stranded.Release()
+
+	hf, hrel := carolCap.Hold(ctx, func(p testcapnp.Test_hold_Params) error {
+		return p.SetCap(testcapnp.Test(stranded.AddRef()))
+	})
+	if _, err := hf.Struct(); err != nil {
+		t.Fatalf("hold: %v", err)
+	}
+	hrel()
+	held := testcapnp.Test(carolObj.Held())
+	defer held.Release()
+
+	rctx, rcancel := context.WithTimeout(ctx, 2*time.Second)
+	defer rcancel()
+	if err := capnp.Client(held).Resolve(rctx); err != nil {
+		t.Fatalf("Carol's promise never followed the call's Return: %v", err)
+	}
+	nf, nrel := held.Name(ctx, nil)
+	defer nrel()
+	res, err := nf.Struct()
+	if err != nil {
+		t.Fatalf("name through the resolved promise: %v", err)
+	}
+	if name, _ := res.Name(); name != "kid" {
+		t.Fatalf("name %q through the resolved promise; want kid", name)
+	}
+}
+
+// The same for the bootstrap capability (bootstrapHook), stranded before
+// the bootstrap's Return arrives.
+func TestStrandedBootstrapExportResolves(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	aliceObj, carolObj := testimpl.New("alice", nil), testimpl.New("carol", nil)
+	bobAlice, alice := plainPairBoth(t, capnp.Client(aliceObj.Client()))
+	bobCarol := plainPair(t, capnp.Client(carolObj.Client()))
+	carolCap := testcapnp.Test(bobCarol.Bootstrap(ctx))
+	defer carolCap.Release()
+
+	alice.mu.Lock() // Alice answers the Bootstrap only once it is stranded
+	stranded := pipelineOnFreedResults(bobAlice.Bootstrap(ctx))
+	defer stranded.Release()
+	alice.unlock()
+
+	hf, hrel := carolCap.Hold(ctx, func(p testcapnp.Test_hold_Params) error {
+		return p.SetCap(testcapnp.Test(stranded.AddRef()))
+	})
+	if _, err := hf.Struct(); err != nil {
+		t.Fatalf("hold: %v", err)
+	}
+	hrel()
+	held := testcapnp.Test(carolObj.Held())
+	defer held.Release()
+
+	rctx, rcancel := context.WithTimeout(ctx, 2*time.Second)
+	defer rcancel()
+	if err := capnp.Client(held).Resolve(rctx); err != nil {
+		t.Fatalf("Carol's promise never followed the bootstrap's Return: %v", err)
+	}
+	nf, nrel := held.Name(ctx, nil)
+	defer nrel()
+	res, err := nf.Struct()
+	if err != nil {
+		t.Fatalf("name through the resolved promise: %v", err)
+	}
+	if name, _ := res.Name(); name != "alice" {
+		t.Fatalf("name %q through the resolved promise; want alice", name)
+	}
 }

@@ -56,8 +56,8 @@ func (w *pendingWork) ready() (run, drop bool) {
 		defer snap.Release()
 		// A snapshot is as resolved as it can get without waiting, so it
 		// is still a promise only while the promise is unresolved.
-		h, _ := snap.Brand().Value.(*importClient)
-		settled := !snap.IsPromise() || (h != nil && h.isSettled())
+		h, stuck := stuckOn(snap)
+		settled := !snap.IsPromise() || (stuck && h.isSettled())
 		return settled, settled
 	case w.cancel != nil:
 		if w.cancel.settled {

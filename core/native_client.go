@@ -381,6 +381,26 @@ func (h *nativePipeline) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineC
 	return h.q.c.forwardCall(ctx, callTarget{question: h.q, transform: h.transform}, r)
 }
 
+func (h *nativePipeline) settledSignal() <-chan struct{} { return h.q.native.doneChan() }
+func (h *nativePipeline) isSettled() bool                { return h.q.native.isDone() }
+
+// settledTo returns the capability at h's path in the call's results, or
+// the call's error. The caller's client keeps the question and its
+// results (pipeRefs).
+func (h *nativePipeline) settledTo() capnp.Client {
+	q := h.q
+	c := q.c
+	c.mu.Lock()
+	defer c.unlock()
+	if q.resultErr != nil {
+		return brokenClient(q.resultErr)
+	}
+	if cl, ok := c.redirectLocked(callTarget{question: q, transform: h.transform}); ok {
+		return cl
+	}
+	return brokenClient(errors.New("captp: pipelined capability: the call's results are gone"))
+}
+
 func (h *nativePipeline) Brand() capnp.Brand { return capnp.Brand{Value: h} }
 func (h *nativePipeline) String() string     { return "captp native pipeline" }
 

@@ -46,6 +46,9 @@ type question struct {
 	// it resolved to (kept for calls that raced with the Return).
 	bootResolver capnp.Resolver[capnp.Client]
 	bootCap      capnp.Client
+	// bootSettled records when bootResolver is taken (bootstrapHook's
+	// settler); a pointer, so that a question still fits its size class.
+	bootSettled *bootSettlement
 	// onSettled, if set, runs (as an effect) once the question is settled
 	// by its Return, rejected, or dropped unsent.
 	onSettled func()
@@ -432,8 +435,7 @@ func (q *question) cancelLocked(fx *effects, err error) {
 		q.failNativeLocked(fx, err)
 		return
 	}
-	p, br := q.p, q.bootResolver
-	q.bootResolver = nil
+	p, br := q.p, q.takeBootResolverLocked(err)
 	fx.add(func() {
 		p.Reject(err)
 		breakPromises(err, br) // skips a nil br
@@ -599,8 +601,8 @@ func (q *question) rejectLocked(fx *effects, err error) {
 		q.failNativeLocked(fx, err)
 	} else if !q.settled {
 		q.settled = true
-		p, br, done := q.p, q.bootResolver, q.onSettled
-		q.bootResolver, q.onSettled = nil, nil
+		p, br, done := q.p, q.takeBootResolverLocked(err), q.onSettled
+		q.onSettled = nil
 		fx.add(func() {
 			p.Reject(err)
 			breakPromises(err, br) // skips a nil br
@@ -777,4 +779,23 @@ func (c *Conn) contextDone(w *ctxWatch) {
 	for _, q := range qs {
 		q.cancel(err)
 	}
+}
+
+// takeBootResolverLocked takes q's bootstrap resolver, to settle with err
+// (nil: with q.bootCap), and marks the bootstrap settled.
+func (q *question) takeBootResolverLocked(err error) capnp.Resolver[capnp.Client] {
+	br := q.bootResolver
+	q.bootResolver = nil
+	if br != nil && q.bootSettled != nil {
+		q.bootSettled.err = err
+		close(q.bootSettled.done)
+	}
+	return br
+}
+
+// A bootSettlement is closed (done) when a bootstrap promise settles,
+// with the error it settled with (nil: the question's bootCap).
+type bootSettlement struct {
+	done chan struct{}
+	err  error
 }
