@@ -3,7 +3,6 @@ package core
 import (
 	"context"
 	"errors"
-	"net"
 	"testing"
 	"time"
 
@@ -148,13 +147,11 @@ func checkResolvedTo(t *testing.T, ctx context.Context, cl, target capnp.Client,
 func TestStrandedPromiseImportExportResolves(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	aliceObj, carolObj, targetObj := testimpl.New("alice", nil), testimpl.New("carol", nil), testimpl.New("target", nil)
-	bobAlice := plainPair(t, capnp.Client(aliceObj.Client()))
-	bobCarol := plainPair(t, capnp.Client(carolObj.Client()))
+	aliceObj, targetObj := testimpl.New("alice", nil), testimpl.New("target", nil)
+	bobAlice, _ := pipeConns(t, &Options{BootstrapClient: capnp.Client(aliceObj.Client())}, nil)
 	aliceCap := testcapnp.Test(bobAlice.Bootstrap(ctx))
 	defer aliceCap.Release()
-	carolCap := testcapnp.Test(bobCarol.Bootstrap(ctx))
-	defer carolCap.Release()
+	carol := newCarol(t, ctx)
 
 	pf, prel := aliceCap.Promise(ctx, nil)
 	if _, err := pf.Struct(); err != nil {
@@ -164,21 +161,13 @@ func TestStrandedPromiseImportExportResolves(t *testing.T) {
 	defer stranded.Release()
 	prel()
 	waitFor(t, ctx, "Bob to free the results", func() bool { return resultsFreed(bobAlice, 0) })
-
-	hf, hrel := carolCap.Hold(ctx, func(p testcapnp.Test_hold_Params) error {
-		return p.SetCap(testcapnp.Test(stranded.AddRef()))
-	})
-	if _, err := hf.Struct(); err != nil {
-		t.Fatalf("hold: %v", err)
-	}
-	hrel()
-	held := carolObj.Held()
+	held := carol.hold(t, ctx, stranded)
 	defer held.Release()
-	if snap := held.Snapshot(); !snap.IsPromise() {
-		snap.Release()
-		t.Fatal("Carol holds no promise; the test no longer sets up what it means to")
-	} else {
-		snap.Release()
+	snap := capnp.Client(held).Snapshot()
+	promise := snap.IsPromise()
+	snap.Release()
+	if !promise {
+		t.Fatal("Carol holds no promise before Alice resolves; the test no longer sets up what it means to")
 	}
 
 	localCall(t, aliceObj, func(c testcapnp.Test) (*capnp.Future, capnp.ReleaseFunc) {
@@ -187,55 +176,18 @@ func TestStrandedPromiseImportExportResolves(t *testing.T) {
 		})
 		return f.Future, rel
 	})
-	rctx, rcancel := context.WithTimeout(ctx, 2*time.Second)
-	defer rcancel()
-	if err := held.Resolve(rctx); err != nil {
-		t.Fatalf("Carol's promise never followed Alice's Resolve: %v", err)
-	}
-	sf, srel := testcapnp.Test(held).Seq(ctx, func(p testcapnp.Test_seq_Params) error { p.SetN(7); return nil })
-	defer srel()
-	if _, err := sf.Struct(); err != nil {
-		t.Fatalf("seq through the resolved promise: %v", err)
-	}
-	if log := targetObj.Log(); len(log) != 1 || log[0] != 7 {
-		t.Fatalf("target's log %v; want [7]", log)
-	}
-}
-
-// plainPair connects a Conn whose peer serves boot, without Level 3, and
-// returns the client's end.
-func plainPair(t *testing.T, boot capnp.Client) *Conn {
-	client, _ := plainPairBoth(t, boot)
-	return client
-}
-
-// plainPairBoth is plainPair returning the server's end too.
-func plainPairBoth(t *testing.T, boot capnp.Client) (*Conn, *Conn) {
-	a, b := net.Pipe()
-	client := NewConn(a, nil)
-	server := NewConn(b, &Options{BootstrapClient: boot})
-	t.Cleanup(func() {
-		client.Close()
-		server.Close()
-		<-client.Done()
-		<-server.Done()
-	})
-	return client, server
+	checkHeldFollows(t, ctx, held, "Alice's Resolve", "target")
 }
 
 // The same for a capability pipelined on a native call (nativePipeline):
-// Bob passes Carol such a capability, stranded as above, and Carol's
-// promise follows the call's Return.
+// Carol's promise follows the call's Return.
 func TestStrandedNativePipelineExportResolves(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	aliceObj, carolObj := testimpl.New("alice", nil), testimpl.New("carol", nil)
-	bobAlice := plainPair(t, capnp.Client(aliceObj.Client()))
-	bobCarol := plainPair(t, capnp.Client(carolObj.Client()))
+	bobAlice, _ := pipeConns(t, &Options{BootstrapClient: capnp.Client(testimpl.New("alice", nil).Client())}, nil)
 	aliceCap := bobAlice.Bootstrap(ctx)
 	defer aliceCap.Release()
-	carolCap := testcapnp.Test(bobCarol.Bootstrap(ctx))
-	defer carolCap.Release()
+	carol := newCarol(t, ctx)
 
 	child := Call(ctx, aliceCap, capnp.Send{
 		Method:   capnp.Method{InterfaceID: testcapnp.Test_TypeID, MethodID: 3, InterfaceName: "test.capnp:Test", MethodName: "child"},
@@ -250,31 +202,9 @@ func TestStrandedNativePipelineExportResolves(t *testing.T) {
 	}
 	stranded := pipelineOnFreedResults(child.Pipeline(0))
 	defer stranded.Release()
-
-	hf, hrel := carolCap.Hold(ctx, func(p testcapnp.Test_hold_Params) error {
-		return p.SetCap(testcapnp.Test(stranded.AddRef()))
-	})
-	if _, err := hf.Struct(); err != nil {
-		t.Fatalf("hold: %v", err)
-	}
-	hrel()
-	held := testcapnp.Test(carolObj.Held())
+	held := carol.hold(t, ctx, stranded)
 	defer held.Release()
-
-	rctx, rcancel := context.WithTimeout(ctx, 2*time.Second)
-	defer rcancel()
-	if err := capnp.Client(held).Resolve(rctx); err != nil {
-		t.Fatalf("Carol's promise never followed the call's Return: %v", err)
-	}
-	nf, nrel := held.Name(ctx, nil)
-	defer nrel()
-	res, err := nf.Struct()
-	if err != nil {
-		t.Fatalf("name through the resolved promise: %v", err)
-	}
-	if name, _ := res.Name(); name != "kid" {
-		t.Fatalf("name %q through the resolved promise; want kid", name)
-	}
+	checkHeldFollows(t, ctx, held, "the call's Return", "kid")
 }
 
 // The same for the bootstrap capability (bootstrapHook), stranded before
@@ -282,39 +212,63 @@ func TestStrandedNativePipelineExportResolves(t *testing.T) {
 func TestStrandedBootstrapExportResolves(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	aliceObj, carolObj := testimpl.New("alice", nil), testimpl.New("carol", nil)
-	bobAlice, alice := plainPairBoth(t, capnp.Client(aliceObj.Client()))
-	bobCarol := plainPair(t, capnp.Client(carolObj.Client()))
-	carolCap := testcapnp.Test(bobCarol.Bootstrap(ctx))
-	defer carolCap.Release()
+	bobAlice, alice := pipeConns(t, &Options{BootstrapClient: capnp.Client(testimpl.New("alice", nil).Client())}, nil)
+	carol := newCarol(t, ctx)
 
 	alice.mu.Lock() // Alice answers the Bootstrap only once it is stranded
 	stranded := pipelineOnFreedResults(bobAlice.Bootstrap(ctx))
 	defer stranded.Release()
 	alice.unlock()
+	held := carol.hold(t, ctx, stranded)
+	defer held.Release()
+	checkHeldFollows(t, ctx, held, "the bootstrap's Return", "alice")
+}
 
-	hf, hrel := carolCap.Hold(ctx, func(p testcapnp.Test_hold_Params) error {
-		return p.SetCap(testcapnp.Test(stranded.AddRef()))
+// carol is a vat Bob passes stranded capabilities to, over a connection
+// without Level 3, so that Bob exports them as promises of his own.
+type carol struct {
+	obj *testimpl.Object
+	cap testcapnp.Test // Bob's
+}
+
+func newCarol(t *testing.T, ctx context.Context) *carol {
+	obj := testimpl.New("carol", nil)
+	bob, _ := pipeConns(t, &Options{BootstrapClient: capnp.Client(obj.Client())}, nil)
+	c := &carol{obj: obj, cap: testcapnp.Test(bob.Bootstrap(ctx))}
+	t.Cleanup(c.cap.Release)
+	return c
+}
+
+// hold has Bob pass cl to Carol and returns what Carol holds: a promise
+// of Bob's, unless cl had settled by then.
+func (c *carol) hold(t *testing.T, ctx context.Context, cl capnp.Client) testcapnp.Test {
+	t.Helper()
+	f, rel := c.cap.Hold(ctx, func(p testcapnp.Test_hold_Params) error {
+		return p.SetCap(testcapnp.Test(cl.AddRef()))
 	})
-	if _, err := hf.Struct(); err != nil {
+	defer rel()
+	if _, err := f.Struct(); err != nil {
 		t.Fatalf("hold: %v", err)
 	}
-	hrel()
-	held := testcapnp.Test(carolObj.Held())
-	defer held.Release()
+	return testcapnp.Test(c.obj.Held())
+}
 
-	rctx, rcancel := context.WithTimeout(ctx, 2*time.Second)
-	defer rcancel()
+// checkHeldFollows fails t unless held resolves soon after what and
+// then reaches the object named want.
+func checkHeldFollows(t *testing.T, ctx context.Context, held testcapnp.Test, what, want string) {
+	t.Helper()
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
 	if err := capnp.Client(held).Resolve(rctx); err != nil {
-		t.Fatalf("Carol's promise never followed the bootstrap's Return: %v", err)
+		t.Fatalf("Carol's promise never followed %s: %v", what, err)
 	}
-	nf, nrel := held.Name(ctx, nil)
-	defer nrel()
-	res, err := nf.Struct()
+	f, rel := held.Name(ctx, nil)
+	defer rel()
+	res, err := f.Struct()
 	if err != nil {
 		t.Fatalf("name through the resolved promise: %v", err)
 	}
-	if name, _ := res.Name(); name != "alice" {
-		t.Fatalf("name %q through the resolved promise; want alice", name)
+	if name, _ := res.Name(); name != want {
+		t.Fatalf("name %q through the resolved promise; want %q", name, want)
 	}
 }
