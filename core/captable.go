@@ -64,8 +64,8 @@ func (ie *importEntry) markSettledLocked() {
 
 // A settler is a promise hook of captp's own that knows when it settled
 // and what to, even when go-capnp cannot switch over a capability holding
-// it (see importClient.settled): an import of the peer's promise, or a
-// capability pipelined on a native call.
+// it (see importClient.settled): an import of the peer's promise, a
+// capability pipelined on a native call, or a bootstrap promise.
 type settler interface {
 	// settledSignal returns a channel closed once the promise settled,
 	// or nil if the hook is not a promise.
@@ -725,9 +725,9 @@ type embargo struct {
 	resolver capnp.Resolver[capnp.Client]
 	// self keeps the promise resolvable until the embargo ends: go-capnp
 	// v3.1.0-alpha.2's resolver does nothing once every client sharing
-	// the first reference is released, yet a promise fulfilled with the
-	// embargoed client holds its hook and would wait on it for good
-	// (upstream issue 653, fixed after that release).
+	// the first reference is released, yet a capability pipelined on
+	// results that held the embargoed client keeps its hook and would
+	// stay on it for good (upstream issue 653, fixed after that release).
 	self capnp.Client
 }
 
