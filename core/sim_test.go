@@ -55,8 +55,8 @@ type simConfig struct {
 	// Thieves (with Level3): now and then a vat presents the completion
 	// of a handoff meant for another vat; it must get nothing.
 	Thieves bool
-	// Strand: now and then a vat takes a stranded view of a handle, a
-	// capability pipelined on go-capnp results that held it, released
+	// Strand: now and then a vat replaces a handle by a stranded view of
+	// it, a capability pipelined on go-capnp results that held it, freed
 	// since (pipelineOnFreedResults): go-capnp never switches such a view
 	// over when the handle's promise resolves (held_hook_test.go).
 	Strand bool
