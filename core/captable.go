@@ -45,7 +45,7 @@ type importClient struct {
 	// out for it; nil when flow control is off.
 	lim *flow.Limiter
 	// settled, made for a promise import, is closed once the promise
-	// resolves or the connection ends (markSettledLocked). go-capnp
+	// resolves or the connection ends (settledSignalLocked). go-capnp
 	// v3.1.0-alpha.2 cannot switch over a capability that holds this
 	// hook without holding one of its clients, such as one pipelined on
 	// freed results (its resolver does nothing then; upstream issue 653),
@@ -54,11 +54,22 @@ type importClient struct {
 	settled chan struct{}
 }
 
-// markSettledLocked records that a promise import resolved or will never
-// resolve (the connection ended).
-func (ie *importEntry) markSettledLocked() {
-	if ie.hook.settled != nil && !ie.resolved {
-		close(ie.hook.settled)
+// settledSignalLocked returns, for a promise import about to resolve or
+// be dropped unresolved (the connection ended), the channel to close
+// once its resolvers have run, so that go-capnp switches over what it
+// can first; nil otherwise. Its callers mark ie resolved or delete it
+// at once, so each channel is handed out once.
+func (ie *importEntry) settledSignalLocked() chan struct{} {
+	if ie.resolved {
+		return nil
+	}
+	return ie.hook.settled
+}
+
+// closeSignal closes ch unless it is nil.
+func closeSignal(ch chan struct{}) {
+	if ch != nil {
+		close(ch)
 	}
 }
 
@@ -140,8 +151,42 @@ func settledTarget(cl capnp.Client) capnp.Client {
 		cl = next
 	}
 	cl.Release()
-	return brokenClient(errors.New("captp: promises resolve to each other in a cycle"))
+	return brokenClient(errSettleCycle)
 }
+
+// Settle waits until cl, which may be a promise, has settled, and
+// returns what it settled to: a new reference the caller releases, or cl
+// itself (a new reference too) if it was no promise. It ends with ctx's
+// error if ctx ends first.
+//
+// Unlike cl.Resolve, it also returns for a capability that go-capnp
+// v3.1.0-alpha.2 leaves on one of the core's promises after the promise
+// settled: one pipelined on call results that were released before the
+// promise resolved (README, Known issues). Calls on such a capability
+// already reach the resolution; Settle gives the caller the resolution
+// itself, for comparisons (IsSame) and for code that waits on Resolve.
+func Settle(ctx context.Context, cl capnp.Client) (capnp.Client, error) {
+	cl = cl.AddRef()
+	for range maxSettledHops {
+		if err := waitSettled(ctx, cl); err != nil {
+			cl.Release()
+			return capnp.Client{}, err
+		}
+		snap := cl.Snapshot()
+		_, stuck := stuckOn(snap)
+		snap.Release()
+		if !stuck {
+			return cl, nil
+		}
+		next := settledTarget(cl) // what the settled promise settled to
+		cl.Release()
+		cl = next
+	}
+	cl.Release()
+	return capnp.Client{}, errSettleCycle
+}
+
+var errSettleCycle = errors.New("captp: promises resolve to each other in a cycle")
 
 // waitSettled waits until cl has resolved, or is stuck on a promise hook
 // of ours that has settled (see settler).

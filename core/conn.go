@@ -1017,11 +1017,12 @@ func (c *Conn) clearTablesLocked(fx *effects, reason error) {
 	for _, id := range sortedKeys(c.imports) {
 		ie := c.imports[id]
 		delete(c.imports, id)
-		ie.markSettledLocked()
+		signal := ie.settledSignalLocked()
 		fx.releaseClient(ie.resolution)
 		ie.resolution = capnp.Client{}
 		ie.settleLocked(fx, func(resolvers []capnp.Resolver[capnp.Client]) {
 			breakPromises(reason, resolvers...)
+			closeSignal(signal)
 		})
 	}
 	for _, id := range sortedKeys(c.exports) {

@@ -46,3 +46,48 @@ func ExampleNewConn() {
 	fmt.Println("child's name:", n)
 	// Output: child's name: kid
 }
+
+// Settle waits for a promise and returns what it settled to. Here the
+// server hands out a promise, then resolves it to a new object of the
+// client's choosing; calls made on the promise meanwhile wait for it.
+func ExampleSettle() {
+	ctx := context.Background()
+	clientSide, serverSide := pipePair()
+	server := core.NewConn(serverSide, &core.Options{
+		BootstrapClient: capnp.Client(testimpl.New("root", nil).Client()),
+	})
+	defer server.Close()
+	client := core.NewConn(clientSide, nil)
+	defer client.Close()
+	root := testcapnp.Test(client.Bootstrap(ctx))
+	defer root.Release()
+
+	promised, release := root.Promise(ctx, nil)
+	defer release()
+	promise := promised.Cap()
+	resolved, releaseResolved := root.ResolvePromise(ctx, func(p testcapnp.Test_resolvePromise_Params) error {
+		return p.SetCap(testimpl.New("target", nil).Client())
+	})
+	defer releaseResolved()
+	if _, err := resolved.Struct(); err != nil {
+		fmt.Println("resolvePromise failed:", err)
+		return
+	}
+
+	target, err := core.Settle(ctx, capnp.Client(promise))
+	if err != nil {
+		fmt.Println("settle failed:", err)
+		return
+	}
+	defer target.Release()
+	name, releaseName := testcapnp.Test(target).Name(ctx, nil)
+	defer releaseName()
+	res, err := name.Struct()
+	if err != nil {
+		fmt.Println("name failed:", err)
+		return
+	}
+	n, _ := res.Name()
+	fmt.Println("the promise settled to:", n)
+	// Output: the promise settled to: target
+}

@@ -427,6 +427,7 @@ func (q *question) runSettle() {
 		} else {
 			br.Fulfill(bootCap)
 		}
+		q.bootSettledAfter(br)
 	}
 	q.c.afterSettle(q)
 	if done := q.onSettled; done != nil {
@@ -593,10 +594,11 @@ func (c *Conn) handleResolve(fx *effects, m rpccp.Message) error {
 		// Calls that reach the import before its clients switch over
 		// must follow the resolution too; the entry owns cl from now on.
 		hook := ie.hook
-		ie.markSettledLocked()
+		signal := ie.settledSignalLocked()
 		ie.resolved, ie.resolution = true, cl
 		cl = cl.AddRef()
 		ie.settleLocked(fx, func(resolvers []capnp.Resolver[capnp.Client]) {
+			defer closeSignal(signal)
 			defer cl.Release()
 			// A promise resolved to itself (directly or through other
 			// promises) would make go-capnp chase the cycle forever.
@@ -616,10 +618,11 @@ func (c *Conn) handleResolve(fx *effects, m rpccp.Message) error {
 		}
 		if pending {
 			rerr := e.ToError()
-			ie.markSettledLocked()
+			signal := ie.settledSignalLocked()
 			ie.resolved, ie.resolution = true, brokenClient(rerr)
 			ie.settleLocked(fx, func(resolvers []capnp.Resolver[capnp.Client]) {
 				breakPromises(rerr, resolvers...)
+				closeSignal(signal)
 			})
 		}
 	default:

@@ -272,3 +272,61 @@ func checkHeldFollows(t *testing.T, ctx context.Context, held testcapnp.Test, wh
 		t.Fatalf("name %q through the resolved promise; want %q", name, want)
 	}
 }
+
+// Settle returns what a stranded capability settled to, where its own
+// Resolve cannot; it returns a plain capability as it is, and ends with
+// its context's error while a promise is pending.
+func TestSettleStrandedPromiseImport(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	aliceObj, targetObj := testimpl.New("alice", nil), testimpl.New("target", nil)
+	bobAlice, _ := pipeConns(t, &Options{BootstrapClient: capnp.Client(aliceObj.Client())}, nil)
+	aliceCap := testcapnp.Test(bobAlice.Bootstrap(ctx))
+	defer aliceCap.Release()
+
+	same, err := Settle(ctx, capnp.Client(aliceCap))
+	if err != nil {
+		t.Fatalf("Settle of the bootstrap capability: %v", err)
+	}
+	if !same.IsSame(capnp.Client(aliceCap)) {
+		t.Fatalf("Settle of a settled capability returned %v, not it", same)
+	}
+	same.Release()
+
+	pf, prel := aliceCap.Promise(ctx, nil)
+	if _, err := pf.Struct(); err != nil {
+		t.Fatalf("promise: %v", err)
+	}
+	stranded := pipelineOnFreedResults(capnp.Client(pf.Cap()).AddRef())
+	defer stranded.Release()
+	prel()
+	waitFor(t, ctx, "Bob to free the results", func() bool { return resultsFreed(bobAlice, 0) })
+
+	early, earlyCancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer earlyCancel()
+	if got, err := Settle(early, stranded); err == nil {
+		got.Release()
+		t.Fatal("Settle returned before Alice resolved her promise")
+	}
+
+	localCall(t, aliceObj, func(c testcapnp.Test) (*capnp.Future, capnp.ReleaseFunc) {
+		f, rel := c.ResolvePromise(ctx, func(p testcapnp.Test_resolvePromise_Params) error {
+			return p.SetCap(targetObj.Client())
+		})
+		return f.Future, rel
+	})
+	sctx, scancel := context.WithTimeout(ctx, 2*time.Second)
+	defer scancel()
+	got, err := Settle(sctx, stranded)
+	if err != nil {
+		t.Fatalf("Settle of the stranded capability: %v", err)
+	}
+	defer got.Release()
+	snap := got.Snapshot()
+	promise := snap.IsPromise()
+	snap.Release()
+	if promise {
+		t.Fatalf("Settle returned a promise: %v", got)
+	}
+	checkHeldFollows(t, ctx, testcapnp.Test(got), "Settle", "target")
+}

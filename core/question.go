@@ -439,6 +439,7 @@ func (q *question) cancelLocked(fx *effects, err error) {
 	fx.add(func() {
 		p.Reject(err)
 		breakPromises(err, br) // skips a nil br
+		q.bootSettledAfter(br)
 	})
 }
 
@@ -606,6 +607,7 @@ func (q *question) rejectLocked(fx *effects, err error) {
 		fx.add(func() {
 			p.Reject(err)
 			breakPromises(err, br) // skips a nil br
+			q.bootSettledAfter(br)
 			if done != nil {
 				done()
 			}
@@ -782,15 +784,23 @@ func (c *Conn) contextDone(w *ctxWatch) {
 }
 
 // takeBootResolverLocked takes q's bootstrap resolver, to settle with err
-// (nil: with q.bootCap), and marks the bootstrap settled.
+// (nil: with q.bootCap); bootSettledAfter closes the settlement once it
+// has.
 func (q *question) takeBootResolverLocked(err error) capnp.Resolver[capnp.Client] {
 	br := q.bootResolver
 	q.bootResolver = nil
 	if br != nil && q.bootSettled != nil {
 		q.bootSettled.err = err
-		close(q.bootSettled.done)
 	}
 	return br
+}
+
+// bootSettledAfter runs, outside c.mu, after the bootstrap resolver br
+// taken by takeBootResolverLocked has settled (br nil: none was taken).
+func (q *question) bootSettledAfter(br capnp.Resolver[capnp.Client]) {
+	if br != nil && q.bootSettled != nil {
+		close(q.bootSettled.done)
+	}
 }
 
 // A bootSettlement is closed (done) when a bootstrap promise settles,
