@@ -24,12 +24,7 @@ import (
 func TestEmbargoResolvesCapabilitiesHoldingItsHook(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c := newConn(nil, &Options{})
-	c.manual = true
-	defer c.shutdown(errors.New("test over"), false)
-	targetObj := testimpl.New("target", nil)
-	target := capnp.Client(targetObj.Client())
-	defer target.Release()
+	c, target := manualConnAndTarget(t)
 
 	c.mu.Lock()
 	embargoed, err := c.embargoLocked(target.AddRef(), func(mt rpccp.MessageTarget) error {
@@ -79,12 +74,7 @@ func TestEmbargoResolvesCapabilitiesHoldingItsHook(t *testing.T) {
 func TestLocalPipelineResolvesCapabilitiesHoldingItsHook(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c := newConn(nil, &Options{})
-	c.manual = true
-	defer c.shutdown(errors.New("test over"), false)
-	targetObj := testimpl.New("target", nil)
-	target := capnp.Client(targetObj.Client())
-	defer target.Release()
+	c, target := manualConnAndTarget(t)
 
 	a := &answer{c: c, id: 7}
 	c.mu.Lock()
@@ -105,6 +95,20 @@ func TestLocalPipelineResolvesCapabilitiesHoldingItsHook(t *testing.T) {
 	fx.run()
 
 	checkResolvedTo(t, ctx, pipelined, target, "the call's return")
+}
+
+// manualConnAndTarget returns a manual-mode Conn with no peer, which a
+// test drives by hand, and a local object for promises to resolve to;
+// cleanup ends and releases both.
+func manualConnAndTarget(t *testing.T) (*Conn, capnp.Client) {
+	c := newConn(nil, &Options{})
+	c.manual = true
+	target := capnp.Client(testimpl.New("target", nil).Client())
+	t.Cleanup(func() {
+		c.shutdown(errors.New("test over"), false)
+		target.Release()
+	})
+	return c, target
 }
 
 // pipelineOnFreedResults puts cl, whose reference it takes, into go-capnp
