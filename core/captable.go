@@ -94,12 +94,12 @@ func (h *importClient) settledSignal() <-chan struct{} {
 	return h.settled
 }
 
-func (h *importClient) isSettled() bool {
-	if h.settled == nil {
-		return false
-	}
+func (h *importClient) isSettled() bool { return h.settled != nil && closed(h.settled) }
+
+// closed reports, without waiting, whether ch is closed.
+func closed(ch <-chan struct{}) bool {
 	select {
-	case <-h.settled:
+	case <-ch:
 		return true
 	default:
 		return false
@@ -172,13 +172,15 @@ func Settle(ctx context.Context, cl capnp.Client) (capnp.Client, error) {
 			cl.Release()
 			return capnp.Client{}, err
 		}
+		// waitSettled returned: cl has resolved, or is stuck on a hook of
+		// ours that has settled, which gives the next hop.
 		snap := cl.Snapshot()
-		_, stuck := stuckOn(snap)
+		h, stuck := stuckOn(snap)
 		snap.Release()
 		if !stuck {
 			return cl, nil
 		}
-		next := settledTarget(cl) // what the settled promise settled to
+		next := h.settledTo()
 		cl.Release()
 		cl = next
 	}

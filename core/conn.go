@@ -284,14 +284,7 @@ func (h *bootstrapHook) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCa
 
 func (h *bootstrapHook) settledSignal() <-chan struct{} { return h.q.bootSettled.done }
 
-func (h *bootstrapHook) isSettled() bool {
-	select {
-	case <-h.q.bootSettled.done:
-		return true
-	default:
-		return false
-	}
-}
+func (h *bootstrapHook) isSettled() bool { return closed(h.q.bootSettled.done) }
 
 // settledTo returns the bootstrap capability, or why there is none. The
 // caller's client keeps q.bootCap (Shutdown drops it).

@@ -157,14 +157,8 @@ func TestStrandedPromiseImportExportResolves(t *testing.T) {
 	defer aliceCap.Release()
 	carol := newCarol(t, ctx)
 
-	pf, prel := aliceCap.Promise(ctx, nil)
-	if _, err := pf.Struct(); err != nil {
-		t.Fatalf("promise: %v", err)
-	}
-	stranded := pipelineOnFreedResults(capnp.Client(pf.Cap()).AddRef())
+	stranded := strandedPromise(t, ctx, bobAlice, aliceCap)
 	defer stranded.Release()
-	prel()
-	waitFor(t, ctx, "Bob to free the results", func() bool { return resultsFreed(bobAlice, 0) })
 	held := carol.hold(t, ctx, stranded)
 	defer held.Release()
 	snap := capnp.Client(held).Snapshot()
@@ -226,6 +220,22 @@ func TestStrandedBootstrapExportResolves(t *testing.T) {
 	held := carol.hold(t, ctx, stranded)
 	defer held.Release()
 	checkHeldFollows(t, ctx, held, "the bootstrap's Return", "alice")
+}
+
+// strandedPromise asks Alice, over bob (Bob's connection to her), for a
+// promise, and returns a stranded view of Bob's import of it: pipelined
+// on go-capnp results that held it, freed once Bob has freed the call's
+// results too.
+func strandedPromise(t *testing.T, ctx context.Context, bob *Conn, alice testcapnp.Test) capnp.Client {
+	t.Helper()
+	pf, rel := alice.Promise(ctx, nil)
+	if _, err := pf.Struct(); err != nil {
+		t.Fatalf("promise: %v", err)
+	}
+	stranded := pipelineOnFreedResults(capnp.Client(pf.Cap()).AddRef())
+	rel()
+	waitFor(t, ctx, "Bob to free the results", func() bool { return resultsFreed(bob, 0) })
+	return stranded
 }
 
 // carol is a vat Bob passes stranded capabilities to, over a connection
@@ -297,14 +307,8 @@ func TestSettleStrandedPromiseImport(t *testing.T) {
 	}
 	same.Release()
 
-	pf, prel := aliceCap.Promise(ctx, nil)
-	if _, err := pf.Struct(); err != nil {
-		t.Fatalf("promise: %v", err)
-	}
-	stranded := pipelineOnFreedResults(capnp.Client(pf.Cap()).AddRef())
+	stranded := strandedPromise(t, ctx, bobAlice, aliceCap)
 	defer stranded.Release()
-	prel()
-	waitFor(t, ctx, "Bob to free the results", func() bool { return resultsFreed(bobAlice, 0) })
 
 	early, earlyCancel := context.WithTimeout(ctx, 20*time.Millisecond)
 	defer earlyCancel()

@@ -789,7 +789,7 @@ func (c *Conn) contextDone(w *ctxWatch) {
 func (q *question) takeBootResolverLocked(err error) capnp.Resolver[capnp.Client] {
 	br := q.bootResolver
 	q.bootResolver = nil
-	if br != nil && q.bootSettled != nil {
+	if br != nil { // requestCap sets bootSettled with bootResolver
 		q.bootSettled.err = err
 	}
 	return br
@@ -798,7 +798,7 @@ func (q *question) takeBootResolverLocked(err error) capnp.Resolver[capnp.Client
 // bootSettledAfter runs, outside c.mu, after the bootstrap resolver br
 // taken by takeBootResolverLocked has settled (br nil: none was taken).
 func (q *question) bootSettledAfter(br capnp.Resolver[capnp.Client]) {
-	if br != nil && q.bootSettled != nil {
+	if br != nil {
 		close(q.bootSettled.done)
 	}
 }
