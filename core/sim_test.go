@@ -60,6 +60,10 @@ type simConfig struct {
 	// since (pipelineOnFreedResults): go-capnp never switches such a view
 	// over when the handle's promise resolves (held_hook_test.go).
 	Strand bool
+	// Native: half the objects are native (NewClient with a Handler), and
+	// half the calls go through the native Call, so that native answers,
+	// questions and pipelines meet everything else.
+	Native bool
 
 	// onStep, if set, runs before each step's action (the hostile test
 	// attaches its adversary here).
@@ -117,11 +121,39 @@ type simHandle struct {
 	desc   string
 }
 
+// A simCall is a call the user made: through go-capnp's SendCall
+// (future, release) or, with simConfig.Native, sometimes through the
+// native Call (pending).
 type simCall struct {
 	desc    string
 	future  *capnp.Future
 	release capnp.ReleaseFunc
+	pending *PendingCall
 	cancel  context.CancelFunc
+}
+
+func (c *simCall) done() <-chan struct{} {
+	if c.pending != nil {
+		return c.pending.Done()
+	}
+	return c.future.Done()
+}
+
+func (c *simCall) releaseResults() {
+	if c.pending != nil {
+		c.pending.Release()
+		return
+	}
+	c.release()
+}
+
+// pipelined returns a new reference to the capability in the results'
+// first pointer field, usable before they arrive.
+func (c *simCall) pipelined() capnp.Client {
+	if c.pending != nil {
+		return c.pending.Pipeline(0)
+	}
+	return c.future.Field(0, nil).Client().AddRef()
 }
 
 // A simLink is the connection between two vats: a Conn at each end and
@@ -359,10 +391,9 @@ func (s *sim) userAction(v *simVat) {
 	case r < 75:
 		s.callWithCap(v, h, "resolvePromise")
 	case r < 77:
-		s.call(v, h, "breakPromise", func(ctx context.Context, c testcapnp.Test) (*capnp.Future, capnp.ReleaseFunc) {
-			f, rel := c.BreakPromise(ctx, func(p testcapnp.Test_breakPromise_Params) error { return p.SetReason("broken by the simulation") })
-			return f.Future, rel
-		})
+		s.call(v, h, "breakPromise", testSend(11, "breakPromise", capnp.ObjectSize{PointerCount: 1}, func(p capnp.Struct) error {
+			return testcapnp.Test_breakPromise_Params(p).SetReason("broken by the simulation")
+		}))
 	case r < 80:
 		o := s.newObjectRef(v.id, "local")
 		s.addHandle(v, o, "a new local object")
@@ -391,10 +422,27 @@ func (s *sim) link(a, b int) *simLink {
 	panic("no link")
 }
 
-func (s *sim) call(v *simVat, h *simHandle, desc string, do func(context.Context, testcapnp.Test) (*capnp.Future, capnp.ReleaseFunc)) *simCall {
+// testSend is the Send of a call to Test's method id, as capnpc-go's
+// generated client makes it.
+func testSend(id uint16, name string, size capnp.ObjectSize, place func(capnp.Struct) error) capnp.Send {
+	send := capnp.Send{Method: capnp.Method{InterfaceID: testcapnp.Test_TypeID, MethodID: id, InterfaceName: "test.capnp:Test", MethodName: name}}
+	if place != nil {
+		send.ArgsSize, send.PlaceArgs = size, place
+	}
+	return send
+}
+
+func (s *sim) call(v *simVat, h *simHandle, desc string, send capnp.Send) *simCall {
 	ctx, cancel := context.WithCancel(context.Background())
-	f, rel := do(ctx, testcapnp.Test(h.client))
-	c := &simCall{desc: fmt.Sprintf("h%d.%s", h.id, desc), future: f, release: rel, cancel: cancel}
+	c := &simCall{desc: fmt.Sprintf("h%d.%s", h.id, desc), cancel: cancel}
+	if s.cfg.Native && s.rng.Intn(2) == 0 {
+		p := Call(ctx, h.client, send)
+		c.pending = &p
+		c.desc += " natively"
+	} else {
+		ans, rel := h.client.SendCall(ctx, send)
+		c.future, c.release = ans.Future(), rel
+	}
 	v.calls = append(v.calls, c)
 	s.logf("vat %d: call %s", v.id, c.desc)
 	return c
@@ -403,31 +451,28 @@ func (s *sim) call(v *simVat, h *simHandle, desc string, do func(context.Context
 func (s *sim) callSeq(v *simVat, h *simHandle) {
 	h.seq++
 	n := uint32(h.id)<<16 | h.seq
-	s.call(v, h, fmt.Sprintf("seq(%d)", h.seq), func(ctx context.Context, c testcapnp.Test) (*capnp.Future, capnp.ReleaseFunc) {
-		f, rel := c.Seq(ctx, func(p testcapnp.Test_seq_Params) error { p.SetN(n); return nil })
-		return f.Future, rel
-	})
+	s.call(v, h, fmt.Sprintf("seq(%d)", h.seq), testSend(12, "seq", capnp.ObjectSize{DataSize: 8}, func(p capnp.Struct) error {
+		testcapnp.Test_seq_Params(p).SetN(n)
+		return nil
+	}))
 }
 
 // callReturningCap calls a method whose result is a capability and keeps
 // a pipelined reference to it as a new handle.
 func (s *sim) callReturningCap(v *simVat, h *simHandle, method string) {
-	var capOf func(*capnp.Future) capnp.Client
-	c := s.call(v, h, method+"()", func(ctx context.Context, c testcapnp.Test) (*capnp.Future, capnp.ReleaseFunc) {
-		switch method {
-		case "child":
-			f, rel := c.Child(ctx, func(p testcapnp.Test_child_Params) error { return p.SetName("child") })
-			return f.Future, rel
-		case "getHeld":
-			f, rel := c.GetHeld(ctx, nil)
-			return f.Future, rel
-		default:
-			f, rel := c.Promise(ctx, nil)
-			return f.Future, rel
-		}
-	})
-	capOf = func(f *capnp.Future) capnp.Client { return f.Field(0, nil).Client() }
-	s.addHandle(v, capOf(c.future).AddRef(), "pipelined result of "+c.desc)
+	var send capnp.Send
+	switch method {
+	case "child":
+		send = testSend(3, "child", capnp.ObjectSize{PointerCount: 1}, func(p capnp.Struct) error {
+			return testcapnp.Test_child_Params(p).SetName("child")
+		})
+	case "getHeld":
+		send = testSend(8, "getHeld", capnp.ObjectSize{}, nil)
+	default:
+		send = testSend(9, "promise", capnp.ObjectSize{}, nil)
+	}
+	c := s.call(v, h, method+"()", send)
+	s.addHandle(v, c.pipelined(), "pipelined result of "+c.desc)
 }
 
 // callWithCap passes another of the vat's references (or a new local
@@ -443,16 +488,15 @@ func (s *sim) callWithCap(v *simVat, h *simHandle, method string) {
 		vat := v.id
 		arg, argDesc = func() capnp.Client { return s.newObjectRef(vat, "param") }, "new local object"
 	}
-	s.call(v, h, method+"("+argDesc+")", func(ctx context.Context, c testcapnp.Test) (*capnp.Future, capnp.ReleaseFunc) {
-		if method == "hold" {
-			f, rel := c.Hold(ctx, func(p testcapnp.Test_hold_Params) error { return p.SetCap(testcapnp.Test(arg())) })
-			return f.Future, rel
-		}
-		f, rel := c.ResolvePromise(ctx, func(p testcapnp.Test_resolvePromise_Params) error {
-			return p.SetCap(testcapnp.Test(arg()))
-		})
-		return f.Future, rel
+	send := testSend(10, method, capnp.ObjectSize{PointerCount: 1}, func(p capnp.Struct) error {
+		return testcapnp.Test_resolvePromise_Params(p).SetCap(testcapnp.Test(arg()))
 	})
+	if method == "hold" {
+		send = testSend(6, method, capnp.ObjectSize{PointerCount: 1}, func(p capnp.Struct) error {
+			return testcapnp.Test_hold_Params(p).SetCap(testcapnp.Test(arg()))
+		})
+	}
+	s.call(v, h, method+"("+argDesc+")", send)
 }
 
 // settleCall releases one outstanding call: read if done, or cancel or
@@ -471,13 +515,13 @@ func (s *sim) settleCall(v *simVat) {
 	// Release only settled calls: go-capnp's release of a call queued on
 	// a local promise waits for it, which one goroutine cannot do.
 	select {
-	case <-c.future.Done():
+	case <-c.done():
 	default:
 		return
 	}
 	v.calls = slices.Delete(v.calls, i, i+1)
 	s.logf("vat %d: release %s", v.id, c.desc)
-	c.release()
+	c.releaseResults()
 	c.cancel()
 }
 
@@ -557,7 +601,7 @@ func (s *sim) finish() {
 	for _, v := range s.vats {
 		for _, c := range v.calls {
 			select {
-			case <-c.future.Done():
+			case <-c.done():
 			default:
 				s.failf("vat %d: call %s never settled", v.id, c.desc)
 			}
@@ -569,7 +613,7 @@ func (s *sim) finish() {
 	s.checkStolen()
 	for _, v := range s.vats {
 		for _, c := range v.calls {
-			c.release()
+			c.releaseResults()
 			c.cancel()
 		}
 		v.calls = nil
@@ -704,12 +748,16 @@ func (s *sim) newObject(vat int, name string) capnp.Client {
 	s.nextObject++
 	o := &simObject{s: s, id: s.nextObject, vat: vat, name: name, lastSeq: map[uint32]uint32{}}
 	s.objects = append(s.objects, o)
+	if s.cfg.Native && s.rng.Intn(2) == 0 {
+		o.name += ", native"
+		return NewClient(simNative{o})
+	}
 	return capnp.NewClient(o)
 }
 
 func (s *sim) newObjectRef(vat int, name string) capnp.Client {
 	c := s.newObject(vat, name)
-	s.logf("vat %d: new object o%d (%s)", vat, s.nextObject, name)
+	s.logf("vat %d: new object o%d (%s)", vat, s.nextObject, s.objects[len(s.objects)-1].name)
 	return c
 }
 
@@ -733,11 +781,58 @@ func (o *simObject) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller
 		r.Reject(capnp.Unimplemented("unknown interface"))
 		return nil
 	}
-	var result capnp.Client
-	var err error
-	switch r.Method.MethodID {
+	result, err := o.serve(r.Method.MethodID, r.Args)
+	r.ReleaseArgs()
+	if err == nil {
+		var res capnp.Struct
+		res, err = r.Returner.AllocResults(capnp.ObjectSize{PointerCount: 1})
+		err = setResultCap(res, err, result)
+	}
+	r.Returner.PrepareReturn(err)
+	r.Returner.Return()
+	r.Returner.ReleaseResults()
+	// Not nil: go-capnp's AnswerQueue (behind local promises) calls
+	// whatever Recv returns.
+	return callqueue.Failed(errors.New("pipelining on a simulated call that returned"))
+}
+
+// setResultCap puts result, which it takes, in res's first pointer field
+// unless allocating res failed with err; it returns what fails the call.
+func setResultCap(res capnp.Struct, err error, result capnp.Client) error {
+	if err == nil && result.IsValid() {
+		id := res.Message().CapTable().Add(result)
+		return res.SetPtr(0, capnp.NewInterface(res.Segment(), id).ToPtr())
+	}
+	result.Release()
+	return err
+}
+
+// simNative serves a simObject as a native object (a Handler), on the
+// goroutine that delivers its calls, as NewClient's objects are.
+type simNative struct{ o *simObject }
+
+func (n simNative) HandleCall(_ context.Context, call *ServerCall) {
+	if call.Method().InterfaceID != testcapnp.Test_TypeID {
+		call.Return(capnp.Unimplemented("unknown interface"))
+		return
+	}
+	result, err := n.o.serve(call.Method().MethodID, call.Args())
+	if err == nil {
+		var res capnp.Struct
+		res, err = call.Results(capnp.ObjectSize{PointerCount: 1})
+		err = setResultCap(res, err, result)
+	}
+	call.Return(err)
+}
+
+func (n simNative) Shutdown() { n.o.Shutdown() }
+
+// serve performs Test's method id with args and returns the capability
+// the results carry, if any.
+func (o *simObject) serve(method uint16, args capnp.Struct) (result capnp.Client, err error) {
+	switch method {
 	case 12: // seq
-		n := testcapnp.Test_seq_Params(r.Args).N()
+		n := testcapnp.Test_seq_Params(args).N()
 		handle, seq := n>>16, n&0xffff
 		if last := o.lastSeq[handle]; seq <= last {
 			o.s.failf("E-order: object o%d got call %d from h%d after call %d", o.id, seq, handle, last)
@@ -747,7 +842,7 @@ func (o *simObject) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller
 	case 3: // child
 		result = o.s.newObjectRef(o.vat, "child")
 	case 6: // hold
-		c := testcapnp.Test_hold_Params(r.Args).Cap()
+		c := testcapnp.Test_hold_Params(args).Cap()
 		old := o.held
 		o.held = capnp.Client(c).AddRef()
 		old.Release()
@@ -773,7 +868,7 @@ func (o *simObject) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller
 		}
 		p := o.promises[0]
 		o.promises = o.promises[1:]
-		target := capnp.Client(testcapnp.Test_resolvePromise_Params(r.Args).Cap())
+		target := capnp.Client(testcapnp.Test_resolvePromise_Params(args).Cap())
 		if snap := target.Snapshot(); snap.IsPromise() {
 			// A promise resolved to something unsettled can end up
 			// depending on itself (a cycle no protocol can untie), so
@@ -797,23 +892,7 @@ func (o *simObject) Recv(ctx context.Context, r capnp.Recv) capnp.PipelineCaller
 	default:
 		err = capnp.Unimplemented("not simulated")
 	}
-	r.ReleaseArgs()
-	if err == nil {
-		var res capnp.Struct
-		res, err = r.Returner.AllocResults(capnp.ObjectSize{PointerCount: 1})
-		if err == nil && result.IsValid() {
-			id := res.Message().CapTable().Add(result)
-			err = res.SetPtr(0, capnp.NewInterface(res.Segment(), id).ToPtr())
-		} else {
-			result.Release()
-		}
-	}
-	r.Returner.PrepareReturn(err)
-	r.Returner.Return()
-	r.Returner.ReleaseResults()
-	// Not nil: go-capnp's AnswerQueue (behind local promises) calls
-	// whatever Recv returns.
-	return callqueue.Failed(errors.New("pipelining on a simulated call that returned"))
+	return result, err
 }
 
 // simReturnable reports whether a simulated object may return c as a
@@ -884,6 +963,30 @@ func TestSimStranded(t *testing.T) {
 		cfg := simConfig{Seed: seed, Vats: 2 + int(seed%4), Steps: steps, Strand: true}
 		if seed%2 == 1 {
 			cfg.Vats, cfg.Level3, cfg.Thieves = 3+int(seed%3), true, true
+		}
+		if f := runSim(cfg); f != nil {
+			reportSimFailure(t, cfg, f)
+			return
+		}
+	}
+}
+
+// TestSimNative runs the simulation with native objects and native calls
+// (simConfig.Native) among go-capnp's: a third of the seeds with
+// three-party handoff and thieves, a third with stranded views.
+func TestSimNative(t *testing.T) {
+	seeds, steps := *simSeeds/2, *simSteps
+	if testing.Short() {
+		seeds = 10
+	}
+	for i := 0; i < seeds; i++ {
+		seed := *simFirstSeed + int64(i)
+		cfg := simConfig{Seed: seed, Vats: 2 + int(seed%4), Steps: steps, Native: true}
+		switch seed % 3 {
+		case 1:
+			cfg.Vats, cfg.Level3, cfg.Thieves = 3+int(seed%3), true, true
+		case 2:
+			cfg.Strand = true
 		}
 		if f := runSim(cfg); f != nil {
 			reportSimFailure(t, cfg, f)
@@ -1035,12 +1138,12 @@ import "testing"
 // %s reproduces a failure found by the simulation.
 // Generated by writeSimRepro; keep it as a regression test.
 func %s(t *testing.T) {
-	cfg := simConfig{Seed: %d, Vats: %d, Steps: %d, SkipEmbargo: %v, Level3: %v, Thieves: %v, Strand: %v}
+	cfg := simConfig{Seed: %d, Vats: %d, Steps: %d, SkipEmbargo: %v, Level3: %v, Thieves: %v, Strand: %v, Native: %v}
 	if f := runSim(cfg); f != nil {
 		t.Fatalf("%%v\n%%s", f, lastLines(f.Trace, 60))
 	}
 }
-`, name, name, cfg.Seed, cfg.Vats, cfg.Steps, cfg.SkipEmbargo, cfg.Level3, cfg.Thieves, cfg.Strand)
+`, name, name, cfg.Seed, cfg.Vats, cfg.Steps, cfg.SkipEmbargo, cfg.Level3, cfg.Thieves, cfg.Strand, cfg.Native)
 	path := filepath.Join(dir, fmt.Sprintf("sim_repro_seed%d_steps%d_test.go", cfg.Seed, cfg.Steps))
 	return path, os.WriteFile(path, []byte(src), 0o644)
 }

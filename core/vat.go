@@ -3,6 +3,8 @@ package core
 import (
 	"context"
 	"errors"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -116,8 +118,9 @@ var ErrNoProvision = errors.New("captp: no such provision")
 func (v *Vat) expireEarlyAccepts() int {
 	v.mu.Lock()
 	var ws []*acceptWait
-	for key, w := range v.early {
-		ws = append(ws, w...)
+	// In key order, so that the simulation replays its seeds exactly.
+	for _, key := range slices.Sorted(maps.Keys(v.early)) {
+		ws = append(ws, v.early[key]...)
 		delete(v.early, key)
 	}
 	v.mu.Unlock()
