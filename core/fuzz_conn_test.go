@@ -452,6 +452,10 @@ const (
 	lmBlock
 	lmName
 	numLocalMethods
+
+	// lmNative, or'ed into the method byte, sends the call through the
+	// native Call instead of go-capnp's SendCall.
+	lmNative = 0x80
 )
 
 // Kinds opWait waits for.
@@ -1310,7 +1314,8 @@ func describeDesc(d rpccp.CapDescriptor) string {
 // The harness.
 
 type fuzzAnswer struct {
-	f *capnp.Future
+	f       *capnp.Future
+	pending *PendingCall // a native call (f is nil)
 	// pipes are the future's pipelined clients by field, taken once:
 	// go-capnp v3.1.0-alpha.2's Future.Client returns without unlocking
 	// the promise when asked again for the same path before the answer
@@ -1319,6 +1324,22 @@ type fuzzAnswer struct {
 	release capnp.ReleaseFunc // nil once called
 	cancel  context.CancelFunc
 	what    string
+}
+
+func (a *fuzzAnswer) done() <-chan struct{} {
+	if a.pending != nil {
+		return a.pending.Done()
+	}
+	return a.f.Done()
+}
+
+// results returns the settled answer's results.
+func (a *fuzzAnswer) results() (capnp.Ptr, error) {
+	if a.pending != nil {
+		s, err := a.pending.Wait(context.Background())
+		return s.ToPtr(), err
+	}
+	return a.f.Ptr()
 }
 
 type fuzzCap struct {
@@ -1643,7 +1664,9 @@ func (h *fuzzHarness) run(prog []byte) {
 		case opLocalPipeline:
 			a := h.answerAt(p.byte())
 			field := uint16(p.byte() % 2)
-			if a != nil && a.release != nil {
+			if a != nil && a.release != nil && a.pending != nil {
+				h.addCap(a.pending.Pipeline(field), false)
+			} else if a != nil && a.release != nil {
 				if !a.pipes[field].IsValid() {
 					a.pipes[field] = a.f.Field(field, nil).Client() // borrowed from the future
 				}
@@ -1674,48 +1697,57 @@ func (h *fuzzHarness) localCall(p *fuzzProg) {
 		return
 	}
 	ctx, cancel := context.WithCancel(h.ctx)
-	t := testcapnp.Test(target.c)
 	data := []byte{d}
-	var f *capnp.Future
-	var rel capnp.ReleaseFunc
+	var send capnp.Send
 	method := int(mb) % numLocalMethods
 	switch method {
 	case lmEcho:
-		r, rl := t.Echo(ctx, func(p testcapnp.Test_echo_Params) error { return p.SetData(data) })
-		f, rel = r.Future, rl
+		send = testSend(0, "echo", capnp.ObjectSize{PointerCount: 1}, func(p capnp.Struct) error {
+			return testcapnp.Test_echo_Params(p).SetData(data)
+		})
 	case lmChild:
-		r, rl := t.Child(ctx, func(p testcapnp.Test_child_Params) error { return p.SetName("c") })
-		f, rel = r.Future, rl
+		send = testSend(3, "child", capnp.ObjectSize{PointerCount: 1}, func(p capnp.Struct) error {
+			return testcapnp.Test_child_Params(p).SetName("c")
+		})
 	case lmHold:
-		r, rl := t.Hold(ctx, func(p testcapnp.Test_hold_Params) error { return p.SetCap(testcapnp.Test(arg.c.AddRef())) })
-		f, rel = r.Future, rl
+		send = testSend(6, "hold", capnp.ObjectSize{PointerCount: 1}, func(p capnp.Struct) error {
+			return testcapnp.Test_hold_Params(p).SetCap(testcapnp.Test(arg.c.AddRef()))
+		})
 	case lmGetHeld:
-		r, rl := t.GetHeld(ctx, nil)
-		f, rel = r.Future, rl
+		send = testSend(8, "getHeld", capnp.ObjectSize{}, nil)
 	case lmPromise:
-		r, rl := t.Promise(ctx, nil)
-		f, rel = r.Future, rl
+		send = testSend(9, "promise", capnp.ObjectSize{}, nil)
 	case lmResolvePromise:
-		r, rl := t.ResolvePromise(ctx, func(p testcapnp.Test_resolvePromise_Params) error {
-			return p.SetCap(testcapnp.Test(arg.c.AddRef()))
+		send = testSend(10, "resolvePromise", capnp.ObjectSize{PointerCount: 1}, func(p capnp.Struct) error {
+			return testcapnp.Test_resolvePromise_Params(p).SetCap(testcapnp.Test(arg.c.AddRef()))
 		})
-		f, rel = r.Future, rl
 	case lmCallBack:
-		r, rl := t.CallBack(ctx, func(p testcapnp.Test_callBack_Params) error {
-			return errors.Join(p.SetCb(testcapnp.Test(arg.c.AddRef())), p.SetData(data))
+		send = testSend(5, "callBack", capnp.ObjectSize{PointerCount: 2}, func(p capnp.Struct) error {
+			cp := testcapnp.Test_callBack_Params(p)
+			return errors.Join(cp.SetCb(testcapnp.Test(arg.c.AddRef())), cp.SetData(data))
 		})
-		f, rel = r.Future, rl
 	case lmSeq:
-		r, rl := t.Seq(ctx, func(p testcapnp.Test_seq_Params) error { p.SetN(uint32(d)); return nil })
-		f, rel = r.Future, rl
+		send = testSend(12, "seq", capnp.ObjectSize{DataSize: 8}, func(p capnp.Struct) error {
+			testcapnp.Test_seq_Params(p).SetN(uint32(d))
+			return nil
+		})
 	case lmBlock:
-		r, rl := t.Block(ctx, nil)
-		f, rel = r.Future, rl
+		send = testSend(2, "block", capnp.ObjectSize{}, nil)
 	case lmName:
-		r, rl := t.Name(ctx, nil)
-		f, rel = r.Future, rl
+		send = testSend(4, "name", capnp.ObjectSize{}, nil)
 	}
-	h.answers = append(h.answers, fuzzAnswer{f: f, release: rel, cancel: cancel, what: fmt.Sprintf("local call #%d (method %d)", len(h.answers), method)})
+	a := fuzzAnswer{cancel: cancel, what: fmt.Sprintf("local call #%d (method %d)", len(h.answers), method)}
+	if mb&lmNative != 0 {
+		// The native Call (no go-capnp Promise), as capnpc-captp's stubs
+		// make it; generated seeds keep the high bit clear.
+		pc := Call(ctx, target.c, send)
+		a.pending, a.release = &pc, pc.Release
+		a.what += " natively"
+	} else {
+		ans, rel := target.c.SendCall(ctx, send)
+		a.f, a.release = ans.Future(), rel
+	}
+	h.answers = append(h.answers, a)
 }
 
 func (h *fuzzHarness) localResolve(p *fuzzProg) {
@@ -1845,7 +1877,7 @@ func (h *fuzzHarness) finish() {
 	deadline := time.After(fuzzEndTimeout)
 	for _, a := range h.answers {
 		select {
-		case <-a.f.Done():
+		case <-a.done():
 		case <-deadline:
 			if fuzzSkipSettle {
 				// Known failure: leave this run's leftovers behind.
@@ -1903,7 +1935,7 @@ func (h *fuzzHarness) finish() {
 // turning a panic (results freed under the user) into an error.
 func (h *fuzzHarness) readResults(a fuzzAnswer) (err error) {
 	select {
-	case <-a.f.Done():
+	case <-a.done():
 	default:
 		return nil
 	}
@@ -1915,7 +1947,7 @@ func (h *fuzzHarness) readResults(a fuzzAnswer) (err error) {
 			err = fmt.Errorf("panic: %v", r)
 		}
 	}()
-	if p, perr := a.f.Ptr(); perr == nil {
+	if p, perr := a.results(); perr == nil {
 		readAll(p, 0)
 	}
 	return nil
@@ -2214,6 +2246,17 @@ func fuzzConnSeeds() []fuzzSeed {
 		returnResults(0, func(a *fuzzAsm) { a.payload(contentCapLast, 0, 0, "peer") }).
 		barrier())
 
+	// The same through the native Call, whose questions, pipelines and
+	// results are captp's own.
+	add("local-bootstrap-pipeline-native", A().
+		localBootstrap().localCall(0, lmEcho|lmNative, 0).
+		wait(waitCall, 1).
+		returnResults(0, func(a *fuzzAsm) { a.payload(contentCap, 0, 0, "", descSenderHosted(5)) }).
+		returnResults(1, func(a *fuzzAsm) { a.payload(contentCapFirst, 0, 0, "pong") }).
+		barrier().localCall(0, lmName|lmNative, 0).wait(waitCall, 2).
+		returnResults(0, func(a *fuzzAsm) { a.payload(contentCapLast, 0, 0, "peer") }).
+		barrier())
+
 	// Embargo: the Conn exports a local object in a call to the peer's
 	// bootstrap, pipelines a call on that question's answer, and the
 	// peer's Return points back at the Conn's own export: the Conn sends
@@ -2303,6 +2346,16 @@ func fuzzConnSeeds() []fuzzSeed {
 	add("local-release-and-finish", A().
 		localBootstrap().localCall(0, lmChild, 0).   // q1
 		localPipeline(0, 0).localCall(1, lmName, 0). // q2 on q1's result
+		wait(waitCall, 2).
+		returnResults(0, func(a *fuzzAsm) { a.payload(contentCap, 0, 0, "", descSenderHosted(2)) }).
+		returnResults(1, func(a *fuzzAsm) { a.payload(contentCapFirst, 0, 0, "", descSenderHosted(3)) }).
+		returnResults(2, func(a *fuzzAsm) { a.payload(contentCapLast, 0, 0, "n") }).
+		barrier().
+		localFinish(1).localFinish(0).localRelease(1).localRelease(0).
+		barrier())
+	add("local-release-and-finish-native", A().
+		localBootstrap().localCall(0, lmChild|lmNative, 0).   // q1
+		localPipeline(0, 0).localCall(1, lmName|lmNative, 0). // q2 on q1's result
 		wait(waitCall, 2).
 		returnResults(0, func(a *fuzzAsm) { a.payload(contentCap, 0, 0, "", descSenderHosted(2)) }).
 		returnResults(1, func(a *fuzzAsm) { a.payload(contentCapFirst, 0, 0, "", descSenderHosted(3)) }).
