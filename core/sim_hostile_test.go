@@ -185,7 +185,8 @@ func TestSimHostile(t *testing.T) {
 }
 
 func runHostile(t *testing.T, seed int64, at attack) error {
-	cfg := simConfig{Seed: seed, Vats: 2 + int(seed%3), Steps: *simSteps / 2}
+	// Odd seeds with native objects and calls among the honest vats'.
+	cfg := simConfig{Seed: seed, Vats: 2 + int(seed%3), Steps: *simSteps / 2, Native: seed%2 == 1}
 	var adv *adversary
 	var attackErr error
 	attackStep := int(seed%int64(cfg.Steps/2)) + 1
