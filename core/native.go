@@ -51,7 +51,30 @@ type ServerCall struct {
 	returned    bool // pipelined calls may go to the results
 	retErr      error
 	resultsGone bool
-	pipelined   []queuedCall
+	pipelined   []heldCall
+}
+
+// heldCall is a call pipelined on a ServerCall before it returned: it
+// waits for the results, and calls pipelined on it wait in held.
+type heldCall struct {
+	ctx       context.Context
+	transform []capnp.PipelineOp
+	recv      capnp.Recv
+	held      callqueue.Held
+}
+
+// deliver hands the call to client, the capability its transform found
+// in the results (err if it found none); deliver releases client.
+func (hc heldCall) deliver(client capnp.Client, err error) {
+	defer client.Release()
+	switch {
+	case err != nil:
+		hc.held.Fail(hc.recv, err)
+	case !client.IsValid():
+		hc.held.Fail(hc.recv, errors.New("captp: pipelined call on a null capability"))
+	default:
+		hc.held.Deliver(hc.recv, func(r capnp.Recv) capnp.PipelineCaller { return client.RecvCall(hc.ctx, r) })
+	}
 }
 
 // Method returns the interface and method the call is for.
@@ -127,8 +150,7 @@ func (sc *ServerCall) Return(err error) {
 		p := sc.pipelined[0]
 		sc.pipelined = sc.pipelined[1:]
 		sc.mu.Unlock()
-		client, cerr := sc.resultCap(p.transform, err)
-		deliverTo(client, cerr, p.ctx, p.recv)
+		p.deliver(sc.resultCap(p.transform, err))
 	}
 	if a, ok := rt.(*answer); ok {
 		a.returnFrom(sc.inline)
@@ -165,9 +187,12 @@ func (sc *ServerCall) PipelineRecv(ctx context.Context, transform []capnp.Pipeli
 	sc.mu.Lock()
 	switch {
 	case !sc.returned:
-		sc.pipelined = append(sc.pipelined, queuedCall{ctx: ctx, transform: transform, recv: r})
+		// Calls pipelined on this one wait in its Held until Return
+		// delivers it.
+		hc := heldCall{ctx: ctx, transform: transform, recv: r, held: callqueue.NewHeld()}
+		sc.pipelined = append(sc.pipelined, hc)
 		sc.mu.Unlock()
-		return callqueue.Failed(errors.New("captp: pipelined call on a call queued behind a running native call"))
+		return hc.held.Caller()
 	case sc.resultsGone:
 		sc.mu.Unlock()
 		r.Reject(errors.New("captp: pipelined call on a native call whose results were released"))

@@ -333,6 +333,30 @@ func (w *watchReturner) ReleaseResults() {
 	w.inner.ReleaseResults()
 }
 
+// Held is the PipelineCaller of a call its callee holds before
+// delivering it (a native object's call pipelined on a call that is
+// still queued): calls pipelined on the held call wait in it, then follow
+// the call once Deliver or Fail settles it.
+type Held struct{ p *pipe }
+
+// NewHeld returns a Held for one call.
+func NewHeld() Held { return Held{new(pipe)} }
+
+// Caller is the PipelineCaller to return for the held call meanwhile.
+func (h Held) Caller() capnp.PipelineCaller { return h.p }
+
+// Deliver delivers r through send; the calls pipelined on it follow,
+// through the caller send returns or the capabilities in r's results.
+func (h Held) Deliver(r capnp.Recv, send func(capnp.Recv) capnp.PipelineCaller) {
+	deliverWatched(h.p, r, send)
+}
+
+// Fail rejects r with err, and the calls pipelined on it.
+func (h Held) Fail(r capnp.Recv, err error) {
+	r.Reject(err)
+	h.p.settle(modeFailed, nil, capnp.Struct{}, err)
+}
+
 // Guard wraps the hook of a go-capnp server (server.Server) so that calls
 // pipelined on its calls wait here for the call's results, never in the
 // server's own AnswerQueue. That queue dereferences the nil caller of a
