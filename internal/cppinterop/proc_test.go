@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -24,6 +25,7 @@ import (
 	"github.com/captp-go/captp/adapters/unix"
 	"github.com/captp-go/captp/core"
 	"github.com/captp-go/captp/internal/testimpl"
+	"github.com/captp-go/captp/internal/testnative"
 )
 
 // transports are the address families every interop test runs over.
@@ -286,28 +288,83 @@ func runCppClient(t *testing.T, ctx context.Context, addr, scenario string, onSy
 // tests can look at their tables.
 type goServer struct {
 	addr string
-	live *testimpl.Live
-	obj  *testimpl.Object
-	lis  net.Listener
+	live liveCounter
+	// newRoot returns a reference to the bootstrap object for a new
+	// connection, and what its SYNC points watch.
+	newRoot func() (capnp.Client, blockWatcher)
+	lis     net.Listener
 
 	mu    sync.Mutex
 	conns []*core.Conn
+	obj   blockWatcher  // the last connection's bootstrap object
 	added chan struct{} // closed and replaced on every new connection
 }
 
+// liveCounter counts the Go server's live Test objects.
+type liveCounter interface {
+	Count() int64
+	Wait(ctx context.Context, n int64) error
+	WaitZero(ctx context.Context) error
+}
+
+// blockWatcher tells when an object's block() calls start and see their
+// cancellation.
+type blockWatcher interface {
+	BlockStarted() <-chan struct{}
+	BlockCancelled() <-chan struct{}
+}
+
+// startGoServer serves one testimpl object (capnpc-go's generated
+// server) to every connection.
 func startGoServer(t *testing.T, transport string) *goServer {
+	live := new(testimpl.Live)
+	obj := testimpl.New("server", live)
+	return startServer(t, transport, live, func() (capnp.Client, blockWatcher) { return capnp.Client(obj.Client()), obj })
+}
+
+// startGoNativeServer serves each connection a new testnative object
+// (capnpc-captp's native stubs on core.Handler), as are its children.
+func startGoNativeServer(t *testing.T, transport string) *goServer {
+	live := &nativeLive{n: new(atomic.Int64)}
+	return startServer(t, transport, live, func() (capnp.Client, blockWatcher) {
+		c, o := testnative.New("server", live.n)
+		return c, nativeBlocks{o}
+	})
+}
+
+type nativeLive struct{ n *atomic.Int64 }
+
+func (l *nativeLive) Count() int64                       { return l.n.Load() }
+func (l *nativeLive) WaitZero(ctx context.Context) error { return l.Wait(ctx, 0) }
+func (l *nativeLive) Wait(ctx context.Context, n int64) error {
+	for l.n.Load() != n {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
+type nativeBlocks struct{ o *testnative.Object }
+
+func (b nativeBlocks) BlockStarted() <-chan struct{}   { return b.o.BlockStarted }
+func (b nativeBlocks) BlockCancelled() <-chan struct{} { return b.o.BlockCancelled }
+
+func startServer(t *testing.T, transport string, live liveCounter, newRoot func() (capnp.Client, blockWatcher)) *goServer {
 	t.Helper()
 	lis, err := unix.Listen(listenAddr(t, transport))
 	if err != nil {
 		t.Fatal(err)
 	}
 	s := &goServer{
-		addr:  unix.FormatAddr(lis.Addr()),
-		live:  new(testimpl.Live),
-		lis:   lis,
-		added: make(chan struct{}),
+		addr:    unix.FormatAddr(lis.Addr()),
+		live:    live,
+		newRoot: newRoot,
+		lis:     lis,
+		added:   make(chan struct{}),
 	}
-	s.obj = testimpl.New("server", s.live)
 	log := testLogger(t)
 	acceptDone := make(chan struct{})
 	go func() {
@@ -317,12 +374,14 @@ func startGoServer(t *testing.T, transport string) *goServer {
 			if err != nil {
 				return
 			}
+			root, obj := s.newRoot()
 			conn := core.NewConn(c, &core.Options{
-				BootstrapClient: capnp.Client(s.obj.Client()),
+				BootstrapClient: root,
 				Logger:          log,
 			})
 			s.mu.Lock()
 			s.conns = append(s.conns, conn)
+			s.obj = obj
 			close(s.added)
 			s.added = make(chan struct{})
 			s.mu.Unlock()
@@ -347,6 +406,13 @@ func startGoServer(t *testing.T, transport string) *goServer {
 }
 
 // lastConn returns the most recently accepted connection.
+// lastObj is the last connection's bootstrap object.
+func (s *goServer) lastObj() blockWatcher {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.obj
+}
+
 func (s *goServer) lastConn() *core.Conn {
 	s.mu.Lock()
 	defer s.mu.Unlock()

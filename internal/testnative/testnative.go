@@ -21,6 +21,7 @@ import (
 	"capnproto.org/go/capnp/v3/exc"
 
 	"github.com/captp-go/captp/core"
+	"github.com/captp-go/captp/internal/callqueue"
 	"github.com/captp-go/captp/internal/testcapnp"
 )
 
@@ -30,17 +31,20 @@ type Object struct {
 	name string
 	live *atomic.Int64
 
-	// BlockStarted receives a value when a block call starts.
-	BlockStarted chan struct{}
+	// BlockStarted receives a value when a block call starts, and
+	// BlockCancelled when one sees its context end.
+	BlockStarted, BlockCancelled chan struct{}
 
-	mu     sync.Mutex
-	seqLog []uint32
-	held   capnp.Client
+	mu       sync.Mutex
+	seqLog   []uint32
+	held     capnp.Client
+	promise  capnp.Client // our reference to the outstanding promise
+	resolver *callqueue.Promise
 }
 
 // New returns a native Test object as a capability. live may be nil.
 func New(name string, live *atomic.Int64) (capnp.Client, *Object) {
-	o := &Object{name: name, live: live, BlockStarted: make(chan struct{}, 64)}
+	o := &Object{name: name, live: live, BlockStarted: make(chan struct{}, 64), BlockCancelled: make(chan struct{}, 64)}
 	if live != nil {
 		live.Add(1)
 	}
@@ -54,13 +58,18 @@ func (o *Object) Log() []uint32 {
 	return append([]uint32(nil), o.seqLog...)
 }
 
-// Shutdown is called once no reference is left.
+// Shutdown is called once no reference is left; an outstanding promise
+// breaks.
 func (o *Object) Shutdown() {
 	o.mu.Lock()
-	held := o.held
-	o.held = capnp.Client{}
+	held, promise, resolver := o.held, o.promise, o.resolver
+	o.held, o.promise, o.resolver = capnp.Client{}, capnp.Client{}, nil
 	o.mu.Unlock()
 	held.Release()
+	if resolver != nil {
+		resolver.Reject(exc.New(exc.Disconnected, "", "test object "+o.name+" shut down"))
+	}
+	promise.Release()
 	if o.live != nil {
 		o.live.Add(-1)
 	}
@@ -94,25 +103,38 @@ func (o *server) Echo(_ context.Context, call Test_echo_NativeServerCall) {
 	call.Return(err)
 }
 
-// Fail throws a failed exception with the given reason.
+// Fail throws an exception of the given kind with the given reason.
 func (o *server) Fail(_ context.Context, call Test_fail_NativeServerCall) {
-	reason, err := call.Args().Reason()
+	args := call.Args()
+	reason, err := args.Reason()
 	if err != nil {
 		call.Return(err)
 		return
 	}
-	call.Return(exc.New(exc.Failed, "", reason))
+	var t exc.Type
+	switch args.Kind() {
+	case testcapnp.ExceptionKind_failed:
+		t = exc.Failed
+	case testcapnp.ExceptionKind_overloaded:
+		t = exc.Overloaded
+	case testcapnp.ExceptionKind_disconnected:
+		t = exc.Disconnected
+	case testcapnp.ExceptionKind_unimplemented:
+		t = exc.Unimplemented
+	default:
+		call.Return(exc.New(exc.Failed, "", "fail: unknown exception kind "+args.Kind().String()))
+		return
+	}
+	call.Return(exc.New(t, "", reason))
 }
 
 // Block returns only when cancelled: off the read loop. Later calls to
 // this object wait behind it (unlike testimpl's, which calls Go).
 func (o *server) Block(_ context.Context, call Test_block_NativeServerCall) {
 	call.Go(func(ctx context.Context, _ Test_block_NativeServerCall) error {
-		select {
-		case o.BlockStarted <- struct{}{}:
-		default:
-		}
+		notify(o.BlockStarted)
 		<-ctx.Done()
+		notify(o.BlockCancelled)
 		return ctx.Err()
 	})
 }
@@ -200,23 +222,70 @@ func (o *server) GetHeld(_ context.Context, call Test_getHeld_NativeServerCall) 
 	call.Return(err)
 }
 
-// Promise is not implemented by native objects.
+func notify(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// Promise returns a promise that settles on resolvePromise or
+// breakPromise; one still outstanding from an earlier call breaks.
 func (o *server) Promise(_ context.Context, call Test_promise_NativeServerCall) {
-	call.Return(unimplemented("promise"))
+	res, err := call.Results()
+	if err != nil {
+		call.Return(err)
+		return
+	}
+	p, r := callqueue.NewPromise()
+	o.mu.Lock()
+	oldP, oldR := o.promise, o.resolver
+	o.promise, o.resolver = p, r
+	out := p.AddRef()
+	o.mu.Unlock()
+	if oldR != nil {
+		oldR.Reject(exc.New(exc.Failed, "", "promise superseded by a newer promise() call"))
+	}
+	oldP.Release()
+	call.Return(res.SetCap(testcapnp.Test(out)))
 }
 
-// ResolvePromise is not implemented by native objects.
+// takePromise hands the outstanding promise over to be settled; the
+// caller releases the returned reference once it has settled it.
+func (o *server) takePromise() (*callqueue.Promise, capnp.Client, error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	p, r := o.promise, o.resolver
+	if r == nil {
+		return nil, capnp.Client{}, exc.New(exc.Failed, "", "no outstanding promise")
+	}
+	o.promise, o.resolver = capnp.Client{}, nil
+	return r, p, nil
+}
+
+// ResolvePromise fulfils the outstanding promise with the argument.
 func (o *server) ResolvePromise(_ context.Context, call Test_resolvePromise_NativeServerCall) {
-	call.Return(unimplemented("resolvePromise"))
+	r, p, err := o.takePromise()
+	if err == nil {
+		r.Fulfill(capnp.Client(call.Args().Cap()))
+		p.Release()
+	}
+	call.Return(err)
 }
 
-// BreakPromise is not implemented by native objects.
+// BreakPromise breaks the outstanding promise with a failed exception.
 func (o *server) BreakPromise(_ context.Context, call Test_breakPromise_NativeServerCall) {
-	call.Return(unimplemented("breakPromise"))
-}
-
-func unimplemented(method string) error {
-	return exc.New(exc.Unimplemented, "", "testnative: "+method+" not implemented")
+	reason, err := call.Args().Reason()
+	if err != nil {
+		call.Return(err)
+		return
+	}
+	r, p, err := o.takePromise()
+	if err == nil {
+		r.Reject(exc.New(exc.Failed, "", reason))
+		p.Release()
+	}
+	call.Return(err)
 }
 
 // Seq records n and returns it.

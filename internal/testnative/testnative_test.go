@@ -110,6 +110,14 @@ func TestGeneratedEveryMethod(t *testing.T) {
 		t.Fatalf("fail: %v", err)
 	}
 	f.Release()
+	f = boot.Fail(ctx, func(p testcapnp.Test_fail_Params) error {
+		p.SetKind(testcapnp.ExceptionKind_overloaded)
+		return p.SetReason("busy")
+	})
+	if _, err := f.Struct(ctx); exc.TypeOf(err) != exc.Overloaded {
+		t.Fatalf("fail overloaded: %v", err)
+	}
+	f.Release()
 
 	// block: returns once cancelled.
 	bctx, cancel := context.WithCancel(ctx)
@@ -119,6 +127,7 @@ func TestGeneratedEveryMethod(t *testing.T) {
 	if _, err := b.Struct(ctx); !errors.Is(err, context.Canceled) {
 		t.Fatalf("block after cancel: %v", err)
 	}
+	<-root.BlockCancelled
 	b.Release()
 
 	// child, pipelined: name() on the child before child() returns.
@@ -185,19 +194,46 @@ func TestGeneratedEveryMethod(t *testing.T) {
 	d.Release()
 	localCap.Release()
 
-	// promise, resolvePromise, breakPromise: the object answers them
-	// as unimplemented itself.
-	for name, call := range map[string]func() core.PendingCall{
-		"promise":        func() core.PendingCall { return boot.Promise(ctx, nil).PendingCall },
-		"resolvePromise": func() core.PendingCall { return boot.ResolvePromise(ctx, nil).PendingCall },
-		"breakPromise":   func() core.PendingCall { return boot.BreakPromise(ctx, nil).PendingCall },
-	} {
-		c := call()
-		if _, err := c.Wait(ctx); exc.TypeOf(err) != exc.Unimplemented || !bytesContains(err.Error(), name) {
-			t.Errorf("%s: %v; want unimplemented", name, err)
-		}
-		c.Release()
+	// promise and resolvePromise: a call made on the promise before it
+	// resolves reaches what it resolved to; breakPromise breaks the next
+	// one, and calls on it fail with the reason.
+	pc := boot.Promise(ctx, nil)
+	prom := pc.Cap()
+	pn := prom.Name(ctx, nil)
+	rp := boot.ResolvePromise(ctx, func(p testcapnp.Test_resolvePromise_Params) error {
+		return p.SetCap(testcapnp.Test(capnp.Client(boot.Client).AddRef()))
+	})
+	if _, err := rp.Struct(ctx); err != nil {
+		t.Fatalf("resolvePromise: %v", err)
 	}
+	if res, err := pn.Struct(ctx); err != nil {
+		t.Fatalf("name on the promise: %v", err)
+	} else if name, _ := res.Name(); name != "root" {
+		t.Fatalf("name on the promise %q; want root", name)
+	}
+	pn.Release()
+	rp.Release()
+	prom.Release()
+	pc.Release()
+	pc = boot.Promise(ctx, nil)
+	prom = pc.Cap()
+	bp := boot.BreakPromise(ctx, func(p testcapnp.Test_breakPromise_Params) error { return p.SetReason("broken on purpose") })
+	if _, err := bp.Struct(ctx); err != nil {
+		t.Fatalf("breakPromise: %v", err)
+	}
+	pn = prom.Name(ctx, nil)
+	if _, err := pn.Struct(ctx); err == nil || !bytesContains(err.Error(), "broken on purpose") {
+		t.Fatalf("name on a broken promise: %v", err)
+	}
+	pn.Release()
+	bp.Release()
+	prom.Release()
+	pc.Release()
+	rp = boot.ResolvePromise(ctx, nil)
+	if _, err := rp.Struct(ctx); exc.TypeOf(err) != exc.Failed {
+		t.Fatalf("resolvePromise with none outstanding: %v; want failed", err)
+	}
+	rp.Release()
 
 	// seq and log.
 	for i := range uint32(5) {
