@@ -124,8 +124,15 @@ func (w *fuzzWorld) newObject(name string) testcapnp.Test {
 	w.objs = append(w.objs, o)
 	w.live++
 	w.mu.Unlock()
+	if strings.HasPrefix(name, fuzzNativePrefix) {
+		return testcapnp.Test(NewClient(fuzzNative{o}))
+	}
 	return testcapnp.Test_ServerToClient(o)
 }
+
+// fuzzNativePrefix starts the names of objects served natively (a
+// child() the peer names so, or opLocalNew's native flag).
+const fuzzNativePrefix = "n"
 
 func (w *fuzzWorld) liveCount() int {
 	w.mu.Lock()
@@ -201,6 +208,76 @@ func (o *fuzzObj) Child(ctx context.Context, call testcapnp.Test_child) error {
 	return res.SetChild(o.w.newObject(name))
 }
 
+// fuzzNative serves a fuzzObj as a native object (NewClient with a
+// Handler): the peer's calls to it run through the native answer path,
+// on the read loop. It serves the methods that move data and
+// capabilities; the others are unimplemented.
+type fuzzNative struct{ o *fuzzObj }
+
+func (n fuzzNative) Shutdown() { n.o.Shutdown() }
+
+func (n fuzzNative) HandleCall(_ context.Context, call *ServerCall) {
+	if call.Method().InterfaceID != testcapnp.Test_TypeID {
+		call.Return(capnp.Unimplemented("fuzz: unknown interface"))
+		return
+	}
+	oneCap := capnp.ObjectSize{PointerCount: 1}
+	switch call.Method().MethodID {
+	case 0: // echo, the data by reference where it can be
+		args := testcapnp.Test_echo_Params(call.Args())
+		if !args.HasData() {
+			_, err := call.Results(oneCap)
+			call.Return(err)
+			return
+		}
+		d, err := args.Data()
+		if err == nil {
+			_, err = call.ResultsReferencing(oneCap, 0, d)
+		}
+		call.Return(err)
+	case 3: // child
+		name, err := testcapnp.Test_child_Params(call.Args()).Name()
+		var res capnp.Struct
+		if err == nil {
+			res, err = call.Results(oneCap)
+		}
+		if err == nil {
+			err = testcapnp.Test_child_Results(res).SetChild(n.o.w.newObject(name))
+		}
+		call.Return(err)
+	case 4: // name
+		res, err := call.Results(oneCap)
+		if err == nil {
+			err = testcapnp.Test_name_Results(res).SetName(n.o.name)
+		}
+		call.Return(err)
+	case 6: // hold
+		n.o.hold(capnp.Client(testcapnp.Test_hold_Params(call.Args()).Cap()).AddRef())
+		call.Return(nil)
+	case 7: // dropHeld
+		n.o.hold(capnp.Client{})
+		call.Return(nil)
+	case 8: // getHeld
+		res, err := call.Results(oneCap)
+		if err == nil {
+			err = testcapnp.Test_getHeld_Results(res).SetCap(testcapnp.Test(n.o.heldRef()))
+		}
+		call.Return(err)
+	case 12: // seq
+		args := testcapnp.Test_seq_Params(call.Args())
+		n.o.w.mu.Lock()
+		n.o.seq = append(n.o.seq, args.N())
+		n.o.w.mu.Unlock()
+		res, err := call.Results(capnp.ObjectSize{DataSize: 8})
+		if err == nil {
+			testcapnp.Test_seq_Results(res).SetN(args.N())
+		}
+		call.Return(err)
+	default:
+		call.Return(capnp.Unimplemented("fuzz: not served natively"))
+	}
+}
+
 func (o *fuzzObj) Name(ctx context.Context, call testcapnp.Test_name) error {
 	res, err := call.AllocResults()
 	if err != nil {
@@ -232,21 +309,28 @@ func (o *fuzzObj) CallBack(ctx context.Context, call testcapnp.Test_callBack) er
 }
 
 func (o *fuzzObj) Hold(ctx context.Context, call testcapnp.Test_hold) error {
-	c := capnp.Client(call.Args().Cap()).AddRef()
+	o.hold(capnp.Client(call.Args().Cap()).AddRef())
+	return nil
+}
+
+// hold replaces the held capability by c, which it takes.
+func (o *fuzzObj) hold(c capnp.Client) {
 	o.w.mu.Lock()
 	old := o.held
 	o.held = c
 	o.w.mu.Unlock()
 	old.Release()
-	return nil
+}
+
+// heldRef returns a new reference to the held capability.
+func (o *fuzzObj) heldRef() capnp.Client {
+	o.w.mu.Lock()
+	defer o.w.mu.Unlock()
+	return o.held.AddRef()
 }
 
 func (o *fuzzObj) DropHeld(ctx context.Context, call testcapnp.Test_dropHeld) error {
-	o.w.mu.Lock()
-	old := o.held
-	o.held = capnp.Client{}
-	o.w.mu.Unlock()
-	old.Release()
+	o.hold(capnp.Client{})
 	return nil
 }
 
@@ -255,9 +339,7 @@ func (o *fuzzObj) GetHeld(ctx context.Context, call testcapnp.Test_getHeld) erro
 	if err != nil {
 		return err
 	}
-	o.w.mu.Lock()
-	c := o.held.AddRef()
-	o.w.mu.Unlock()
+	c := o.heldRef()
 	if fuzzSkipNilCaller && brokenOrNull(ctx, c) {
 		c.Release()
 		return errors.New("fuzz: nothing usable held")
@@ -1651,8 +1733,12 @@ func (h *fuzzHarness) run(prog []byte) {
 				a.cancel()
 			}
 		case opLocalNew:
-			if p.byte()&1 == 0 {
-				h.addCap(capnp.Client(h.world.newObject("local")), false)
+			if b := p.byte(); b&1 == 0 {
+				name := "local"
+				if b&2 != 0 {
+					name = fuzzNativePrefix + name
+				}
+				h.addCap(capnp.Client(h.world.newObject(name)), false)
 			} else {
 				pr, r := capnp.NewLocalPromise[capnp.Client]()
 				h.promises = append(h.promises, pr)
@@ -2170,8 +2256,9 @@ func (a *fuzzAsm) localCall(target byte, lm byte, arg byte) *fuzzAsm {
 	return a.op(opLocalCall).bytes(target, lm, arg, 7)
 }
 
-func (a *fuzzAsm) localObject() *fuzzAsm  { return a.op(opLocalNew).bytes(0) }
-func (a *fuzzAsm) localPromise() *fuzzAsm { return a.op(opLocalNew).bytes(1) }
+func (a *fuzzAsm) localObject() *fuzzAsm       { return a.op(opLocalNew).bytes(0) }
+func (a *fuzzAsm) localNativeObject() *fuzzAsm { return a.op(opLocalNew).bytes(2) }
+func (a *fuzzAsm) localPromise() *fuzzAsm      { return a.op(opLocalNew).bytes(1) }
 
 // localFulfil fulfils local promise i with local cap c.
 func (a *fuzzAsm) localFulfil(i, c byte) *fuzzAsm { return a.op(opLocalResolve).bytes(i, 0, c) }
@@ -2465,6 +2552,26 @@ func fuzzConnSeeds() []fuzzSeed {
 		call(3, answerTarget(0), mGetHeld, noPayload).
 		call(4, answerTarget(3, 0), mName, noPayload).
 		barrier().finish(1, true).finish(2, true).finish(3, true).finish(4, true).barrier())
+	// The peer asks for native children and calls them: the data comes
+	// back, capabilities go in and out, a call pipelined on a native
+	// child reaches it, and one it does not serve is unimplemented.
+	add("native-child", A().
+		bootstrap(0).call(1, answerTarget(0), mChild, func(a *fuzzAsm) { a.payload(contentCapLast, 0, 0, "nkid") }).
+		call(2, answerTarget(1, 0), mEcho, func(a *fuzzAsm) { a.payload(contentCapFirst, 0, 0, "") }).
+		call(3, answerTarget(1, 0), mHold, func(a *fuzzAsm) { a.payload(contentCapFirst, 0, 0, "", descSenderHosted(4)) }).
+		call(4, answerTarget(1, 0), mGetHeld, noPayload).
+		call(5, answerTarget(1, 0), mBlock, noPayload).
+		barrier().finish(1, true).finish(2, true).finish(3, true).finish(4, true).finish(5, true).barrier())
+	// The Conn's user passes a native object to the peer, which calls it.
+	add("local-native-object", A().
+		localNativeObject().localBootstrap().
+		localCall(1, lmHold, 0). // q1 carries export 0 (the native object)
+		wait(waitCall, 1).
+		call(1, importTarget(0), mName, noPayload).
+		call(2, importTarget(0), mChild, func(a *fuzzAsm) { a.payload(contentCapLast, 0, 0, "nn") }).
+		call(3, answerTarget(2, 0), mSeq, noPayload).
+		returnResults(0, func(a *fuzzAsm) { a.payload(contentNull, 0, 0, "") }).
+		barrier().finish(1, true).finish(2, true).finish(3, true).release(0, 1).barrier())
 	add("limits-many-calls", func() *fuzzAsm {
 		a := A().bootstrap(0)
 		for i := range 20 {
