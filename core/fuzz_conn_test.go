@@ -2430,26 +2430,19 @@ func fuzzConnSeeds() []fuzzSeed {
 	// The Conn's user drops what it got from the peer: releasing an answer
 	// sends Finish, dropping the last reference to an import sends
 	// Release.
-	add("local-release-and-finish", A().
-		localBootstrap().localCall(0, lmChild, 0).   // q1
-		localPipeline(0, 0).localCall(1, lmName, 0). // q2 on q1's result
-		wait(waitCall, 2).
-		returnResults(0, func(a *fuzzAsm) { a.payload(contentCap, 0, 0, "", descSenderHosted(2)) }).
-		returnResults(1, func(a *fuzzAsm) { a.payload(contentCapFirst, 0, 0, "", descSenderHosted(3)) }).
-		returnResults(2, func(a *fuzzAsm) { a.payload(contentCapLast, 0, 0, "n") }).
-		barrier().
-		localFinish(1).localFinish(0).localRelease(1).localRelease(0).
-		barrier())
-	add("local-release-and-finish-native", A().
-		localBootstrap().localCall(0, lmChild|lmNative, 0).   // q1
-		localPipeline(0, 0).localCall(1, lmName|lmNative, 0). // q2 on q1's result
-		wait(waitCall, 2).
-		returnResults(0, func(a *fuzzAsm) { a.payload(contentCap, 0, 0, "", descSenderHosted(2)) }).
-		returnResults(1, func(a *fuzzAsm) { a.payload(contentCapFirst, 0, 0, "", descSenderHosted(3)) }).
-		returnResults(2, func(a *fuzzAsm) { a.payload(contentCapLast, 0, 0, "n") }).
-		barrier().
-		localFinish(1).localFinish(0).localRelease(1).localRelease(0).
-		barrier())
+	// (native: through the native Call.)
+	for name, native := range map[string]byte{"local-release-and-finish": 0, "local-release-and-finish-native": lmNative} {
+		add(name, A().
+			localBootstrap().localCall(0, lmChild|native, 0).   // q1
+			localPipeline(0, 0).localCall(1, lmName|native, 0). // q2 on q1's result
+			wait(waitCall, 2).
+			returnResults(0, func(a *fuzzAsm) { a.payload(contentCap, 0, 0, "", descSenderHosted(2)) }).
+			returnResults(1, func(a *fuzzAsm) { a.payload(contentCapFirst, 0, 0, "", descSenderHosted(3)) }).
+			returnResults(2, func(a *fuzzAsm) { a.payload(contentCapLast, 0, 0, "n") }).
+			barrier().
+			localFinish(1).localFinish(0).localRelease(1).localRelease(0).
+			barrier())
+	}
 
 	// A call without a target pointer, with a null capability in its
 	// params.

@@ -333,13 +333,7 @@ func TestNativeLocalPipelining(t *testing.T) {
 	crel()
 	brel()
 	gen.Release()
-	deadline := time.Now().Add(5 * time.Second)
-	for live.Load() != 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d native objects still live", live.Load())
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	waitNoneLive(t, live)
 }
 
 // TestNativeLocalPipeliningDeep: calls pipelined on a call that is itself
@@ -395,6 +389,12 @@ func TestNativeLocalPipeliningDeep(t *testing.T) {
 	arel()
 	blockRel()
 	gen.Release()
+	waitNoneLive(t, live)
+}
+
+// waitNoneLive waits until no native object counted in live is left.
+func waitNoneLive(t *testing.T, live *atomic.Int64) {
+	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for live.Load() != 0 {
 		if time.Now().After(deadline) {

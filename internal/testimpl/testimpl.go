@@ -217,8 +217,14 @@ func (s *server) Fail(ctx context.Context, call testcapnp.Test_fail) error {
 	if err != nil {
 		return err
 	}
+	return FailWith(args.Kind(), reason)
+}
+
+// FailWith is the exception fail(kind, reason) returns (native test
+// objects share it).
+func FailWith(kind testcapnp.ExceptionKind, reason string) error {
 	var t exc.Type
-	switch args.Kind() {
+	switch kind {
 	case testcapnp.ExceptionKind_failed:
 		t = exc.Failed
 	case testcapnp.ExceptionKind_overloaded:
@@ -228,7 +234,7 @@ func (s *server) Fail(ctx context.Context, call testcapnp.Test_fail) error {
 	case testcapnp.ExceptionKind_unimplemented:
 		t = exc.Unimplemented
 	default:
-		return exc.New(exc.Failed, "", "fail: unknown exception kind "+args.Kind().String())
+		return exc.New(exc.Failed, "", "fail: unknown exception kind "+kind.String())
 	}
 	return exc.New(t, "", reason)
 }

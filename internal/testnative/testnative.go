@@ -23,6 +23,7 @@ import (
 	"github.com/captp-go/captp/core"
 	"github.com/captp-go/captp/internal/callqueue"
 	"github.com/captp-go/captp/internal/testcapnp"
+	"github.com/captp-go/captp/internal/testimpl"
 )
 
 // Object is a native Test object. Live, if set, counts objects whose
@@ -111,21 +112,7 @@ func (o *server) Fail(_ context.Context, call Test_fail_NativeServerCall) {
 		call.Return(err)
 		return
 	}
-	var t exc.Type
-	switch args.Kind() {
-	case testcapnp.ExceptionKind_failed:
-		t = exc.Failed
-	case testcapnp.ExceptionKind_overloaded:
-		t = exc.Overloaded
-	case testcapnp.ExceptionKind_disconnected:
-		t = exc.Disconnected
-	case testcapnp.ExceptionKind_unimplemented:
-		t = exc.Unimplemented
-	default:
-		call.Return(exc.New(exc.Failed, "", "fail: unknown exception kind "+args.Kind().String()))
-		return
-	}
-	call.Return(exc.New(t, "", reason))
+	call.Return(testimpl.FailWith(args.Kind(), reason))
 }
 
 // Block returns only when cancelled: off the read loop. Later calls to
