@@ -263,6 +263,39 @@ func (n fuzzNative) HandleCall(_ context.Context, call *ServerCall) {
 			err = testcapnp.Test_getHeld_Results(res).SetCap(testcapnp.Test(n.o.heldRef()))
 		}
 		call.Return(err)
+	case 2: // block, off the read loop until cancelled; later calls wait
+		call.Go(func(ctx context.Context, _ *ServerCall) error {
+			<-ctx.Done()
+			return ctx.Err()
+		})
+	case 5: // callBack: cb.echo(data), off the read loop
+		args := testcapnp.Test_callBack_Params(call.Args())
+		cb := capnp.Client(args.Cb()).AddRef()
+		d, err := args.Data()
+		if err != nil {
+			cb.Release()
+			call.Return(err)
+			return
+		}
+		data := append([]byte{}, d...)
+		call.Go(func(ctx context.Context, call *ServerCall) error {
+			defer cb.Release()
+			f, release := testcapnp.Test(cb).Echo(ctx, func(p testcapnp.Test_echo_Params) error { return p.SetData(data) })
+			defer release()
+			r, err := f.Struct()
+			if err != nil {
+				return err
+			}
+			d, err := r.Data()
+			if err != nil {
+				return err
+			}
+			res, err := call.Results(oneCap)
+			if err != nil {
+				return err
+			}
+			return testcapnp.Test_callBack_Results(res).SetData(append([]byte{}, d...))
+		})
 	case 12: // seq
 		args := testcapnp.Test_seq_Params(call.Args())
 		n.o.w.mu.Lock()
@@ -2553,8 +2586,18 @@ func fuzzConnSeeds() []fuzzSeed {
 		call(2, answerTarget(1, 0), mEcho, func(a *fuzzAsm) { a.payload(contentCapFirst, 0, 0, "") }).
 		call(3, answerTarget(1, 0), mHold, func(a *fuzzAsm) { a.payload(contentCapFirst, 0, 0, "", descSenderHosted(4)) }).
 		call(4, answerTarget(1, 0), mGetHeld, noPayload).
-		call(5, answerTarget(1, 0), mBlock, noPayload).
-		barrier().finish(1, true).finish(2, true).finish(3, true).finish(4, true).finish(5, true).barrier())
+		call(5, answerTarget(1, 0), mLog, noPayload).
+		call(6, answerTarget(1, 0), mBlock, noPayload).
+		barrier().finish(1, true).finish(2, true).finish(3, true).finish(4, true).finish(5, true).finish(6, true).barrier())
+	// A native child calls the peer back from its Go function.
+	add("native-callback-to-peer", A().
+		bootstrap(0).call(1, answerTarget(0), mChild, func(a *fuzzAsm) { a.payload(contentCapLast, 0, 0, "ncb") }).
+		call(2, answerTarget(1, 0), mCallBack, func(a *fuzzAsm) {
+			a.payload(contentCapFirst, 0, 0, "x", descSenderHosted(3))
+		}).
+		wait(waitCall, 1).
+		returnResults(0, func(a *fuzzAsm) { a.payload(contentCapLast, 0, 0, "pong") }).
+		barrier().finish(1, true).finish(2, false).release(0, 1).barrier())
 	// The Conn's user passes a native object to the peer, which calls it.
 	add("local-native-object", A().
 		localNativeObject().localBootstrap().
