@@ -36,7 +36,7 @@ func TestNativeQueueBounded(t *testing.T) {
 	defer cancel()
 	block := boot.Block(bctx)
 	defer block.Release()
-	<-root.BlockStarted
+	<-root.BlockStarted()
 	var calls []testnative.Call
 	for i := range 3 * maxAnswers {
 		calls = append(calls, boot.Seq(ctx, uint32(i)))

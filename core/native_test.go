@@ -127,7 +127,7 @@ func TestNativeEOrder(t *testing.T) {
 	for i := 50; i < 100; i++ {
 		calls = append(calls, v.boot.Seq(ctx, uint32(i)))
 	}
-	<-v.root.BlockStarted
+	<-v.root.BlockStarted()
 	// Another object is served while root's queue waits on block.
 	oc := other.Child()
 	name, err := oc.Name(ctx)
@@ -191,7 +191,7 @@ func TestNativeCancel(t *testing.T) {
 	ctx := context.Background()
 	bctx, cancel := context.WithCancel(ctx)
 	b := v.boot.Block(bctx)
-	<-v.root.BlockStarted
+	<-v.root.BlockStarted()
 	wctx, wcancel := context.WithTimeout(ctx, 20*time.Millisecond)
 	if _, err := b.Wait(wctx); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Wait with a short context: %v", err)
@@ -272,7 +272,7 @@ func TestNativeAfterClose(t *testing.T) {
 	bctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	b := v.boot.Block(bctx)
-	<-v.root.BlockStarted
+	<-v.root.BlockStarted()
 	v.server.Close()
 	if _, err := b.Wait(ctx); err == nil {
 		t.Fatal("pending call survived the connection")
@@ -295,7 +295,7 @@ func TestNativeLocalPipelining(t *testing.T) {
 	ctx := context.Background()
 	bctx, cancel := context.WithCancel(ctx)
 	bf, brel := gen.Block(bctx, nil)
-	<-root.BlockStarted
+	<-root.BlockStarted()
 	cf, crel := gen.Child(ctx, func(p testcapnp.Test_child_Params) error { return p.SetName("kid") })
 	// cf.Child() once: go-capnp v3.1.0-alpha.2 leaves an unresolved
 	// promise locked when Future.Client is called on it twice (README,
@@ -347,7 +347,7 @@ func TestNativeLocalPipeliningDeep(t *testing.T) {
 	ctx := context.Background()
 	bctx, cancel := context.WithCancel(ctx)
 	blockF, blockRel := gen.Block(bctx, nil)
-	<-root.BlockStarted
+	<-root.BlockStarted()
 	child := func(t testcapnp.Test, name string) (testcapnp.Test_child_Results_Future, capnp.ReleaseFunc) {
 		return t.Child(ctx, func(p testcapnp.Test_child_Params) error { return p.SetName(name) })
 	}

@@ -122,7 +122,7 @@ func TestGoCapnpClientNativeServer(t *testing.T) {
 		f, rel := boot.Block(bctx, nil)
 		defer rel()
 		select {
-		case <-obj.BlockStarted:
+		case <-obj.BlockStarted():
 		case <-time.After(waitTimeout):
 			t.Fatal("block() never started")
 		}
@@ -131,7 +131,7 @@ func TestGoCapnpClientNativeServer(t *testing.T) {
 			t.Error("cancelled block() returned no error")
 		}
 		select {
-		case <-obj.BlockCancelled:
+		case <-obj.BlockCancelled():
 		case <-time.After(waitTimeout):
 			t.Fatal("the native block() never saw its context cancelled (no Finish, or not acted on)")
 		}

@@ -16,6 +16,7 @@ import (
 	"github.com/captp-go/captp/core"
 	"github.com/captp-go/captp/internal/testcapnp"
 	"github.com/captp-go/captp/internal/testimpl"
+	"github.com/captp-go/captp/internal/testnative"
 )
 
 // Timeouts. A hang fails the test after these instead of stalling CI.
@@ -43,18 +44,28 @@ type endpoint interface {
 // statser is implemented by our Conn.
 type statser interface{ Stats() core.Stats }
 
-// pairing is one combination of client and server implementations.
-type pairing struct{ client, server kind }
+// pairing is one combination of client and server implementations;
+// native says the server (ours) serves native objects (capnpc-captp's
+// stubs on core.Handler) instead of capnpc-go's generated servers.
+type pairing struct {
+	client, server kind
+	native         bool
+}
 
 func (p pairing) String() string {
+	if p.native {
+		return fmt.Sprintf("%s-client_%s-native-server", p.client, p.server)
+	}
 	return fmt.Sprintf("%s-client_%s-server", p.client, p.server)
 }
 
 var pairings = []pairing{
-	{gocapnp, gocapnp}, // baseline: go-capnp against itself
-	{ours, ours},
-	{ours, gocapnp},
-	{gocapnp, ours},
+	{client: gocapnp, server: gocapnp}, // baseline: go-capnp against itself
+	{client: ours, server: ours},
+	{client: ours, server: gocapnp},
+	{client: gocapnp, server: ours},
+	{client: ours, server: ours, native: true},
+	{client: gocapnp, server: ours, native: true},
 }
 
 // socketPair returns the two ends of a connected Unix stream socket.
@@ -114,9 +125,9 @@ type env struct {
 	serverSock net.Conn
 	boot       testcapnp.Test // the client's bootstrap reference; teardown releases it
 
-	root       *testimpl.Object // the server's bootstrap object
-	serverLive *testimpl.Live   // objects on the server side
-	clientLive *testimpl.Live   // objects the client creates locally
+	root       blockWatcher   // the server's bootstrap object
+	serverLive liveCounter    // objects on the server side
+	clientLive *testimpl.Live // objects the client creates locally
 
 	// serverClosed is set by scenarios that close the server themselves;
 	// teardown then skips the checks that need a live connection.
@@ -133,10 +144,20 @@ func newEnv(t *testing.T, p pairing) *env {
 	e := &env{
 		p:          p,
 		ctx:        ctx,
-		serverLive: new(testimpl.Live),
 		clientLive: new(testimpl.Live),
 	}
-	e.root = testimpl.NewGuarded("root", e.serverLive)
+	var rootCap capnp.Client
+	if p.native {
+		live := new(testnative.Live)
+		var root *testnative.Object
+		rootCap, root = testnative.New("root", &live.N)
+		e.root, e.serverLive = root, live
+	} else {
+		live := new(testimpl.Live)
+		root := testimpl.NewGuarded("root", live)
+		rootCap = capnp.Client(root.Client())
+		e.root, e.serverLive = root, live
+	}
 	// A scenario stuck outside an await (e.g. inside a call's Send) would
 	// otherwise hang until go test's global timeout; crash early with
 	// every goroutine's stack instead.
@@ -146,7 +167,7 @@ func newEnv(t *testing.T, p pairing) *env {
 	})
 	cc, sc := socketPair(t)
 	e.serverSock = sc
-	e.server = newEndpoint(t, p.server, sc, capnp.Client(e.root.Client()))
+	e.server = newEndpoint(t, p.server, sc, rootCap)
 	t.Cleanup(func() {
 		defer watchdog.Stop()
 		defer cancel()
@@ -192,7 +213,20 @@ func (e *env) kind(who string) kind {
 	return e.p.server
 }
 
-func (e *env) waitLive(t *testing.T, who string, l *testimpl.Live, n int64) {
+// blockWatcher tells when an object's block() calls start and see their
+// cancellation (testimpl's and testnative's objects).
+type blockWatcher interface {
+	BlockStarted() <-chan struct{}
+	BlockCancelled() <-chan struct{}
+}
+
+// liveCounter counts live Test objects (testimpl.Live, testnative.Live).
+type liveCounter interface {
+	Count() int64
+	Wait(ctx context.Context, n int64) error
+}
+
+func (e *env) waitLive(t *testing.T, who string, l liveCounter, n int64) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 	defer cancel()

@@ -16,7 +16,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -325,32 +324,12 @@ func startGoServer(t *testing.T, transport string) *goServer {
 // startGoNativeServer serves each connection a new testnative object
 // (capnpc-captp's native stubs on core.Handler), as are its children.
 func startGoNativeServer(t *testing.T, transport string) *goServer {
-	live := &nativeLive{n: new(atomic.Int64)}
+	live := new(testnative.Live)
 	return startServer(t, transport, live, func() (capnp.Client, blockWatcher) {
-		c, o := testnative.New("server", live.n)
-		return c, nativeBlocks{o}
+		c, o := testnative.New("server", &live.N)
+		return c, o
 	})
 }
-
-type nativeLive struct{ n *atomic.Int64 }
-
-func (l *nativeLive) Count() int64                       { return l.n.Load() }
-func (l *nativeLive) WaitZero(ctx context.Context) error { return l.Wait(ctx, 0) }
-func (l *nativeLive) Wait(ctx context.Context, n int64) error {
-	for l.n.Load() != n {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(2 * time.Millisecond):
-		}
-	}
-	return nil
-}
-
-type nativeBlocks struct{ o *testnative.Object }
-
-func (b nativeBlocks) BlockStarted() <-chan struct{}   { return b.o.BlockStarted }
-func (b nativeBlocks) BlockCancelled() <-chan struct{} { return b.o.BlockCancelled }
 
 func startServer(t *testing.T, transport string, live liveCounter, newRoot func() (capnp.Client, blockWatcher)) *goServer {
 	t.Helper()

@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"capnproto.org/go/capnp/v3"
 	"capnproto.org/go/capnp/v3/exc"
@@ -32,9 +33,7 @@ type Object struct {
 	name string
 	live *atomic.Int64
 
-	// BlockStarted receives a value when a block call starts, and
-	// BlockCancelled when one sees its context end.
-	BlockStarted, BlockCancelled chan struct{}
+	blockStarted, blockCancelled chan struct{}
 
 	mu       sync.Mutex
 	seqLog   []uint32
@@ -43,14 +42,44 @@ type Object struct {
 	resolver *callqueue.Promise
 }
 
+// Live counts live native objects (pass &N to New) and waits for a
+// count, as testimpl.Live does for testimpl's objects.
+type Live struct{ N atomic.Int64 }
+
+// Count returns the number of live objects.
+func (l *Live) Count() int64 { return l.N.Load() }
+
+// Wait blocks until n objects are live or ctx ends.
+func (l *Live) Wait(ctx context.Context, n int64) error {
+	for l.N.Load() != n {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Millisecond):
+		}
+	}
+	return nil
+}
+
+// WaitZero blocks until no object is live or ctx ends.
+func (l *Live) WaitZero(ctx context.Context) error { return l.Wait(ctx, 0) }
+
 // New returns a native Test object as a capability. live may be nil.
 func New(name string, live *atomic.Int64) (capnp.Client, *Object) {
-	o := &Object{name: name, live: live, BlockStarted: make(chan struct{}, 64), BlockCancelled: make(chan struct{}, 64)}
+	o := &Object{name: name, live: live, blockStarted: make(chan struct{}, 64), blockCancelled: make(chan struct{}, 64)}
 	if live != nil {
 		live.Add(1)
 	}
 	return Test_NativeServerToClient((*server)(o)), o
 }
+
+// BlockStarted receives a value each time a block call starts (up to 64
+// unread), as testimpl.Object's does.
+func (o *Object) BlockStarted() <-chan struct{} { return o.blockStarted }
+
+// BlockCancelled receives a value each time a block call sees its
+// context end.
+func (o *Object) BlockCancelled() <-chan struct{} { return o.blockCancelled }
 
 // Log returns the numbers seq received, in order.
 func (o *Object) Log() []uint32 {
@@ -119,9 +148,9 @@ func (o *server) Fail(_ context.Context, call Test_fail_NativeServerCall) {
 // this object wait behind it (unlike testimpl's, which calls Go).
 func (o *server) Block(_ context.Context, call Test_block_NativeServerCall) {
 	call.Go(func(ctx context.Context, _ Test_block_NativeServerCall) error {
-		notify(o.BlockStarted)
+		notify(o.blockStarted)
 		<-ctx.Done()
-		notify(o.BlockCancelled)
+		notify(o.blockCancelled)
 		return ctx.Err()
 	})
 }

@@ -122,12 +122,12 @@ func TestGeneratedEveryMethod(t *testing.T) {
 	// block: returns once cancelled.
 	bctx, cancel := context.WithCancel(ctx)
 	b := boot.Block(bctx, nil)
-	<-root.BlockStarted
+	<-root.BlockStarted()
 	cancel()
 	if _, err := b.Struct(ctx); !errors.Is(err, context.Canceled) {
 		t.Fatalf("block after cancel: %v", err)
 	}
-	<-root.BlockCancelled
+	<-root.BlockCancelled()
 	b.Release()
 
 	// child, pipelined: name() on the child before child() returns.
