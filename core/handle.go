@@ -51,6 +51,14 @@ func (e peerAbort) Error() string { return "peer aborted: " + e.err.Error() }
 // dispatch decodes msg and applies it to the tables under the lock. keep
 // reports that msg's ownership moved elsewhere (call params, results).
 func (c *Conn) dispatch(fx *effects, msg *capnp.Message) (keep bool, err error) {
+	if f, content, ok := decodeFastReturn(msg); ok {
+		c.mu.Lock()
+		defer c.unlock()
+		if c.closing {
+			return false, nil
+		}
+		return c.handleFastReturn(fx, msg, f, content)
+	}
 	m, err := rpccp.ReadRootMessage(msg)
 	if err != nil {
 		return false, violation("decode message: %w", err)
@@ -298,17 +306,44 @@ func (c *Conn) importCapTableLocked(fx *effects, msg *capnp.Message, payload rpc
 	return nil
 }
 
+// returnFields are a Return's fields besides its results or error.
+type returnFields struct {
+	id                               uint32
+	releaseParamCaps, noFinishNeeded bool
+}
+
+// returnedQuestionLocked returns the question a Return with answer id id
+// is for.
+func (c *Conn) returnedQuestionLocked(id uint32) (*question, error) {
+	q := c.questions[id]
+	if q == nil {
+		return nil, violation("return for unknown question %d", id)
+	}
+	if q.returned {
+		return nil, violation("second return for question %d", q.id)
+	}
+	return q, nil
+}
+
+// handleFastReturn handles a Return of results without capabilities that
+// decodeFastReturn read.
+func (c *Conn) handleFastReturn(fx *effects, msg *capnp.Message, f returnFields, content capnp.Ptr) (bool, error) {
+	q, err := c.returnedQuestionLocked(f.id)
+	if err != nil {
+		return false, err
+	}
+	return c.applyReturnLocked(fx, msg, q, f, content, rpccp.Payload{}, nil, nil)
+}
+
 func (c *Conn) handleReturn(fx *effects, msg *capnp.Message, m rpccp.Message) (bool, error) {
 	ret, err := m.Return()
 	if err != nil {
 		return false, violation("decode return: %w", err)
 	}
-	q := c.questions[ret.AnswerId()]
-	if q == nil {
-		return false, violation("return for unknown question %d", ret.AnswerId())
-	}
-	if q.returned {
-		return false, violation("second return for question %d", q.id)
+	f := returnFields{id: ret.AnswerId(), releaseParamCaps: ret.ReleaseParamCaps(), noFinishNeeded: ret.NoFinishNeeded()}
+	q, err := c.returnedQuestionLocked(f.id)
+	if err != nil {
+		return false, err
 	}
 	// Validate everything before changing state: on a violation the
 	// question must still be pending, so that shutdown rejects it.
@@ -346,7 +381,13 @@ func (c *Conn) handleReturn(fx *effects, msg *capnp.Message, m rpccp.Message) (b
 		// party, so the peer cannot answer with those.
 		return false, violation("return type %v for question %d, which did not ask for it", ret.Which(), q.id)
 	}
-	if ret.ReleaseParamCaps() {
+	return c.applyReturnLocked(fx, msg, q, f, content, payload, rerr, source)
+}
+
+// applyReturnLocked settles q with a Return, validated: its results
+// (content, with payload's cap table), rerr, or a source's results.
+func (c *Conn) applyReturnLocked(fx *effects, msg *capnp.Message, q *question, f returnFields, content capnp.Ptr, payload rpccp.Payload, rerr error, source *answer) (bool, error) {
+	if f.releaseParamCaps {
 		for _, id := range q.paramExports {
 			if err := c.releaseExportLocked(fx, id, 1); err != nil {
 				return false, violation("return releases parameter capabilities: %w", err)
@@ -356,7 +397,7 @@ func (c *Conn) handleReturn(fx *effects, msg *capnp.Message, m rpccp.Message) (b
 	q.paramExports = nil
 	q.returned = true
 	// The callee dropped its answer: release sends no Finish.
-	q.noFinish = ret.NoFinishNeeded()
+	q.noFinish = f.noFinishNeeded
 	c.unwatchLocked(q)
 	if q.settled {
 		// Cancelled earlier: Finish (with releaseResultCaps) is already
