@@ -9,14 +9,15 @@ import (
 )
 
 // The inbound fast path. go-capnp reads every pointer on the way from a
-// message's root to a Return's results through its traversal checks
-// (about 500 ns for the four of an echo's Return, a tenth of a call's
-// CPU with calls in flight); the envelope's layout is fixed by
-// rpc.capnp, so the commonest case, a Return of results without
-// capabilities in a one-segment message, is read here directly, with
-// bounds checks of its own, and only the results are handed to go-capnp,
-// as the capnp.Ptr its own reads would have produced. Anything else, or
-// anything unexpected, takes go-capnp's path.
+// message's root to a Call's parameters or a Return's results through
+// its traversal checks (about 500 ns for the four of an echo's Return, a
+// tenth of a call's CPU with calls in flight); the envelope's layout is
+// fixed by rpc.capnp, so the commonest cases, in one-segment messages, a
+// Call to an export and a Return of results, both without capabilities,
+// are read here directly, with bounds checks of their own, and only the
+// parameters or results are handed to go-capnp, as the capnp.Ptr its own
+// reads would have produced. Anything else, or anything unexpected,
+// takes go-capnp's path.
 
 // ptrLayout mirrors capnp.Ptr (go-capnp v3.1.0-alpha.2), whose fields
 // are unexported; fastPtrOK says the mirror matches the real layout, and
@@ -101,6 +102,13 @@ func (s rawStruct) u32(data []byte, off int) uint32 {
 	return binary.LittleEndian.Uint32(data[s.at*8+off:])
 }
 
+func (s rawStruct) u64(data []byte, off int) uint64 {
+	if off+8 > s.dataWords*8 {
+		return 0
+	}
+	return binary.LittleEndian.Uint64(data[s.at*8+off:])
+}
+
 func (s rawStruct) bit(data []byte, n int) bool {
 	if n/8 >= s.dataWords*8 {
 		return false
@@ -116,64 +124,137 @@ func (s rawStruct) ptr(data []byte, i int) (rawStruct, bool, bool) {
 	return readStructPtr(data, s.at+s.dataWords+i)
 }
 
-// rpc.capnp's layout: Message's union tag, Return's fields and union tag.
+// rpc.capnp's layout: Message's union tag; Call's, MessageTarget's and
+// Return's fields and union tags (offsets in bytes, bits for Bools); a
+// Payload's pointers.
 const (
-	messageWhichReturn    = 3
-	returnWhichResults    = 0
-	returnAnswerIDOffset  = 0  // bytes
-	returnWhichOffset     = 6  // bytes
-	returnNoReleaseBit    = 32 // releaseParamCaps, stored inverted (default true)
-	returnNoFinishNeeded  = 33
-	payloadContentPointer = 0
-	payloadCapTablePtr    = 1
+	messageWhichCall         = 2
+	messageWhichReturn       = 3
+	callQuestionIDOffset     = 0
+	callMethodIDOffset       = 4
+	callSendResultsToOffset  = 6 // union tag; 0 is caller
+	callInterfaceIDOffset    = 8
+	callTargetPointer        = 0
+	callParamsPointer        = 1
+	targetImportedCapOffset  = 0
+	targetWhichOffset        = 4 // union tag; 0 is importedCap
+	returnAnswerIDOffset     = 0
+	returnWhichOffset        = 6  // union tag; 0 is results
+	returnNoReleaseBit       = 32 // releaseParamCaps, stored inverted (default true)
+	returnNoFinishNeededBit  = 33
+	returnResultsPointer     = 0
+	payloadContentPointer    = 0
+	payloadCapTablePointer   = 1
+	goCapnpDefaultDepthLimit = 64
 )
 
-// decodeFastReturn decodes msg if it is a Return of results with no
-// capabilities in one segment, and reports whether it was; the results
-// are as go-capnp would read them (capnp.Ptr, null included).
-func decodeFastReturn(msg *capnp.Message) (f returnFields, content capnp.Ptr, ok bool) {
+// fastKind says what decodeFast found.
+type fastKind uint8
+
+const (
+	fastNone      fastKind = iota // go-capnp's path
+	fastCallMsg                   // a Call to an export, parameters without capabilities
+	fastReturnMsg                 // a Return of results without capabilities
+)
+
+// fastCall is a Call decodeFast read.
+type fastCall struct {
+	qid, importedCap uint32
+	method           capnp.Method
+	content          capnp.Ptr
+}
+
+// fastMsg is what decodeFast read: a call, or a Return's fields and
+// results.
+type fastMsg struct {
+	kind    fastKind
+	call    fastCall
+	ret     returnFields
+	content capnp.Ptr // a Return's results
+}
+
+// decodeFast reads msg if it is, in one segment, a Call to an export
+// (sent to the caller) or a Return of results, either without
+// capabilities; the parameters or results are as go-capnp would read
+// them (capnp.Ptr, null included). Otherwise its kind is fastNone.
+func decodeFast(msg *capnp.Message) fastMsg {
 	if !fastPtrOK || msg.NumSegments() != 1 {
-		return returnFields{}, capnp.Ptr{}, false
+		return fastMsg{}
 	}
 	seg, err := msg.Segment(0)
 	if err != nil {
-		return returnFields{}, capnp.Ptr{}, false
+		return fastMsg{}
 	}
 	data := seg.Data()
 	root, null, ok := readStructPtr(data, 0)
-	if !ok || null || root.u16(data, 0) != messageWhichReturn {
-		return returnFields{}, capnp.Ptr{}, false
-	}
-	ret, null, ok := root.ptr(data, 0)
-	if !ok || null || ret.u16(data, returnWhichOffset) != returnWhichResults {
-		return returnFields{}, capnp.Ptr{}, false
-	}
-	payload, null, ok := ret.ptr(data, 0)
 	if !ok || null {
-		return returnFields{}, capnp.Ptr{}, false
+		return fastMsg{}
 	}
-	if _, null, _ := payload.ptr(data, payloadCapTablePtr); !null {
-		return returnFields{}, capnp.Ptr{}, false // capabilities: go-capnp's path
+	switch root.u16(data, 0) {
+	case messageWhichCall:
+		call, null, ok := root.ptr(data, 0)
+		if !ok || null || call.u16(data, callSendResultsToOffset) != 0 {
+			return fastMsg{}
+		}
+		target, null, ok := call.ptr(data, callTargetPointer)
+		if !ok || null || target.u16(data, targetWhichOffset) != 0 {
+			return fastMsg{}
+		}
+		content, ok := payloadContent(msg, seg, call, callParamsPointer)
+		if !ok {
+			return fastMsg{}
+		}
+		return fastMsg{kind: fastCallMsg, call: fastCall{
+			qid:         call.u32(data, callQuestionIDOffset),
+			importedCap: target.u32(data, targetImportedCapOffset),
+			method:      capnp.Method{InterfaceID: call.u64(data, callInterfaceIDOffset), MethodID: call.u16(data, callMethodIDOffset)},
+			content:     content,
+		}}
+	case messageWhichReturn:
+		ret, null, ok := root.ptr(data, 0)
+		if !ok || null || ret.u16(data, returnWhichOffset) != 0 {
+			return fastMsg{}
+		}
+		content, ok := payloadContent(msg, seg, ret, returnResultsPointer)
+		if !ok {
+			return fastMsg{}
+		}
+		return fastMsg{kind: fastReturnMsg, content: content, ret: returnFields{
+			id:               ret.u32(data, returnAnswerIDOffset),
+			releaseParamCaps: !ret.bit(data, returnNoReleaseBit),
+			noFinishNeeded:   ret.bit(data, returnNoFinishNeededBit),
+		}}
+	}
+	return fastMsg{}
+}
+
+// payloadContent reads the content of the Payload in pointer field i of
+// s (a Call or Return under the root), if the payload is there, has no
+// cap table, and holds a struct or null.
+func payloadContent(msg *capnp.Message, seg *capnp.Segment, s rawStruct, i int) (capnp.Ptr, bool) {
+	data := seg.Data()
+	payload, null, ok := s.ptr(data, i)
+	if !ok || null {
+		return capnp.Ptr{}, false
+	}
+	if _, null, _ := payload.ptr(data, payloadCapTablePointer); !null {
+		return capnp.Ptr{}, false // capabilities: go-capnp's path
 	}
 	c, null, ok := payload.ptr(data, payloadContentPointer)
 	if !ok {
-		return returnFields{}, capnp.Ptr{}, false
+		return capnp.Ptr{}, false
 	}
 	depth := msg.DepthLimit
 	if depth == 0 {
-		depth = 64 // go-capnp's default
+		depth = goCapnpDefaultDepthLimit
 	}
 	if depth < 5 {
-		return returnFields{}, capnp.Ptr{}, false // go-capnp reports the limit
+		return capnp.Ptr{}, false // go-capnp reports the limit
 	}
-	if !null {
-		// Four reads deep: the root, the Return, the Payload, the content.
-		content = structPtr(seg, uint32(c.at*8), capnp.ObjectSize{DataSize: capnp.Size(c.dataWords * 8), PointerCount: uint16(c.ptrs)}, depth-4)
+	if null {
+		return capnp.Ptr{}, true
 	}
-	f = returnFields{
-		id:               ret.u32(data, returnAnswerIDOffset),
-		releaseParamCaps: !ret.bit(data, returnNoReleaseBit),
-		noFinishNeeded:   ret.bit(data, returnNoFinishNeeded),
-	}
-	return f, content, true
+	// Four reads deep: the root, the Call or Return, the Payload, the
+	// content.
+	return structPtr(seg, uint32(c.at*8), capnp.ObjectSize{DataSize: capnp.Size(c.dataWords * 8), PointerCount: uint16(c.ptrs)}, depth-4), true
 }

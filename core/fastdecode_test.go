@@ -15,11 +15,12 @@ func TestFastDecodeLayoutMatchesGoCapnp(t *testing.T) {
 	}
 }
 
-// fastReturnSeeds are bodies of one-segment messages: Returns the fast
-// path takes (results as a struct, null, empty; flags set and not) and
-// ones it must leave to go-capnp (capabilities, an exception, a list, a
-// capability as the content, other messages).
-func fastReturnSeeds(t testing.TB) [][]byte {
+// fastSeeds are bodies of one-segment messages: Returns and Calls the
+// fast path takes (a struct, null, empty; flags set and not) and ones it
+// must leave to go-capnp (capabilities, an exception, a list, a
+// pipelined call, a tail call, other messages), and whether it takes
+// each.
+func fastSeeds(t testing.TB) ([][]byte, []bool) {
 	build := func(f func(m rpccp.Message, seg *capnp.Segment) error) []byte {
 		msg, seg := capnp.NewSingleSegmentMessage(nil)
 		m, err := rpccp.NewRootMessage(seg)
@@ -72,7 +73,53 @@ func fastReturnSeeds(t testing.TB) [][]byte {
 		l, err := capnp.NewData(seg, []byte("a list, not a struct"))
 		return l.ToPtr(), err
 	}
-	return [][]byte{
+	call := func(target func(rpccp.MessageTarget) error, content func(seg *capnp.Segment) (capnp.Ptr, error), more func(rpccp.Call) error) func(rpccp.Message, *capnp.Segment) error {
+		return func(m rpccp.Message, seg *capnp.Segment) error {
+			c, err := m.NewCall()
+			if err != nil {
+				return err
+			}
+			c.SetQuestionId(11)
+			c.SetInterfaceId(0xcea30903072b4513)
+			c.SetMethodId(12)
+			tg, err := c.NewTarget()
+			if err == nil {
+				err = target(tg)
+			}
+			var p rpccp.Payload
+			if err == nil {
+				p, err = c.NewParams()
+			}
+			if err == nil && content != nil {
+				var ptr capnp.Ptr
+				if ptr, err = content(seg); err == nil {
+					err = p.SetContent(ptr)
+				}
+			}
+			if err == nil && more != nil {
+				err = more(c)
+			}
+			return err
+		}
+	}
+	toImport := func(id uint32) func(rpccp.MessageTarget) error {
+		return func(tg rpccp.MessageTarget) error { tg.SetImportedCap(id); return nil }
+	}
+	toAnswer := func(tg rpccp.MessageTarget) error {
+		pa, err := tg.NewPromisedAnswer()
+		pa.SetQuestionId(3)
+		return err
+	}
+	withCap := func(c rpccp.Call) error {
+		p, _ := c.Params()
+		caps, err := p.NewCapTable(1)
+		if err == nil {
+			caps.At(0).SetSenderHosted(1)
+		}
+		return err
+	}
+	tail := func(c rpccp.Call) error { c.SendResultsTo().SetYourself(); return nil }
+	bodies := [][]byte{
 		build(results(7, echo, nil)),
 		build(results(0xFFFFFFFF, echo, func(r rpccp.Return) { r.SetReleaseParamCaps(false); r.SetNoFinishNeeded(true) })),
 		build(results(1, nil, nil)),
@@ -107,7 +154,16 @@ func fastReturnSeeds(t testing.TB) [][]byte {
 			f.SetQuestionId(9)
 			return err
 		}),
+		build(call(toImport(3), echo, nil)),
+		build(call(toImport(0xFFFFFFFF), nil, nil)),
+		build(call(toImport(4), empty, nil)),
+		build(call(toImport(5), echo, withCap)),
+		build(call(toAnswer, echo, nil)),
+		build(call(toImport(6), echo, tail)),
+		build(call(toImport(7), list, nil)),
 	}
+	takes := []bool{true, true, true, true, false, false, false, false, true, true, true, false, false, false, false}
+	return bodies, takes
 }
 
 // readBody wraps body as the frame reader does for a one-segment frame.
@@ -117,76 +173,113 @@ func readBody(body []byte) *capnp.Message {
 	return msg
 }
 
-// FuzzFastReturn checks decodeFastReturn against go-capnp: whatever the
-// fast path accepts, go-capnp reads as a Return of those results, with the
-// same fields and the same content.
-func FuzzFastReturn(f *testing.F) {
-	for _, s := range fastReturnSeeds(f) {
+// FuzzFastDecode checks decodeFast against go-capnp: whatever the fast
+// path takes, go-capnp reads as the same Call or Return, with the same
+// fields and the same parameters or results, and no capabilities.
+func FuzzFastDecode(f *testing.F) {
+	bodies, _ := fastSeeds(f)
+	for _, s := range bodies {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, body []byte) {
 		body = body[:len(body)/8*8]
 		fast := readBody(body)
 		defer recycleMessage(fast)
-		fields, content, ok := decodeFastReturn(fast)
-		if !ok {
+		fm := decodeFast(fast)
+		if fm.kind == fastNone {
 			return
 		}
 		slow := readBody(body)
 		defer recycleMessage(slow)
 		m, err := rpccp.ReadRootMessage(slow)
-		if err != nil || m.Which() != rpccp.Message_Which_return {
-			t.Fatalf("fast path took a message go-capnp reads as %v (%v)", m.Which(), err)
+		if err != nil {
+			t.Fatalf("fast path took a message go-capnp cannot read: %v", err)
 		}
-		ret, err := m.Return()
-		if err != nil || ret.Which() != rpccp.Return_Which_results {
-			t.Fatalf("fast path took a Return go-capnp reads as %v (%v)", ret.Which(), err)
+		var p rpccp.Payload
+		switch fm.kind {
+		case fastReturnMsg:
+			if m.Which() != rpccp.Message_Which_return {
+				t.Fatalf("fast path read a Return go-capnp reads as %v", m.Which())
+			}
+			ret, err := m.Return()
+			if err != nil || ret.Which() != rpccp.Return_Which_results {
+				t.Fatalf("fast path took a Return go-capnp reads as %v (%v)", ret.Which(), err)
+			}
+			if got := (returnFields{ret.AnswerId(), ret.ReleaseParamCaps(), ret.NoFinishNeeded()}); got != fm.ret {
+				t.Fatalf("fields %+v; go-capnp reads %+v", fm.ret, got)
+			}
+			if p, err = ret.Results(); err != nil {
+				t.Fatalf("fast path took results go-capnp fails on: %v", err)
+			}
+		case fastCallMsg:
+			if m.Which() != rpccp.Message_Which_call {
+				t.Fatalf("fast path read a Call go-capnp reads as %v", m.Which())
+			}
+			call, err := m.Call()
+			if err != nil || call.SendResultsTo().Which() != rpccp.Call_sendResultsTo_Which_caller {
+				t.Fatalf("fast path took a call go-capnp reads sending results to %v (%v)", call.SendResultsTo().Which(), err)
+			}
+			tg, err := call.Target()
+			if err != nil || !tg.IsValid() || tg.Which() != rpccp.MessageTarget_Which_importedCap {
+				t.Fatalf("fast path took a call go-capnp reads with target %v (%v)", tg.Which(), err)
+			}
+			got := fastCall{qid: call.QuestionId(), importedCap: tg.ImportedCap(), method: capnp.Method{InterfaceID: call.InterfaceId(), MethodID: call.MethodId()}}
+			if want := (fastCall{qid: fm.call.qid, importedCap: fm.call.importedCap, method: fm.call.method}); got != want {
+				t.Fatalf("call %+v; go-capnp reads %+v", want, got)
+			}
+			if p, err = call.Params(); err != nil || !p.IsValid() {
+				t.Fatalf("fast path took parameters go-capnp fails on: %v", err)
+			}
+			fm.content = fm.call.content
 		}
-		p, err := ret.Results()
-		if err != nil || p.HasCapTable() {
-			t.Fatalf("fast path took results go-capnp reads with a cap table (%v)", err)
+		if p.HasCapTable() {
+			t.Fatal("fast path took a payload go-capnp reads with a cap table")
 		}
 		want, err := p.Content()
 		if err != nil {
 			t.Fatalf("fast path took content go-capnp fails on: %v", err)
 		}
-		if got := (returnFields{ret.AnswerId(), ret.ReleaseParamCaps(), ret.NoFinishNeeded()}); got != fields {
-			t.Fatalf("fields %+v; go-capnp reads %+v", fields, got)
-		}
-		if content.IsValid() != want.IsValid() {
-			t.Fatalf("content valid %v; go-capnp reads valid %v", content.IsValid(), want.IsValid())
-		}
-		if !content.IsValid() {
-			return
-		}
-		if content.Struct().Size() != want.Struct().Size() {
-			t.Fatalf("content size %v; go-capnp reads %v", content.Struct().Size(), want.Struct().Size())
-		}
-		// The same struct: its canonical form, or the same failure to
-		// read it (depth, bad pointers inside), and each data word.
-		got, gerr := capnp.Canonicalize(content.Struct())
-		exp, eerr := capnp.Canonicalize(want.Struct())
-		if string(got) != string(exp) || (gerr == nil) != (eerr == nil) || gerr != nil && gerr.Error() != eerr.Error() {
-			t.Fatalf("content differs from go-capnp's: %x (%v) against %x (%v)", got, gerr, exp, eerr)
-		}
-		for off := capnp.DataOffset(0); off+8 <= capnp.DataOffset(want.Struct().Size().DataSize); off += 8 {
-			if content.Struct().Uint64(off) != want.Struct().Uint64(off) {
-				t.Fatalf("data word at %d differs from go-capnp's", off)
-			}
-		}
+		checkSameContent(t, fm.content, want)
 	})
 }
 
-// TestFastReturnTakesTheCommonCase: the seeds a Return of plain results
-// would be, and only those, take the fast path.
-func TestFastReturnTakesTheCommonCase(t *testing.T) {
-	want := []bool{true, true, true, true, false, false, false, false}
-	for i, body := range fastReturnSeeds(t) {
+// checkSameContent fails t unless content is what go-capnp read, want.
+func checkSameContent(t *testing.T, content, want capnp.Ptr) {
+	t.Helper()
+	if content.IsValid() != want.IsValid() {
+		t.Fatalf("content valid %v; go-capnp reads valid %v", content.IsValid(), want.IsValid())
+	}
+	if !content.IsValid() {
+		return
+	}
+	if content.Struct().Size() != want.Struct().Size() {
+		t.Fatalf("content size %v; go-capnp reads %v", content.Struct().Size(), want.Struct().Size())
+	}
+	// The same struct: its canonical form, or the same failure to read
+	// it (depth, bad pointers inside), and each data word.
+	got, gerr := capnp.Canonicalize(content.Struct())
+	exp, eerr := capnp.Canonicalize(want.Struct())
+	if string(got) != string(exp) || (gerr == nil) != (eerr == nil) || gerr != nil && gerr.Error() != eerr.Error() {
+		t.Fatalf("content differs from go-capnp's: %x (%v) against %x (%v)", got, gerr, exp, eerr)
+	}
+	for off := capnp.DataOffset(0); off+8 <= capnp.DataOffset(want.Struct().Size().DataSize); off += 8 {
+		if content.Struct().Uint64(off) != want.Struct().Uint64(off) {
+			t.Fatalf("data word at %d differs from go-capnp's", off)
+		}
+	}
+}
+
+// TestFastDecodeTakesTheCommonCases: the seeds that are a Return of
+// plain results or a Call to an export with plain parameters, and only
+// those, take the fast path.
+func TestFastDecodeTakesTheCommonCases(t *testing.T) {
+	bodies, takes := fastSeeds(t)
+	for i, body := range bodies {
 		msg := readBody(body)
-		_, _, ok := decodeFastReturn(msg)
+		fm := decodeFast(msg)
 		recycleMessage(msg)
-		if ok != want[i] {
-			t.Errorf("seed %d: fast path %v; want %v", i, ok, want[i])
+		if (fm.kind != fastNone) != takes[i] {
+			t.Errorf("seed %d: fast path %v; want %v", i, fm.kind != fastNone, takes[i])
 		}
 	}
 }

@@ -51,13 +51,17 @@ func (e peerAbort) Error() string { return "peer aborted: " + e.err.Error() }
 // dispatch decodes msg and applies it to the tables under the lock. keep
 // reports that msg's ownership moved elsewhere (call params, results).
 func (c *Conn) dispatch(fx *effects, msg *capnp.Message) (keep bool, err error) {
-	if f, content, ok := decodeFastReturn(msg); ok {
+	switch fm := decodeFast(msg); fm.kind {
+	case fastReturnMsg, fastCallMsg:
 		c.mu.Lock()
 		defer c.unlock()
 		if c.closing {
 			return false, nil
 		}
-		return c.handleFastReturn(fx, msg, f, content)
+		if fm.kind == fastReturnMsg {
+			return c.handleFastReturn(fx, msg, fm.ret, fm.content)
+		}
+		return c.handleFastCall(fx, msg, fm.call)
 	}
 	m, err := rpccp.ReadRootMessage(msg)
 	if err != nil {
@@ -228,6 +232,37 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 		return false, err
 	}
 	method := capnp.Method{InterfaceID: call.InterfaceId(), MethodID: call.MethodId()}
+	return c.startAnswerLocked(fx, msg, qid, sendElsewhere, callTargets{target, targetAns, transform, native}, method, content)
+}
+
+// callTargets is where a peer's call goes: a capability (native, if a
+// native object), or a capability at transform in targetAns's results.
+type callTargets struct {
+	target    capnp.Client
+	targetAns *answer
+	transform []capnp.PipelineOp
+	native    *nativeServer
+}
+
+// handleFastCall handles a Call to an export with parameters without
+// capabilities that decodeFastCall read.
+func (c *Conn) handleFastCall(fx *effects, msg *capnp.Message, f fastCall) (bool, error) {
+	c.peerCalls++
+	if err := c.checkNewAnswerLocked("call", f.qid); err != nil {
+		return false, err
+	}
+	e := c.exports[f.importedCap]
+	if e == nil {
+		return false, violation("call to unknown export %d", f.importedCap)
+	}
+	c.vineUsedLocked(fx, e)
+	return c.startAnswerLocked(fx, msg, f.qid, false, callTargets{target: e.client, native: e.native}, f.method, f.content)
+}
+
+// startAnswerLocked answers a peer's call, decoded and checked: it is
+// refused when over the limits, else delivered to its target.
+func (c *Conn) startAnswerLocked(fx *effects, msg *capnp.Message, qid uint32, sendElsewhere bool, to callTargets, method capnp.Method, content capnp.Ptr) (bool, error) {
+	target, targetAns, transform, native := to.target, to.targetAns, to.transform, to.native
 	size := messageBytes(msg)
 	held := c.inboundHeld.Load()
 	var overloaded string
