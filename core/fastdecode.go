@@ -130,6 +130,12 @@ func (s rawStruct) ptr(data []byte, i int) (rawStruct, bool, bool) {
 const (
 	messageWhichCall         = 2
 	messageWhichReturn       = 3
+	messageWhichFinish       = 4
+	messageWhichRelease      = 6
+	finishQuestionIDOffset   = 0
+	finishNoReleaseBit       = 32 // releaseResultCaps, stored inverted (default true)
+	releaseIDOffset          = 0
+	releaseCountOffset       = 4
 	callQuestionIDOffset     = 0
 	callMethodIDOffset       = 4
 	callSendResultsToOffset  = 6 // union tag; 0 is caller
@@ -152,9 +158,11 @@ const (
 type fastKind uint8
 
 const (
-	fastNone      fastKind = iota // go-capnp's path
-	fastCallMsg                   // a Call to an export, parameters without capabilities
-	fastReturnMsg                 // a Return of results without capabilities
+	fastNone       fastKind = iota // go-capnp's path
+	fastCallMsg                    // a Call to an export, parameters without capabilities
+	fastReturnMsg                  // a Return of results without capabilities
+	fastFinishMsg                  // a Finish
+	fastReleaseMsg                 // a Release
 )
 
 // fastCall is a Call decodeFast read.
@@ -164,19 +172,23 @@ type fastCall struct {
 	content          capnp.Ptr
 }
 
-// fastMsg is what decodeFast read: a call, or a Return's fields and
-// results.
+// fastMsg is what decodeFast read: a call; a Return's fields and
+// results; a Finish's question and releaseResultCaps (flag); a Release's
+// export and count.
 type fastMsg struct {
-	kind    fastKind
-	call    fastCall
-	ret     returnFields
-	content capnp.Ptr // a Return's results
+	kind      fastKind
+	call      fastCall
+	ret       returnFields
+	content   capnp.Ptr // a Return's results
+	id, count uint32
+	flag      bool
 }
 
 // decodeFast reads msg if it is, in one segment, a Call to an export
 // (sent to the caller) or a Return of results, either without
-// capabilities; the parameters or results are as go-capnp would read
-// them (capnp.Ptr, null included). Otherwise its kind is fastNone.
+// capabilities, a Finish or a Release; parameters or results are as
+// go-capnp would read them (capnp.Ptr, null included). Otherwise its kind
+// is fastNone.
 func decodeFast(msg *capnp.Message) fastMsg {
 	if !fastPtrOK || msg.NumSegments() != 1 {
 		return fastMsg{}
@@ -224,6 +236,18 @@ func decodeFast(msg *capnp.Message) fastMsg {
 			releaseParamCaps: !ret.bit(data, returnNoReleaseBit),
 			noFinishNeeded:   ret.bit(data, returnNoFinishNeededBit),
 		}}
+	case messageWhichFinish:
+		f, null, ok := root.ptr(data, 0)
+		if !ok || null {
+			return fastMsg{}
+		}
+		return fastMsg{kind: fastFinishMsg, id: f.u32(data, finishQuestionIDOffset), flag: !f.bit(data, finishNoReleaseBit)}
+	case messageWhichRelease:
+		r, null, ok := root.ptr(data, 0)
+		if !ok || null {
+			return fastMsg{}
+		}
+		return fastMsg{kind: fastReleaseMsg, id: r.u32(data, releaseIDOffset), count: r.u32(data, releaseCountOffset)}
 	}
 	return fastMsg{}
 }

@@ -161,8 +161,25 @@ func fastSeeds(t testing.TB) ([][]byte, []bool) {
 		build(call(toAnswer, echo, nil)),
 		build(call(toImport(6), echo, tail)),
 		build(call(toImport(7), list, nil)),
+		build(func(m rpccp.Message, seg *capnp.Segment) error {
+			f, err := m.NewFinish()
+			f.SetQuestionId(12)
+			f.SetReleaseResultCaps(false)
+			return err
+		}),
+		build(func(m rpccp.Message, seg *capnp.Segment) error {
+			r, err := m.NewRelease()
+			r.SetId(13)
+			r.SetReferenceCount(2)
+			return err
+		}),
+		build(func(m rpccp.Message, seg *capnp.Segment) error {
+			r, err := m.NewResolve()
+			r.SetPromiseId(14)
+			return err
+		}),
 	}
-	takes := []bool{true, true, true, true, false, false, false, false, true, true, true, false, false, false, false}
+	takes := []bool{true, true, true, true, false, false, false, true, true, true, true, false, false, false, false, true, true, false}
 	return bodies, takes
 }
 
@@ -197,6 +214,18 @@ func FuzzFastDecode(f *testing.F) {
 		}
 		var p rpccp.Payload
 		switch fm.kind {
+		case fastFinishMsg:
+			f, err := m.Finish()
+			if m.Which() != rpccp.Message_Which_finish || err != nil || f.QuestionId() != fm.id || f.ReleaseResultCaps() != fm.flag {
+				t.Fatalf("fast path read Finish(%d, %v); go-capnp reads %v: Finish(%d, %v) (%v)", fm.id, fm.flag, m.Which(), f.QuestionId(), f.ReleaseResultCaps(), err)
+			}
+			return
+		case fastReleaseMsg:
+			r, err := m.Release()
+			if m.Which() != rpccp.Message_Which_release || err != nil || r.Id() != fm.id || r.ReferenceCount() != fm.count {
+				t.Fatalf("fast path read Release(%d, %d); go-capnp reads %v: Release(%d, %d) (%v)", fm.id, fm.count, m.Which(), r.Id(), r.ReferenceCount(), err)
+			}
+			return
 		case fastReturnMsg:
 			if m.Which() != rpccp.Message_Which_return {
 				t.Fatalf("fast path read a Return go-capnp reads as %v", m.Which())
@@ -270,8 +299,8 @@ func checkSameContent(t *testing.T, content, want capnp.Ptr) {
 }
 
 // TestFastDecodeTakesTheCommonCases: the seeds that are a Return of
-// plain results or a Call to an export with plain parameters, and only
-// those, take the fast path.
+// plain results, a Call to an export with plain parameters, a Finish or a
+// Release, and only those, take the fast path.
 func TestFastDecodeTakesTheCommonCases(t *testing.T) {
 	bodies, takes := fastSeeds(t)
 	for i, body := range bodies {

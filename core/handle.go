@@ -51,17 +51,22 @@ func (e peerAbort) Error() string { return "peer aborted: " + e.err.Error() }
 // dispatch decodes msg and applies it to the tables under the lock. keep
 // reports that msg's ownership moved elsewhere (call params, results).
 func (c *Conn) dispatch(fx *effects, msg *capnp.Message) (keep bool, err error) {
-	switch fm := decodeFast(msg); fm.kind {
-	case fastReturnMsg, fastCallMsg:
+	if fm := decodeFast(msg); fm.kind != fastNone {
 		c.mu.Lock()
 		defer c.unlock()
 		if c.closing {
 			return false, nil
 		}
-		if fm.kind == fastReturnMsg {
+		switch fm.kind {
+		case fastReturnMsg:
 			return c.handleFastReturn(fx, msg, fm.ret, fm.content)
+		case fastCallMsg:
+			return c.handleFastCall(fx, msg, fm.call)
+		case fastFinishMsg:
+			return false, c.finishLocked(fx, fm.id, fm.flag)
+		default: // fastReleaseMsg
+			return false, c.releaseLocked(fx, fm.id, fm.count)
 		}
-		return c.handleFastCall(fx, msg, fm.call)
 	}
 	m, err := rpccp.ReadRootMessage(msg)
 	if err != nil {
@@ -88,10 +93,7 @@ func (c *Conn) dispatch(fx *effects, msg *capnp.Message) (keep bool, err error) 
 		if err != nil {
 			return false, violation("decode release: %w", err)
 		}
-		if err := c.releaseExportLocked(fx, rel.Id(), rel.ReferenceCount()); err != nil {
-			return false, violation("%w", err)
-		}
-		return false, nil
+		return false, c.releaseLocked(fx, rel.Id(), rel.ReferenceCount())
 	case rpccp.Message_Which_disembargo:
 		return false, c.handleDisembargo(fx, m)
 	case rpccp.Message_Which_abort:
@@ -111,6 +113,14 @@ func (c *Conn) dispatch(fx *effects, msg *capnp.Message) (keep bool, err error) 
 		// implement it, as rpc.capnp asks.
 		return false, c.sendUnimplementedLocked(m)
 	}
+}
+
+// releaseLocked handles a Release of count references to export id.
+func (c *Conn) releaseLocked(fx *effects, id, count uint32) error {
+	if err := c.releaseExportLocked(fx, id, count); err != nil {
+		return violation("%w", err)
+	}
+	return nil
 }
 
 func (c *Conn) sendUnimplementedLocked(m rpccp.Message) error {
@@ -592,14 +602,19 @@ func (c *Conn) handleFinish(fx *effects, m rpccp.Message) error {
 	if err != nil {
 		return violation("decode finish: %w", err)
 	}
-	a := c.answers[f.QuestionId()]
+	return c.finishLocked(fx, f.QuestionId(), f.ReleaseResultCaps())
+}
+
+// finishLocked handles a Finish for question qid.
+func (c *Conn) finishLocked(fx *effects, qid uint32, releaseResultCaps bool) error {
+	a := c.answers[qid]
 	if a == nil {
-		if _, ok := c.finishOptional[f.QuestionId()]; ok {
+		if _, ok := c.finishOptional[qid]; ok {
 			// We said no Finish was needed; the peer sent one anyway.
-			delete(c.finishOptional, f.QuestionId())
+			delete(c.finishOptional, qid)
 			return nil
 		}
-		return violation("finish for unknown question %d", f.QuestionId())
+		return violation("finish for unknown question %d", qid)
 	}
 	if a.finished {
 		return violation("second finish for question %d", a.id)
@@ -624,7 +639,7 @@ func (c *Conn) handleFinish(fx *effects, m rpccp.Message) error {
 		a.ctx.cancel() // the handler sees its context end
 		return nil
 	}
-	if f.ReleaseResultCaps() {
+	if releaseResultCaps {
 		c.releaseResultExportsLocked(fx, a)
 	}
 	a.resultExports = nil
