@@ -6,6 +6,7 @@ import (
 	"unsafe"
 
 	"capnproto.org/go/capnp/v3"
+	rpccp "capnproto.org/go/capnp/v3/std/capnp/rpc"
 )
 
 // The inbound fast path. go-capnp reads every pointer on the way from a
@@ -31,7 +32,17 @@ type ptrLayout struct {
 	flags      uint8
 }
 
-var fastPtrOK = sameLayout(reflect.TypeFor[capnp.Ptr](), reflect.TypeFor[ptrLayout]())
+// structLayout mirrors capnp.Struct the same way.
+type structLayout struct {
+	seg        *capnp.Segment
+	off        uint32
+	size       capnp.ObjectSize
+	depthLimit uint
+	flags      uint8
+}
+
+var fastPtrOK = sameLayout(reflect.TypeFor[capnp.Ptr](), reflect.TypeFor[ptrLayout]()) &&
+	sameLayout(reflect.TypeFor[capnp.Struct](), reflect.TypeFor[structLayout]())
 
 // sameLayout reports whether a and b are structs with fields of the same
 // names, kinds, sizes and offsets, in order.
@@ -51,17 +62,27 @@ func sameLayout(a, b reflect.Type) bool {
 	return true
 }
 
-// structPtr returns the capnp.Ptr go-capnp's readPtr returns for a
-// struct at word off of seg, read at nesting depth limit depthLimit.
-func structPtr(seg *capnp.Segment, off uint32, size capnp.ObjectSize, depthLimit uint) capnp.Ptr {
-	l := ptrLayout{seg: seg, off: off, size: size, depthLimit: depthLimit} // flags 0: a struct pointer
+// structPtr returns the capnp.Ptr go-capnp's readPtr returns for s in
+// seg.
+func structPtr(seg *capnp.Segment, s rawStruct) capnp.Ptr {
+	l := ptrLayout{seg: seg, off: uint32(s.at * 8), size: s.size(), depthLimit: s.depth} // flags 0: a struct pointer
 	return *(*capnp.Ptr)(unsafe.Pointer(&l))
 }
 
+// structAt returns the capnp.Struct go-capnp's reads return for s in
+// seg.
+func structAt(seg *capnp.Segment, s rawStruct) capnp.Struct {
+	l := structLayout{seg: seg, off: uint32(s.at * 8), size: s.size(), depthLimit: s.depth}
+	return *(*capnp.Struct)(unsafe.Pointer(&l))
+}
+
 // rawStruct is a struct found by readStructPtr: its data section and
-// pointer section, in words from the segment's start.
+// pointer section, in words from the segment's start, and (set by
+// envReader) the nesting depth go-capnp would have left for reading
+// pointers out of it.
 type rawStruct struct {
 	at, dataWords, ptrs int
+	depth               uint
 }
 
 // readStructPtr reads the pointer at word at of data: a struct pointer
@@ -84,6 +105,10 @@ func readStructPtr(data []byte, at int) (s rawStruct, null, ok bool) {
 		return rawStruct{}, false, false
 	}
 	return s, false, true
+}
+
+func (s rawStruct) size() capnp.ObjectSize {
+	return capnp.ObjectSize{DataSize: capnp.Size(s.dataWords * 8), PointerCount: uint16(s.ptrs)}
 }
 
 // u16 and u32 read data fields at byte offset off of s, zero (the
@@ -128,30 +153,34 @@ func (s rawStruct) ptr(data []byte, i int) (rawStruct, bool, bool) {
 // Return's fields and union tags (offsets in bytes, bits for Bools); a
 // Payload's pointers.
 const (
-	messageWhichCall         = 2
-	messageWhichReturn       = 3
-	messageWhichFinish       = 4
-	messageWhichRelease      = 6
-	finishQuestionIDOffset   = 0
-	finishNoReleaseBit       = 32 // releaseResultCaps, stored inverted (default true)
-	releaseIDOffset          = 0
-	releaseCountOffset       = 4
-	callQuestionIDOffset     = 0
-	callMethodIDOffset       = 4
-	callSendResultsToOffset  = 6 // union tag; 0 is caller
-	callInterfaceIDOffset    = 8
-	callTargetPointer        = 0
-	callParamsPointer        = 1
-	targetImportedCapOffset  = 0
-	targetWhichOffset        = 4 // union tag; 0 is importedCap
-	returnAnswerIDOffset     = 0
-	returnWhichOffset        = 6  // union tag; 0 is results
-	returnNoReleaseBit       = 32 // releaseParamCaps, stored inverted (default true)
-	returnNoFinishNeededBit  = 33
-	returnResultsPointer     = 0
-	payloadContentPointer    = 0
-	payloadCapTablePointer   = 1
-	goCapnpDefaultDepthLimit = 64
+	messageWhichCall            = 2
+	messageWhichReturn          = 3
+	messageWhichFinish          = 4
+	messageWhichRelease         = 6
+	finishQuestionIDOffset      = 0
+	finishNoReleaseBit          = 32 // releaseResultCaps, stored inverted (default true)
+	releaseIDOffset             = 0
+	releaseCountOffset          = 4
+	callQuestionIDOffset        = 0
+	callMethodIDOffset          = 4
+	callSendResultsToOffset     = 6 // union tag; 0 is caller
+	callInterfaceIDOffset       = 8
+	callTargetPointer           = 0
+	callParamsPointer           = 1
+	targetImportedCapOffset     = 0
+	targetWhichOffset           = 4 // union tag
+	targetWhichImportedCap      = 0
+	targetWhichPromisedAnswer   = 1
+	targetPromisedAnswerPointer = 0
+	returnAnswerIDOffset        = 0
+	returnWhichOffset           = 6  // union tag; 0 is results
+	returnNoReleaseBit          = 32 // releaseParamCaps, stored inverted (default true)
+	returnNoFinishNeededBit     = 33
+	returnResultsPointer        = 0
+	payloadContentPointer       = 0
+	payloadCapTablePointer      = 1
+	goCapnpDefaultDepthLimit    = 64
+	goCapnpDefaultTraverseLimit = 64 << 20
 )
 
 // fastKind says what decodeFast found.
@@ -165,11 +194,14 @@ const (
 	fastReleaseMsg                 // a Release
 )
 
-// fastCall is a Call decodeFast read.
+// fastCall is a Call decodeFast read: to export importedCap, or pipelined
+// on promisedAnswer if that is valid.
 type fastCall struct {
 	qid, importedCap uint32
+	promisedAnswer   rpccp.PromisedAnswer
 	method           capnp.Method
 	content          capnp.Ptr
+	payload          rpccp.Payload // zero when it has no capabilities
 }
 
 // fastMsg is what decodeFast read: a call; a Return's fields and
@@ -179,7 +211,8 @@ type fastMsg struct {
 	kind      fastKind
 	call      fastCall
 	ret       returnFields
-	content   capnp.Ptr // a Return's results
+	content   capnp.Ptr     // a Return's results
+	payload   rpccp.Payload // zero when they have no capabilities
 	id, count uint32
 	flag      bool
 }
@@ -197,88 +230,138 @@ func decodeFast(msg *capnp.Message) fastMsg {
 	if err != nil {
 		return fastMsg{}
 	}
-	data := seg.Data()
-	root, null, ok := readStructPtr(data, 0)
-	if !ok || null {
+	r := envReader{data: seg.Data(), seg: seg, depth: msg.DepthLimit}
+	if r.depth == 0 {
+		r.depth = goCapnpDefaultDepthLimit
+	}
+	fm := r.decode()
+	if fm.kind == fastNone {
 		return fastMsg{}
 	}
+	// Charge the reads go-capnp's path would have made, as it would: a
+	// message over its traversal limit takes that path, and fails there.
+	limit := msg.TraverseLimit
+	if limit == 0 {
+		limit = goCapnpDefaultTraverseLimit
+	}
+	if r.charged > limit {
+		return fastMsg{}
+	}
+	msg.ResetReadLimit(limit - r.charged)
+	return fm
+}
+
+// envReader reads a message's envelope for decodeFast, adding up the
+// bytes go-capnp's traversal limit would have been charged.
+type envReader struct {
+	data    []byte
+	seg     *capnp.Segment
+	depth   uint // the message's nesting limit
+	charged uint64
+}
+
+// field reads struct pointer field i of s, as readStructPtr does, and
+// charges the struct's size; reading past the nesting limit is left to
+// go-capnp (not ok).
+func (r *envReader) field(s rawStruct, i int) (rawStruct, bool, bool) {
+	t, null, ok := s.ptr(r.data, i)
+	if ok && !null {
+		if s.depth == 0 {
+			return rawStruct{}, false, false
+		}
+		t.depth = s.depth - 1
+		r.charged += uint64(t.dataWords+t.ptrs) * 8
+	}
+	return t, null, ok
+}
+
+func (r *envReader) decode() fastMsg {
+	data := r.data
+	root, null, ok := readStructPtr(data, 0)
+	if !ok || null || r.depth == 0 {
+		return fastMsg{}
+	}
+	root.depth = r.depth - 1
+	r.charged += uint64(root.dataWords+root.ptrs) * 8
 	switch root.u16(data, 0) {
 	case messageWhichCall:
-		call, null, ok := root.ptr(data, 0)
+		call, null, ok := r.field(root, 0)
 		if !ok || null || call.u16(data, callSendResultsToOffset) != 0 {
 			return fastMsg{}
 		}
-		target, null, ok := call.ptr(data, callTargetPointer)
-		if !ok || null || target.u16(data, targetWhichOffset) != 0 {
+		target, null, ok := r.field(call, callTargetPointer)
+		if !ok || null {
 			return fastMsg{}
 		}
-		content, ok := payloadContent(msg, seg, call, callParamsPointer)
-		if !ok {
+		fc := fastCall{
+			qid:    call.u32(data, callQuestionIDOffset),
+			method: capnp.Method{InterfaceID: call.u64(data, callInterfaceIDOffset), MethodID: call.u16(data, callMethodIDOffset)},
+		}
+		switch target.u16(data, targetWhichOffset) {
+		case targetWhichImportedCap:
+			fc.importedCap = target.u32(data, targetImportedCapOffset)
+		case targetWhichPromisedAnswer:
+			pa, null, ok := r.field(target, targetPromisedAnswerPointer)
+			if !ok || null {
+				return fastMsg{}
+			}
+			fc.promisedAnswer = rpccp.PromisedAnswer(structAt(r.seg, pa))
+		default:
 			return fastMsg{}
 		}
-		return fastMsg{kind: fastCallMsg, call: fastCall{
-			qid:         call.u32(data, callQuestionIDOffset),
-			importedCap: target.u32(data, targetImportedCapOffset),
-			method:      capnp.Method{InterfaceID: call.u64(data, callInterfaceIDOffset), MethodID: call.u16(data, callMethodIDOffset)},
-			content:     content,
-		}}
+		if fc.content, fc.payload, ok = r.payloadContent(call, callParamsPointer); !ok {
+			return fastMsg{}
+		}
+		return fastMsg{kind: fastCallMsg, call: fc}
 	case messageWhichReturn:
-		ret, null, ok := root.ptr(data, 0)
+		ret, null, ok := r.field(root, 0)
 		if !ok || null || ret.u16(data, returnWhichOffset) != 0 {
 			return fastMsg{}
 		}
-		content, ok := payloadContent(msg, seg, ret, returnResultsPointer)
+		content, payload, ok := r.payloadContent(ret, returnResultsPointer)
 		if !ok {
 			return fastMsg{}
 		}
-		return fastMsg{kind: fastReturnMsg, content: content, ret: returnFields{
+		return fastMsg{kind: fastReturnMsg, content: content, payload: payload, ret: returnFields{
 			id:               ret.u32(data, returnAnswerIDOffset),
 			releaseParamCaps: !ret.bit(data, returnNoReleaseBit),
 			noFinishNeeded:   ret.bit(data, returnNoFinishNeededBit),
 		}}
 	case messageWhichFinish:
-		f, null, ok := root.ptr(data, 0)
+		f, null, ok := r.field(root, 0)
 		if !ok || null {
 			return fastMsg{}
 		}
 		return fastMsg{kind: fastFinishMsg, id: f.u32(data, finishQuestionIDOffset), flag: !f.bit(data, finishNoReleaseBit)}
 	case messageWhichRelease:
-		r, null, ok := root.ptr(data, 0)
+		rel, null, ok := r.field(root, 0)
 		if !ok || null {
 			return fastMsg{}
 		}
-		return fastMsg{kind: fastReleaseMsg, id: r.u32(data, releaseIDOffset), count: r.u32(data, releaseCountOffset)}
+		return fastMsg{kind: fastReleaseMsg, id: rel.u32(data, releaseIDOffset), count: rel.u32(data, releaseCountOffset)}
 	}
 	return fastMsg{}
 }
 
-// payloadContent reads the content of the Payload in pointer field i of
-// s (a Call or Return under the root), if the payload is there, has no
-// cap table, and holds a struct or null.
-func payloadContent(msg *capnp.Message, seg *capnp.Segment, s rawStruct, i int) (capnp.Ptr, bool) {
-	data := seg.Data()
-	payload, null, ok := s.ptr(data, i)
+// payloadContent reads the Payload in pointer field i of s (a Call or
+// Return under the root), if it is there and its content is a struct or
+// null: the content, and the payload itself if it has a cap table
+// (go-capnp reads that), else zero.
+func (r *envReader) payloadContent(s rawStruct, i int) (capnp.Ptr, rpccp.Payload, bool) {
+	payload, null, ok := r.field(s, i)
 	if !ok || null {
-		return capnp.Ptr{}, false
+		return capnp.Ptr{}, rpccp.Payload{}, false
 	}
-	if _, null, _ := payload.ptr(data, payloadCapTablePointer); !null {
-		return capnp.Ptr{}, false // capabilities: go-capnp's path
-	}
-	c, null, ok := payload.ptr(data, payloadContentPointer)
+	c, null, ok := r.field(payload, payloadContentPointer)
 	if !ok {
-		return capnp.Ptr{}, false
+		return capnp.Ptr{}, rpccp.Payload{}, false
 	}
-	depth := msg.DepthLimit
-	if depth == 0 {
-		depth = goCapnpDefaultDepthLimit
-	}
-	if depth < 5 {
-		return capnp.Ptr{}, false // go-capnp reports the limit
+	var p rpccp.Payload
+	if _, none, _ := payload.ptr(r.data, payloadCapTablePointer); !none {
+		p = rpccp.Payload(structAt(r.seg, payload))
 	}
 	if null {
-		return capnp.Ptr{}, true
+		return capnp.Ptr{}, p, true
 	}
-	// Four reads deep: the root, the Call or Return, the Payload, the
-	// content.
-	return structPtr(seg, uint32(c.at*8), capnp.ObjectSize{DataSize: capnp.Size(c.dataWords * 8), PointerCount: uint16(c.ptrs)}, depth-4), true
+	return structPtr(r.seg, c), p, true
 }

@@ -59,7 +59,7 @@ func (c *Conn) dispatch(fx *effects, msg *capnp.Message) (keep bool, err error) 
 		}
 		switch fm.kind {
 		case fastReturnMsg:
-			return c.handleFastReturn(fx, msg, fm.ret, fm.content)
+			return c.handleFastReturn(fx, msg, fm.ret, fm.content, fm.payload)
 		case fastCallMsg:
 			return c.handleFastCall(fx, msg, fm.call)
 		case fastFinishMsg:
@@ -193,39 +193,19 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 	if err != nil {
 		return false, violation("decode call target: %w", err)
 	}
-	var target capnp.Client
-	var targetAns *answer
-	var transform []capnp.PipelineOp
-	var native *nativeServer
+	var to callTargets
 	switch mt.Which() {
 	case rpccp.MessageTarget_Which_importedCap:
-		e := c.exports[mt.ImportedCap()]
-		if e == nil {
-			return false, violation("call to unknown export %d", mt.ImportedCap())
+		if to, err = c.exportTargetLocked(fx, mt.ImportedCap()); err != nil {
+			return false, err
 		}
-		target, native = e.client, e.native
-		c.vineUsedLocked(fx, e)
 	case rpccp.MessageTarget_Which_promisedAnswer:
 		pa, err := mt.PromisedAnswer()
 		if err != nil {
 			return false, violation("decode call target: %w", err)
 		}
-		// Decoded on the stack: a call pipelined on a native object in
-		// the results (the common case) needs no copy of the transform.
-		var opsBuf [2]capnp.PipelineOp
-		var ops []capnp.PipelineOp
-		targetAns, ops, err = c.promisedAnswerLocked(pa, opsBuf[:0])
-		if err != nil {
-			if _, ok := c.finishOptional[pa.QuestionId()]; !ok {
-				return false, violation("call target: %w", err)
-			}
-			// Pipelined before the peer saw that the results, which had
-			// no capability, were dropped: it fails as it would have.
-			target = brokenClient(errNoCapability)
-		} else if ns := targetAns.pipelinedNativeLocked(ops); ns != nil {
-			native, targetAns = ns, nil
-		} else if len(ops) > 0 {
-			transform = append([]capnp.PipelineOp(nil), ops...)
+		if to, err = c.answerTargetLocked(pa); err != nil {
+			return false, err
 		}
 	default:
 		return false, violation("unknown call target type %d", mt.Which())
@@ -242,7 +222,40 @@ func (c *Conn) handleCall(fx *effects, msg *capnp.Message, m rpccp.Message) (boo
 		return false, err
 	}
 	method := capnp.Method{InterfaceID: call.InterfaceId(), MethodID: call.MethodId()}
-	return c.startAnswerLocked(fx, msg, qid, sendElsewhere, callTargets{target, targetAns, transform, native}, method, content)
+	return c.startAnswerLocked(fx, msg, qid, sendElsewhere, to, method, content)
+}
+
+// exportTargetLocked is where a call to export id goes.
+func (c *Conn) exportTargetLocked(fx *effects, id uint32) (callTargets, error) {
+	e := c.exports[id]
+	if e == nil {
+		return callTargets{}, violation("call to unknown export %d", id)
+	}
+	c.vineUsedLocked(fx, e)
+	return callTargets{target: e.client, native: e.native}, nil
+}
+
+// answerTargetLocked is where a call pipelined on pa goes.
+func (c *Conn) answerTargetLocked(pa rpccp.PromisedAnswer) (callTargets, error) {
+	// Decoded on the stack: a call pipelined on a native object in the
+	// results (the common case) needs no copy of the transform.
+	var opsBuf [2]capnp.PipelineOp
+	targetAns, ops, err := c.promisedAnswerLocked(pa, opsBuf[:0])
+	if err != nil {
+		if _, ok := c.finishOptional[pa.QuestionId()]; !ok {
+			return callTargets{}, violation("call target: %w", err)
+		}
+		// Pipelined before the peer saw that the results, which had no
+		// capability, were dropped: it fails as it would have.
+		return callTargets{target: brokenClient(errNoCapability)}, nil
+	}
+	if ns := targetAns.pipelinedNativeLocked(ops); ns != nil {
+		return callTargets{native: ns}, nil
+	}
+	if len(ops) > 0 {
+		return callTargets{targetAns: targetAns, transform: append([]capnp.PipelineOp(nil), ops...)}, nil
+	}
+	return callTargets{targetAns: targetAns}, nil
 }
 
 // callTargets is where a peer's call goes: a capability (native, if a
@@ -254,19 +267,26 @@ type callTargets struct {
 	native    *nativeServer
 }
 
-// handleFastCall handles a Call to an export with parameters without
-// capabilities that decodeFastCall read.
+// handleFastCall handles a Call that decodeFast read.
 func (c *Conn) handleFastCall(fx *effects, msg *capnp.Message, f fastCall) (bool, error) {
 	c.peerCalls++
 	if err := c.checkNewAnswerLocked("call", f.qid); err != nil {
 		return false, err
 	}
-	e := c.exports[f.importedCap]
-	if e == nil {
-		return false, violation("call to unknown export %d", f.importedCap)
+	var to callTargets
+	var err error
+	if f.promisedAnswer.IsValid() {
+		to, err = c.answerTargetLocked(f.promisedAnswer)
+	} else {
+		to, err = c.exportTargetLocked(fx, f.importedCap)
 	}
-	c.vineUsedLocked(fx, e)
-	return c.startAnswerLocked(fx, msg, f.qid, false, callTargets{target: e.client, native: e.native}, f.method, f.content)
+	if err != nil {
+		return false, err
+	}
+	if err := c.importCapTableLocked(fx, msg, f.payload, nil); err != nil {
+		return false, err
+	}
+	return c.startAnswerLocked(fx, msg, f.qid, false, to, f.method, f.content)
 }
 
 // startAnswerLocked answers a peer's call, decoded and checked: it is
@@ -370,14 +390,13 @@ func (c *Conn) returnedQuestionLocked(id uint32) (*question, error) {
 	return q, nil
 }
 
-// handleFastReturn handles a Return of results without capabilities that
-// decodeFastReturn read.
-func (c *Conn) handleFastReturn(fx *effects, msg *capnp.Message, f returnFields, content capnp.Ptr) (bool, error) {
+// handleFastReturn handles a Return of results that decodeFast read.
+func (c *Conn) handleFastReturn(fx *effects, msg *capnp.Message, f returnFields, content capnp.Ptr, payload rpccp.Payload) (bool, error) {
 	q, err := c.returnedQuestionLocked(f.id)
 	if err != nil {
 		return false, err
 	}
-	return c.applyReturnLocked(fx, msg, q, f, content, rpccp.Payload{}, nil, nil)
+	return c.applyReturnLocked(fx, msg, q, f, content, payload, nil, nil)
 }
 
 func (c *Conn) handleReturn(fx *effects, msg *capnp.Message, m rpccp.Message) (bool, error) {
