@@ -13,12 +13,16 @@ import (
 // message's root to a Call's parameters or a Return's results through
 // its traversal checks (about 500 ns for the four of an echo's Return, a
 // tenth of a call's CPU with calls in flight); the envelope's layout is
-// fixed by rpc.capnp, so the commonest cases, in one-segment messages, a
-// Call to an export and a Return of results, both without capabilities,
-// are read here directly, with bounds checks of their own, and only the
-// parameters or results are handed to go-capnp, as the capnp.Ptr its own
-// reads would have produced. Anything else, or anything unexpected,
-// takes go-capnp's path.
+// fixed by rpc.capnp, so the commonest messages, in one segment (a Call
+// to an export or pipelined on an answer, a Return of results, a Finish,
+// a Release), are read here directly, with bounds checks of their own,
+// charging go-capnp's traversal limit as its reads would. go-capnp is
+// handed only what it must read itself (parameters or results, a cap
+// table, a promised answer's transform), as the values its own reads
+// would have produced. Anything else, or anything unexpected, takes
+// go-capnp's path. FuzzFastDecode holds the two paths to the same
+// reading, which also catches a go-capnp whose flag encodings change
+// under an unchanged layout.
 
 // ptrLayout mirrors capnp.Ptr (go-capnp v3.1.0-alpha.2), whose fields
 // are unexported; fastPtrOK says the mirror matches the real layout, and
