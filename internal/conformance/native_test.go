@@ -3,7 +3,6 @@ package conformance
 import (
 	"bytes"
 	"context"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -29,8 +28,8 @@ func TestGoCapnpClientNativeServer(t *testing.T) {
 	before := goleak.IgnoreCurrent()
 	ctx, cancel := context.WithTimeout(context.Background(), scenarioTimeout)
 	defer cancel()
-	serverLive, clientLive := new(atomic.Int64), new(testimpl.Live)
-	root, obj := testnative.New("root", serverLive)
+	serverLive, clientLive := new(testnative.Live), new(testimpl.Live)
+	root, obj := testnative.New("root", &serverLive.N)
 	cc, sc := socketPair(t)
 	server := core.NewConn(sc, &core.Options{BootstrapClient: root})
 	client := rpc.NewConn(rpc.NewStreamTransport(cc), nil)
@@ -162,13 +161,11 @@ func TestGoCapnpClientNativeServer(t *testing.T) {
 
 	// Everything above is released: the server holds the root alone, and
 	// exports only it.
-	wantStats := core.Stats{Exports: 1}
-	deadline := time.Now().Add(waitTimeout)
-	for serverLive.Load() != 1 || server.Stats() != wantStats {
-		if time.Now().After(deadline) {
-			t.Fatalf("after the scenarios: %d native objects live (want 1), server tables %v (want %v)", serverLive.Load(), server.Stats(), wantStats)
-		}
-		time.Sleep(2 * time.Millisecond)
+	if err := serverLive.Wait(ctx, 1); err != nil {
+		t.Fatalf("after the scenarios: %d native objects live; want 1, the root", serverLive.Count())
+	}
+	if st, ok := waitStats(server, core.Stats{Exports: 1}, waitTimeout); !ok {
+		t.Fatalf("after the scenarios: server tables %v; want the root's export alone", st)
 	}
 	boot.Release()
 	client.Close()
@@ -177,11 +174,8 @@ func TestGoCapnpClientNativeServer(t *testing.T) {
 	case <-time.After(waitTimeout):
 		t.Fatal("the server's connection did not end after the client closed")
 	}
-	for serverLive.Load() != 0 {
-		if time.Now().After(deadline.Add(waitTimeout)) {
-			t.Fatalf("%d native objects live after the client left", serverLive.Load())
-		}
-		time.Sleep(2 * time.Millisecond)
+	if err := serverLive.WaitZero(ctx); err != nil {
+		t.Fatalf("%d native objects live after the client left", serverLive.Count())
 	}
 	if err := clientLive.WaitZero(ctx); err != nil {
 		t.Errorf("%d client-local objects live after the connection ended", clientLive.Count())

@@ -257,11 +257,16 @@ func (e *env) checkStatsZero(t *testing.T) {
 // waitStatsZero polls s.Stats with backoff until all zero or timeout.
 // Test-only: the Conn offers no change notification for its tables.
 func waitStatsZero(s statser, timeout time.Duration) (core.Stats, bool) {
+	return waitStats(s, core.Stats{}, timeout)
+}
+
+// waitStats polls s.Stats with backoff until it is want or timeout.
+func waitStats(s statser, want core.Stats, timeout time.Duration) (core.Stats, bool) {
 	deadline := time.Now().Add(timeout)
 	d := time.Millisecond
 	for {
 		st := s.Stats()
-		if st == (core.Stats{}) {
+		if st == want {
 			return st, true
 		}
 		if time.Now().After(deadline) {
