@@ -204,19 +204,18 @@ type fastCall struct {
 	qid, importedCap uint32
 	promisedAnswer   rpccp.PromisedAnswer
 	method           capnp.Method
-	content          capnp.Ptr
-	payload          rpccp.Payload // zero when it has no capabilities
 }
 
-// fastMsg is what decodeFast read: a call; a Return's fields and
-// results; a Finish's question and releaseResultCaps (flag); a Release's
-// export and count.
+// fastMsg is what decodeFast read: a Call, or a Return's fields, with
+// the payload's content (parameters or results) and the payload itself
+// when it has capabilities (zero otherwise); a Finish's question and
+// releaseResultCaps (flag); a Release's export and count.
 type fastMsg struct {
 	kind      fastKind
 	call      fastCall
 	ret       returnFields
-	content   capnp.Ptr     // a Return's results
-	payload   rpccp.Payload // zero when they have no capabilities
+	content   capnp.Ptr
+	payload   rpccp.Payload
 	id, count uint32
 	flag      bool
 }
@@ -313,10 +312,11 @@ func (r *envReader) decode() fastMsg {
 		default:
 			return fastMsg{}
 		}
-		if fc.content, fc.payload, ok = r.payloadContent(call, callParamsPointer); !ok {
+		content, payload, ok := r.payloadContent(call, callParamsPointer)
+		if !ok {
 			return fastMsg{}
 		}
-		return fastMsg{kind: fastCallMsg, call: fc}
+		return fastMsg{kind: fastCallMsg, call: fc, content: content, payload: payload}
 	case messageWhichReturn:
 		ret, null, ok := r.field(root, 0)
 		if !ok || null || ret.u16(data, returnWhichOffset) != 0 {

@@ -280,13 +280,7 @@ func (n fuzzNative) HandleCall(_ context.Context, call *ServerCall) {
 		data := append([]byte{}, d...)
 		call.Go(func(ctx context.Context, call *ServerCall) error {
 			defer cb.Release()
-			f, release := testcapnp.Test(cb).Echo(ctx, func(p testcapnp.Test_echo_Params) error { return p.SetData(data) })
-			defer release()
-			r, err := f.Struct()
-			if err != nil {
-				return err
-			}
-			d, err := r.Data()
+			d, err := echoBack(ctx, testcapnp.Test(cb), data)
 			if err != nil {
 				return err
 			}
@@ -294,7 +288,7 @@ func (n fuzzNative) HandleCall(_ context.Context, call *ServerCall) {
 			if err != nil {
 				return err
 			}
-			return testcapnp.Test_callBack_Results(res).SetData(append([]byte{}, d...))
+			return testcapnp.Test_callBack_Results(res).SetData(d)
 		})
 	case 12: // seq
 		args := testcapnp.Test_seq_Params(call.Args())
@@ -324,13 +318,7 @@ func (o *fuzzObj) CallBack(ctx context.Context, call testcapnp.Test_callBack) er
 	data, _ := call.Args().Data()
 	data = append([]byte{}, data...)
 	call.Go()
-	f, release := cb.Echo(ctx, func(p testcapnp.Test_echo_Params) error { return p.SetData(data) })
-	defer release()
-	r, err := f.Struct()
-	if err != nil {
-		return err
-	}
-	d, err := r.Data()
+	d, err := echoBack(ctx, cb, data)
 	if err != nil {
 		return err
 	}
@@ -338,7 +326,23 @@ func (o *fuzzObj) CallBack(ctx context.Context, call testcapnp.Test_callBack) er
 	if err != nil {
 		return err
 	}
-	return res.SetData(append([]byte{}, d...))
+	return res.SetData(d)
+}
+
+// echoBack calls cb.echo(data) and returns a copy of what came back
+// (callBack's work, for both kinds of fuzz object).
+func echoBack(ctx context.Context, cb testcapnp.Test, data []byte) ([]byte, error) {
+	f, release := cb.Echo(ctx, func(p testcapnp.Test_echo_Params) error { return p.SetData(data) })
+	defer release()
+	r, err := f.Struct()
+	if err != nil {
+		return nil, err
+	}
+	d, err := r.Data()
+	if err != nil {
+		return nil, err
+	}
+	return append([]byte{}, d...), nil
 }
 
 func (o *fuzzObj) Hold(ctx context.Context, call testcapnp.Test_hold) error {

@@ -61,7 +61,7 @@ func (c *Conn) dispatch(fx *effects, msg *capnp.Message) (keep bool, err error) 
 		case fastReturnMsg:
 			return c.handleFastReturn(fx, msg, fm.ret, fm.content, fm.payload)
 		case fastCallMsg:
-			return c.handleFastCall(fx, msg, fm.call)
+			return c.handleFastCall(fx, msg, fm.call, fm.content, fm.payload)
 		case fastFinishMsg:
 			return false, c.finishLocked(fx, fm.id, fm.flag)
 		default: // fastReleaseMsg
@@ -267,8 +267,9 @@ type callTargets struct {
 	native    *nativeServer
 }
 
-// handleFastCall handles a Call that decodeFast read.
-func (c *Conn) handleFastCall(fx *effects, msg *capnp.Message, f fastCall) (bool, error) {
+// handleFastCall handles a Call that decodeFast read, with its parameters
+// (content, and payload if they carry capabilities).
+func (c *Conn) handleFastCall(fx *effects, msg *capnp.Message, f fastCall, content capnp.Ptr, payload rpccp.Payload) (bool, error) {
 	c.peerCalls++
 	if err := c.checkNewAnswerLocked("call", f.qid); err != nil {
 		return false, err
@@ -283,10 +284,10 @@ func (c *Conn) handleFastCall(fx *effects, msg *capnp.Message, f fastCall) (bool
 	if err != nil {
 		return false, err
 	}
-	if err := c.importCapTableLocked(fx, msg, f.payload, nil); err != nil {
+	if err := c.importCapTableLocked(fx, msg, payload, nil); err != nil {
 		return false, err
 	}
-	return c.startAnswerLocked(fx, msg, f.qid, false, to, f.method, f.content)
+	return c.startAnswerLocked(fx, msg, f.qid, false, to, f.method, content)
 }
 
 // startAnswerLocked answers a peer's call, decoded and checked: it is
